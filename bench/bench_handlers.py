@@ -1,0 +1,137 @@
+"""Main-thread cost of the live link: the scene handlers and the frame drain.
+
+Runs in the ``bpy`` module with the extension enabled as Blender enables it, on a FLAME-sized
+rig (5023 vertices; random content from tests/flame_fixture.py) with the preferences' default
+100 identity + 50 expression keys (plus 36 pose correctives). Prints medians and p95 of
+
+* ``depsgraph_update_post`` as Blender calls it after an expression key changed: read_params,
+  compare with the last parameters, hand over to the worker. Target: median <= 1 ms;
+* ``frame_change_post`` with nothing changed (read_params + compare);
+* ``drain_frames`` writing one frame into the image (sRGB decode, flip, foreach_set).
+
+The live link points at a port where nothing listens: the handlers never touch the socket,
+so their cost does not depend on the server. Figures on a shared 2-core VM vary by +-20%.
+
+    python bench/bench_handlers.py [--count 300] [--size 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import numpy as np  # noqa: E402
+
+import blender_env  # noqa: E402  (loads bpy; enables the extension the way Blender does)
+from blender_env import bpy  # noqa: E402
+from flame_fixture import random_flame_arrays  # noqa: E402
+from portrait_rig.face_data import FaceData  # noqa: E402
+
+N_SHAPE, N_EXPRESSION = 100, 50
+
+
+def flame_sized_face() -> FaceData:
+    a = random_flame_arrays(seed=0)
+    n = len(a["v_template"])
+    return FaceData(v_template=a["v_template"], faces=a["f"].astype(np.int32),
+                    shapedirs=a["shapedirs"][:, :, :300], exprdirs=a["shapedirs"][:, :, 300:],
+                    posedirs=a["posedirs"], J_regressor=a["J_regressor"], weights=a["weights"],
+                    parents=np.array([-1, 0, 1, 1, 1]), vertex_albedo=np.full((n, 3), 0.6),
+                    name="FLAME-sized random model")
+
+
+def summary(label: str, seconds: list[float]) -> None:
+    ms = np.array(seconds) * 1e3
+    print(f"{label:<58} median {np.median(ms):7.3f} ms   p95 {np.percentile(ms, 95):7.3f} ms"
+          f"   (n={len(ms)})")
+
+
+def timed_handler(handlers, function, times: list[float]):
+    """Put a timing wrapper in place of ``function`` in a handler list."""
+    def wrapper(*args):
+        start = time.perf_counter()
+        function(*args)
+        times.append(time.perf_counter() - start)
+    handlers.remove(function)
+    handlers.append(wrapper)
+    return wrapper
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--count", type=int, default=300, help="calls per measurement")
+    ap.add_argument("--size", type=int, default=512, help="frame side for drain_frames")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        blender_env.factory_reset()
+        ext = blender_env.enable_extension(Path(tmp))
+        live_link = ext.module("blender_rig.live_link")
+        rig_builder = ext.module("blender_rig.rig_builder")
+
+        scene = bpy.context.scene
+        world = bpy.data.worlds.new("World")
+        world.color = (0.8, 0.8, 0.8)
+        scene.world = world
+        cam = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
+        cam.location, cam.rotation_euler = (0.0, -1.2, 0.0), (np.pi / 2, 0.0, 0.0)
+        scene.collection.objects.link(cam)
+        scene.camera = cam
+        rig = rig_builder.build_rig(bpy.context, flame_sized_face(), name="Bench",
+                                    n_shape=N_SHAPE, n_expression=N_EXPRESSION)
+        blocks = rig_builder.rig_mesh(rig).data.shape_keys.key_blocks
+        print(f"rig: {len(blocks)} shape keys ({N_SHAPE} identity, {N_EXPRESSION} expression, "
+              f"{len(blocks) - N_SHAPE - N_EXPRESSION - 1} pose, Basis), "
+              f"{len(rig_builder.rig_mesh(rig).data.vertices)} vertices")
+
+        live_link.start("127.0.0.1", 9)            # the discard port: nothing listens there
+        scene.portrait_rig.rig = rig
+        scene.portrait_rig.live = True
+        bpy.context.view_layer.update()
+
+        handlers = bpy.app.handlers.depsgraph_update_post
+        changed: list[float] = []
+        wrapper = timed_handler(handlers, live_link.on_depsgraph_update_post, changed)
+        expression = blocks["Exp000"]
+        for i in range(args.count):
+            expression.value = 0.5 + 0.001 * i        # a new value every time: full path
+            bpy.context.view_layer.update()
+        handlers.remove(wrapper)
+        handlers.append(live_link.on_depsgraph_update_post)
+        assert len(changed) == args.count, "the depsgraph handler did not run on every update"
+        summary("depsgraph_update_post, expression key changed", changed)
+
+        frame_rgba = np.random.default_rng(0).integers(
+            0, 256, (args.size, args.size, 4), dtype=np.uint8)
+        frame = SimpleNamespace(width=args.size, height=args.size, format="rgba8",
+                                pixels=memoryview(frame_rgba.tobytes()), timings={})
+
+        unchanged = []
+        for _ in range(args.count):
+            start = time.perf_counter()
+            live_link.on_frame_change_post(scene)
+            unchanged.append(time.perf_counter() - start)
+        summary("frame_change_post, nothing changed", unchanged)
+
+        drains = []
+        for _ in range(max(args.count // 5, 20)):
+            live_link._session.worker.frames.put((frame, 0.0))
+            start = time.perf_counter()
+            live_link.drain_frames()
+            drains.append(time.perf_counter() - start)
+        summary(f"drain_frames, one {args.size}x{args.size} rgba8 frame", drains)
+
+        live_link.stop()
+        blender_env.disable_extension()
+        blender_env.remove_repository()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""Blocking client for the render server's wire protocol v1 (docs/protocol.md).
+
+Standard library only (no numpy): the Blender add-on imports it. Typical use::
+
+    with Client("127.0.0.1", 7865) as client:          # connects and says hello
+        frame = client.render(params, 512, 512)        # RigParams or its dict
+        rgb = frame.pixels                             # 512*512*3 bytes, rows top to bottom
+
+Interactive use pipelines live requests: ``send_render(..., mode="live")`` returns the request
+id at once and ``receive()`` returns replies as they come - a ``Frame``, a ``Superseded`` (the
+request was replaced by a newer live one before it started and will never be rendered), a
+``Vertices``, a ``Pong`` or a ``Message`` (anything else, e.g. the model); ``error`` replies
+raise ``ServerError`` carrying the request id. One thread may send while another receives;
+two threads must not receive at once.
+
+Every blocking call honours ``timeout`` and raises ``TimeoutError`` instead of hanging; a
+broken or closed connection raises ``ConnectionError``.
+"""
+
+from __future__ import annotations
+
+import array
+import itertools
+import select
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from . import protocol
+
+
+class ServerError(Exception):
+    """An ``error`` reply. ``code`` is a protocol E_* code, ``id`` the request's id (None for
+    errors about no particular request), ``field`` the offending field when the server named
+    one (for ``bad_params`` the path inside ``params``, e.g. ``pose.jaw``)."""
+
+    def __init__(self, code: str, message: str, id=None, field: str | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.id, self.field = code, message, id, field
+
+
+@dataclass
+class Frame:
+    """A rendered frame.
+
+    ``pixels``: for rgb8/rgba8 the raw rows, top to bottom, 3 or 4 bytes per pixel (sRGB,
+    alpha = face mask); for png/jpeg the file's bytes. ``passes`` maps a pass name to
+    ``(channels, floats)`` where ``floats`` is a float32 memoryview of height*width*channels
+    values, rows top to bottom. ``timings`` are the server's milliseconds per stage
+    (``queue``, the backend's stages, ``render``, ``pack``, ``total``).
+    """
+    id: object
+    width: int
+    height: int
+    format: str
+    backend: str
+    pixels: memoryview
+    passes: dict[str, tuple[int, memoryview]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    header: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Superseded:
+    """Live request ``id`` was replaced by the newer live request ``by`` before it started."""
+    id: object
+    by: object
+
+
+@dataclass
+class Vertices:
+    """Posed vertices: ``data`` is a float32 memoryview of count*3 values (x, y, z per vertex,
+    model frame, metres)."""
+    id: object
+    count: int
+    data: memoryview
+
+
+@dataclass
+class Pong:
+    id: object
+
+
+@dataclass
+class Message:
+    """Any other reply: the header and its raw payload (e.g. ``model``)."""
+    header: dict
+    payload: bytearray
+
+
+def _floats(view: memoryview) -> memoryview:
+    """Little-endian float32 bytes as a float memoryview (swapped on big-endian hosts)."""
+    if sys.byteorder == "little":
+        return view.cast("f")
+    values = array.array("f", bytes(view))
+    values.byteswap()
+    return memoryview(values)
+
+
+class Client:
+    """One connection to a render server. ``timeout`` (seconds) bounds every blocking call."""
+
+    def __init__(self, host: str = protocol.DEFAULT_HOST, port: int = protocol.DEFAULT_PORT,
+                 token: str | None = None, timeout: float = 10.0,
+                 client_name: str = "portrait-rig client"):
+        self.host, self.port, self.token = host, port, token
+        self.timeout = timeout
+        self.client_name = client_name
+        self.hello: dict | None = None
+        self._sock: socket.socket | None = None
+        self._ids = itertools.count(1)
+        self._pending: deque = deque()     # replies read while waiting for another one
+        self._send_lock = threading.Lock()
+        self._prefix = bytearray(4)
+
+    # ------------------------------------------------------------------ connection
+    def connect(self) -> dict:
+        """Open the connection and exchange ``hello``; returns the server's hello."""
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        except socket.timeout:
+            raise TimeoutError(f"no connection to {self.host}:{self.port} "
+                               f"within {self.timeout:g} s") from None
+        except OSError as exc:
+            raise ConnectionError(f"cannot connect to {self.host}:{self.port} (is "
+                                  f"portrait-rig-server running?): {exc}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        hello = {"type": "hello", "protocol": protocol.PROTOCOL_VERSION,
+                 "client": self.client_name}
+        if self.token is not None:
+            hello["token"] = self.token
+        self.send(hello)
+        try:
+            reply = self.receive()
+        except BaseException:
+            self.close()
+            raise
+        if not isinstance(reply, Message) or reply.header.get("type") != "hello":
+            self.close()
+            raise ConnectionError(f"expected a hello reply, got {reply!r}")
+        self.hello = reply.header
+        return self.hello
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def __enter__(self) -> "Client":
+        if self._sock is None:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ requests
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def send(self, header: dict) -> None:
+        """Send one message (header only; no client message carries a payload in v1)."""
+        if self._sock is None:
+            raise ConnectionError("not connected")
+        data = protocol.encode_header(header)
+        with self._send_lock:
+            try:
+                self._sock.sendall(data)
+            except socket.timeout:
+                self.close()
+                raise TimeoutError(f"sending to {self.host}:{self.port} timed out after "
+                                   f"{self.timeout:g} s; connection closed") from None
+            except OSError as exc:
+                self.close()
+                raise ConnectionError(f"sending to {self.host}:{self.port} failed: {exc}") \
+                    from None
+
+    def send_render(self, params, width: int, height: int, *, backend: str | None = None,
+                    format: str = "rgb8", quality: int | None = None, passes=(),
+                    mode: str = "batch", id=None, shot: dict | None = None) -> object:
+        """Queue a ``render`` request without waiting; returns its id. ``params`` is a
+        ``RigParams`` or its dict; ``passes`` names extras from ``protocol.PASSES``;
+        ``mode="live"`` makes it latest-wins (see the module notes); ``shot`` places the
+        frame in a sequence (docs/protocol.md, "Shots")."""
+        rid = self.next_id() if id is None else id
+        header = {"type": "render", "id": rid, "params": _params_dict(params),
+                  "width": width, "height": height, "format": format,
+                  "passes": list(passes), "mode": mode}
+        if backend is not None:
+            header["backend"] = backend
+        if quality is not None:
+            header["quality"] = quality
+        if shot is not None:
+            header["shot"] = shot
+        self.send(header)
+        return rid
+
+    def render(self, params, width: int, height: int, **options) -> Frame:
+        """Render one frame and wait for it (options as ``send_render``). Raises
+        ServerError for an error reply, or with code ``superseded`` when a newer live
+        request sent meanwhile (from another thread) replaced it."""
+        reply = self._wait_for(self.send_render(params, width, height, **options))
+        if isinstance(reply, Superseded):
+            raise ServerError("superseded", f"request {reply.id} was replaced by {reply.by}",
+                              reply.id)
+        return reply
+
+    def vertices(self, params) -> Vertices:
+        """Posed vertices of the server's face model for ``params``."""
+        rid = self.next_id()
+        self.send({"type": "vertices", "id": rid, "params": _params_dict(params)})
+        return self._wait_for(rid)
+
+    def fetch_model(self) -> tuple[dict, bytearray]:
+        """The face model's arrays: ``(header, payload)`` for ``FaceData.from_wire``."""
+        rid = self.next_id()
+        self.send({"type": "model", "id": rid})
+        reply = self._wait_for(rid)
+        return reply.header, reply.payload
+
+    def ping(self) -> float:
+        """Round-trip time of a ping, in seconds."""
+        rid = self.next_id()
+        start = time.perf_counter()
+        self.send({"type": "ping", "id": rid})
+        self._wait_for(rid)
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------ replies
+    def receive(self, timeout: float | None = None):
+        """The next reply (see the module notes); ``timeout`` defaults to the client's."""
+        if self._pending:
+            return _raise_errors(self._pending.popleft())
+        return _raise_errors(self._read_reply(self.timeout if timeout is None else timeout))
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        """True when a reply can be read without waiting for the server: one is buffered or
+        data is waiting on the socket (or the server closed it, which ``receive`` reports).
+        Waits up to ``timeout`` seconds; lets a caller check for cancellation between waits
+        while ``receive`` gets a long timeout for the message itself."""
+        if self._pending:
+            return True
+        if self._sock is None:
+            raise ConnectionError("not connected")
+        readable, _, _ = select.select([self._sock], [], [], timeout)
+        return bool(readable)
+
+    def _wait_for(self, rid):
+        """Read replies until the one for ``rid``; others are kept for ``receive``."""
+        for i, reply in enumerate(self._pending):
+            if _reply_id(reply) == rid:
+                del self._pending[i]
+                return _raise_errors(reply)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            reply = self._read_reply(max(deadline - time.monotonic(), 1e-3))
+            if _reply_id(reply) == rid:
+                return _raise_errors(reply)
+            if isinstance(reply, ServerError) and reply.id is None:
+                raise reply                 # about the connection itself, not a request
+            self._pending.append(reply)
+
+    def _read_reply(self, timeout: float):
+        header, payload = self._read_message(timeout)
+        kind = header["type"]
+        if kind == "frame":
+            return _frame(header, payload)
+        if kind == "error":
+            return ServerError(str(header.get("code")), str(header.get("message")),
+                               header.get("id"), header.get("field"))
+        if kind == "superseded":
+            return Superseded(header.get("id"), header.get("by"))
+        if kind == "vertices":
+            return Vertices(header.get("id"), int(header["count"]),
+                            _floats(memoryview(payload)))
+        if kind == "pong":
+            return Pong(header.get("id"))
+        return Message(header, payload)
+
+    def _read_message(self, timeout: float) -> tuple[dict, bytearray]:
+        if self._sock is None:
+            raise ConnectionError("not connected")
+        self._sock.settimeout(timeout)
+        self._recv_into(memoryview(self._prefix), start_of_message=True)
+        try:
+            length = protocol.header_length(self._prefix)
+            body = bytearray(length)
+            self._recv_into(memoryview(body))
+            header, nbytes = protocol.decode_header(body, protocol.MAX_SERVER_PAYLOAD)
+        except protocol.ProtocolError as exc:
+            self.close()
+            raise ConnectionError(f"malformed message from the server: {exc}") from None
+        payload = bytearray(nbytes)         # filled in place: no chunk joining
+        if nbytes:
+            self._recv_into(memoryview(payload))
+        return header, payload
+
+    def _recv_into(self, view: memoryview, start_of_message: bool = False) -> None:
+        got = 0
+        while got < len(view):
+            try:
+                n = self._sock.recv_into(view[got:])
+            except socket.timeout:
+                if start_of_message and got == 0:
+                    # Nothing of the next message read: the connection is still usable.
+                    raise TimeoutError(f"no reply from {self.host}:{self.port} within "
+                                       f"{self._sock.gettimeout():g} s") from None
+                self.close()
+                raise TimeoutError(f"{self.host}:{self.port} stalled in the middle of a "
+                                   "message; connection closed") from None
+            except OSError as exc:
+                self.close()
+                raise ConnectionError(f"receiving from {self.host}:{self.port} failed: "
+                                      f"{exc}") from None
+            if n == 0:
+                self.close()
+                raise ConnectionError(f"{self.host}:{self.port} closed the connection")
+            got += n
+
+
+def _params_dict(params) -> dict:
+    return params.to_dict() if hasattr(params, "to_dict") else params
+
+
+def _reply_id(reply):
+    if isinstance(reply, Message):
+        return reply.header.get("id")
+    return getattr(reply, "id", None)
+
+
+def _raise_errors(reply):
+    if isinstance(reply, ServerError):
+        raise reply
+    return reply
+
+
+def _frame(header: dict, payload: bytearray) -> Frame:
+    view = memoryview(payload)
+    passes = {}
+    for entry in header.get("passes", []):
+        start = int(entry["offset"])
+        passes[entry["name"]] = (int(entry["channels"]),
+                                 _floats(view[start: start + int(entry["nbytes"])]))
+    return Frame(header.get("id"), int(header["width"]), int(header["height"]),
+                 header["format"], header.get("backend", ""),
+                 view[: int(header["image_bytes"])], passes,
+                 dict(header.get("timings", {})), header)

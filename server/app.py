@@ -1,0 +1,121 @@
+"""The render server: an asyncio TCP listener, its connections and the device's render worker.
+
+``RenderServer`` ties together the face model arrays (``FaceData``, shared with the Blender
+rig through the ``model`` message), one ``RenderWorker`` per device and the connections. The
+event loop only parses, frames and writes; see ``server/scheduler.py`` for the queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass
+
+from portrait_rig import __version__, protocol
+
+from .connection import Connection
+from .jobs import RequestError
+from .scheduler import RenderWorker
+
+
+@dataclass
+class ServerConfig:
+    host: str = protocol.DEFAULT_HOST
+    port: int = protocol.DEFAULT_PORT
+    backend: str = "preview"           # default backend of render requests
+    model: str = "demo"                # face model source for load_face_data
+    device: str = "cpu"
+    token: str | None = None
+    rate: float = 240.0                # messages per second per connection, sustained
+    burst: int = 120                   # ... and at once
+    max_queued_batch: int = 64         # queued batch/vertices requests per connection
+    max_batch: int = 8                 # requests grouped into one backend call
+    output_high_water: int = 16 << 20  # unsent bytes above which a connection is not served
+    shutdown_grace: float = 10.0       # seconds to let the render in progress finish
+    log_requests: bool = True
+
+
+class RenderServer:
+    def __init__(self, config: ServerConfig, face_data, worker: RenderWorker,
+                 backends: list[dict]):
+        self.config = config
+        self.face_data = face_data
+        self.worker = worker
+        self.backends = backends
+        self.backend_names = tuple(b["name"] for b in backends)
+        self.connections: set[Connection] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._model_header, self._model_buffers = face_data.to_wire()
+        self._model_nbytes = sum(buf.nbytes for buf in self._model_buffers)
+
+    # ------------------------------------------------------------------ replies
+    def hello_reply(self) -> dict:
+        cfg = self.config
+        return {"type": "hello", "protocol": protocol.PROTOCOL_VERSION,
+                "server": "portrait-rig", "server_version": __version__,
+                "backends": self.backends, "default_backend": cfg.backend,
+                "device": cfg.device, "face_model": self.face_data.summary(),
+                "formats": list(protocol.FRAME_FORMATS), "passes": dict(protocol.PASSES),
+                "limits": {"max_header_bytes": protocol.MAX_HEADER_BYTES,
+                           "max_client_payload": protocol.MAX_CLIENT_PAYLOAD,
+                           "max_frame_side": protocol.MAX_FRAME_SIDE,
+                           "rate": cfg.rate, "burst": cfg.burst,
+                           "max_queued_batch": cfg.max_queued_batch,
+                           "max_batch": cfg.max_batch}}
+
+    def model_message(self, rid) -> list:
+        """The ``model`` reply: header, then the arrays' own buffers (no copy)."""
+        header = dict(self._model_header, type="model", id=rid)
+        return [protocol.encode_header(header, self._model_nbytes), *self._model_buffers]
+
+    def log(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> tuple[str, int]:
+        """Listen; returns the bound (host, port) (port 0 picks a free one)."""
+        self._server = await asyncio.start_server(self._accept, self.config.host,
+                                                  self.config.port)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def _accept(self, reader, writer) -> None:
+        conn = Connection(self, reader, writer)
+        self.connections.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, answer queued requests with ``shutting_down``, let the render in
+        progress finish and deliver (up to ``shutdown_grace`` s), then close every connection."""
+        if self._server is not None:
+            self._server.close()
+        error = RequestError(protocol.E_SHUTTING_DOWN, "the server is shutting down")
+        for job in self.worker.stop():
+            job.done(job, None, error)
+        finished = await asyncio.to_thread(self.worker.join, self.config.shutdown_grace)
+        if not finished:
+            self.log(f"shutdown: a render still running after {self.config.shutdown_grace:g} s "
+                     "is abandoned")
+        await asyncio.sleep(0)           # run the deliveries the worker posted
+        await asyncio.gather(*(conn.close() for conn in list(self.connections)),
+                             return_exceptions=True)
+
+
+def build_server(config: ServerConfig) -> RenderServer:
+    """Load the face model, build the default backend on the worker thread and warm it up.
+    Blocks until the worker is ready; raises what prevented it."""
+    from portrait_rig.face_source import load_face_data
+
+    from .backends import BACKEND_NAMES, create_backend, describe_backends
+
+    if config.backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {config.backend!r} "
+                         f"(available: {', '.join(BACKEND_NAMES)})")
+    face_data = load_face_data(config.model)
+    worker = RenderWorker(face_data, config.device, config.backend, create_backend,
+                          max_queued_batch=config.max_queued_batch, max_batch=config.max_batch)
+    worker.start()
+    return RenderServer(config, face_data, worker, list(describe_backends()))

@@ -1,0 +1,196 @@
+"""The preview backend: the face model itself, shaded with the rig's SH light, in real time.
+
+Per batch of requests of one frame size: pose the face model (``FaceModel.pose_params``),
+project, find the visible triangle per pixel, shade albedo * DECA SH, composite over a neutral
+background and encode sRGB RGBA uint8 (alpha = face mask). Two paths give the same frames:
+
+* "fast" (CPU): numba visibility plus one fused numba pass for shading, compositing and
+  encoding (``renderer.shade_cpu``); only the pixels the face covers are shaded.
+* "torch" (any device; the default off the CPU): ``BufferRenderer`` and torch compositing.
+
+Result timings are milliseconds for the whole batch the frame was rendered in: ``skin``
+(blend shapes + skinning), ``geometry`` (projection, vertex normals), ``raster`` (visibility),
+``shade`` (interpolation + shading; on the fast path also compositing and encoding),
+``encode`` (torch path: compositing, sRGB, copy to host), ``passes`` (extra buffers out).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from portrait_rig.params import RigParams
+from portrait_rig.protocol import MAX_FRAME_SIDE, PASSES
+from server.face_model import FaceModel
+from server.renderer import BufferRenderer, Buffers, CameraBatch, project, screen_space
+from server.renderer.buffers import CHANNELS, N_CHANNELS
+from server.renderer.srgb import encode_torch
+
+from .base import Backend, RenderRequest, RenderResult
+
+
+class _Laps:
+    """Stage timer; synchronises CUDA so each lap measures its own stage."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.times: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.times[stage] = self.times.get(stage, 0.0) + (now - self.last) * 1e3
+        self.last = now
+
+
+class PreviewBackend(Backend):
+    """Shaded face-model preview on "cpu" or "cuda".
+
+    Options: ``background`` sRGB colour in [0, 1] behind the face (default mid grey);
+    ``path`` "auto" (fast on the CPU, torch elsewhere), "fast" or "torch".
+    """
+
+    name = "preview"
+    description = ("Real-time preview of the face model: its albedo under the rig's SH light "
+                   "(CPU or CUDA)")
+
+    def __init__(self, face_model: FaceModel, device: str = "cpu",
+                 background=(0.5, 0.5, 0.5), path: str = "auto", **options):
+        if options:
+            raise ValueError(f"unknown preview option(s): {', '.join(sorted(options))} "
+                             "(known: background, path)")
+        super().__init__(face_model, device)
+        self.torch_device = torch.device(device)
+        if self.torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: CUDA was requested but torch sees no CUDA device")
+        if face_model.device != self.torch_device:
+            face_model = FaceModel(face_model.data, self.torch_device)
+        self.model = face_model
+        background = np.asarray(background, dtype=np.float64)
+        if background.shape != (3,) or not np.all((background >= 0) & (background <= 1)):
+            raise ValueError(f"background: expected 3 sRGB values in [0, 1], got {background}")
+        self.background = np.round(background * 255).astype(np.uint8)
+        if path == "auto":
+            path = "fast" if self.torch_device.type == "cpu" else "torch"
+        if path not in ("fast", "torch"):
+            raise ValueError(f"path: expected 'auto', 'fast' or 'torch', got {path!r}")
+        if path == "fast" and self.torch_device.type != "cpu":
+            raise ValueError(f"path 'fast' runs on the CPU, not on {self.torch_device}")
+        self.path = path
+        if path == "fast":
+            from server.renderer.raster_cpu import NumbaRasterizer
+            self._faces_np = face_model.faces.cpu().numpy().astype(np.int32)
+            self._albedo_np = face_model.vertex_albedo.cpu().numpy()
+            self._rasterizer = NumbaRasterizer(self._faces_np)
+            self._scratch: dict[tuple, dict] = {}       # arrays per (B, H, W)
+        else:
+            self.renderer = BufferRenderer(face_model.faces, self.torch_device, "torch")
+            self._reuse: dict[tuple, Buffers] = {}      # buffers per (B, H, W)
+
+    # ------------------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """Render a small frame once: loads (or compiles and caches) the numba kernels."""
+        self.render([RenderRequest(RigParams(), 32, 32, tuple(PASSES))])
+
+    def render(self, requests: list[RenderRequest]) -> list[RenderResult]:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, request in enumerate(requests):
+            _check_request(i, request)
+            groups.setdefault((request.width, request.height), []).append(i)
+        results: list[RenderResult | None] = [None] * len(requests)
+        for (width, height), indices in groups.items():
+            batch = [requests[i] for i in indices]
+            for i, result in zip(indices, self._render_group(batch, width, height)):
+                results[i] = result
+        return results
+
+    # ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _render_group(self, requests: list[RenderRequest], width: int,
+                      height: int) -> list[RenderResult]:
+        lap = _Laps(self.torch_device)
+        params = [r.params for r in requests]
+        vertices, _ = self.model.pose_params(params)
+        lap("skin")
+        cameras = CameraBatch.from_params([p.camera for p in params], self.torch_device)
+        sh = torch.tensor([p.lighting.sh for p in params], dtype=torch.float32)
+        want_packed = any(r.passes for r in requests)
+        if self.path == "fast":
+            images, packed = self._fast(vertices, cameras, sh.numpy(), width, height,
+                                        want_packed, lap)
+        else:
+            images, packed = self._torch(vertices, cameras, sh.to(self.torch_device), width,
+                                         height, want_packed, lap)
+        results = []
+        for i, request in enumerate(requests):
+            passes = {name: np.ascontiguousarray(packed[i, :, :, slice(*CHANNELS[name])])
+                      for name in request.passes}
+            results.append(RenderResult(image=images[i], passes=passes))
+        lap("passes")
+        for result in results:
+            result.timings = dict(lap.times)
+        return results
+
+    def _fast(self, vertices, cameras, sh, width, height, want_packed, lap):
+        from server.renderer.shade_cpu import shade_frame, vertex_normals_numba
+
+        ndc, depth = project(vertices, cameras, width, height)
+        pixel_xy, z_key, w = screen_space(ndc, depth, cameras, width, height)
+        pixel_xy, z_key, w = pixel_xy.numpy(), z_key.numpy(), w.numpy()
+        normals = vertex_normals_numba(np.ascontiguousarray(vertices.numpy()), self._faces_np)
+        albedo = np.broadcast_to(self._albedo_np, normals.shape)
+        attributes = np.concatenate([depth.numpy()[..., None], normals, albedo], axis=-1)
+        lap("geometry")
+        batch = vertices.shape[0]
+        key = (batch, height, width)
+        if key not in self._scratch:                 # reused per size; passes are copied out
+            self._scratch = {key: {"triangle": np.empty(key, np.int32)}}
+        scratch = self._scratch[key]
+        triangle = self._rasterizer(pixel_xy, z_key, width, height, out=scratch["triangle"])
+        lap("raster")
+        images = np.empty((batch, height, width, 4), np.uint8)    # handed out: never reused
+        packed = None
+        if want_packed:
+            if "packed" not in scratch:
+                scratch["packed"] = np.empty((*key, N_CHANNELS), np.float32)
+            packed = scratch["packed"]
+        shade_frame(triangle, pixel_xy, w, self._faces_np, attributes, sh, self.background,
+                    images, packed)
+        lap("shade")
+        return images, packed
+
+    def _torch(self, vertices, cameras, sh, width, height, want_packed, lap):
+        key = (vertices.shape[0], height, width)
+        if key not in self._reuse:
+            self._reuse.clear()
+        buffers = self.renderer.render(vertices, self.model.vertex_albedo, sh, cameras, width,
+                                       height, out=self._reuse.get(key), lap=lap)
+        self._reuse[key] = buffers
+        covered = buffers.mask > 0
+        background = torch.as_tensor(self.background, device=self.torch_device)
+        rgb = torch.where(covered, encode_torch(buffers.rendered), background)
+        alpha = covered.to(torch.uint8) * 255
+        images = torch.cat([rgb, alpha], dim=-1).cpu().numpy()
+        lap("encode")
+        packed = buffers.packed.cpu().numpy() if want_packed else None
+        return images, packed
+
+
+def _check_request(index: int, request: RenderRequest) -> None:
+    where = f"requests[{index}]"
+    if not isinstance(request.params, RigParams):
+        raise ValueError(f"{where}.params: expected RigParams, got "
+                         f"{type(request.params).__name__}")
+    for name in ("width", "height"):
+        size = getattr(request, name)
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_FRAME_SIDE:
+            raise ValueError(f"{where}.{name}: expected an integer in 1..{MAX_FRAME_SIDE}, "
+                             f"got {size!r}")
+    for name in request.passes:
+        if name not in PASSES:
+            raise ValueError(f"{where}.passes: unknown pass {name!r} "
+                             f"(known: {', '.join(PASSES)})")

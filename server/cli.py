@@ -1,0 +1,122 @@
+"""``portrait-rig-server``: run the render server from the command line.
+
+Prints exactly one line ``listening on HOST:PORT`` to stdout once it accepts connections
+(``--port 0`` picks a free port; tools read it from that line). Everything else - one line
+per request, warnings, errors - goes to stderr. SIGINT/SIGTERM shut down gracefully, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import os
+import signal
+import socket
+import sys
+import traceback
+
+from portrait_rig import protocol
+
+from .app import ServerConfig, build_server
+
+TOKEN_ENV = "PORTRAIT_RIG_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` resolves to is a loopback address."""
+    if not host:
+        return False                    # "" means every interface
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def parse_args(argv=None) -> ServerConfig:
+    defaults = ServerConfig()
+    ap = argparse.ArgumentParser(
+        prog="portrait-rig-server",
+        description="Portrait Rig render server (wire protocol v1, see docs/protocol.md).")
+    ap.add_argument("--host", default=defaults.host,
+                    help="address to bind (default %(default)s: this machine only)")
+    ap.add_argument("--port", type=int, default=defaults.port,
+                    help="TCP port (default %(default)s; 0 picks a free one)")
+    ap.add_argument("--backend", default=defaults.backend,
+                    help="default backend of render requests (default %(default)s)")
+    ap.add_argument("--model", default=defaults.model,
+                    help="face model: 'demo' or a path to a FLAME .pkl / .npz "
+                         "(default %(default)s)")
+    ap.add_argument("--device", default=defaults.device,
+                    help="torch device the worker renders on: cpu, cuda, cuda:1 ...")
+    ap.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                    help=f"shared secret clients must send in hello (default: ${TOKEN_ENV}); "
+                         "required when binding to anything but loopback. Prefer the "
+                         "variable: other users can read command lines")
+    ap.add_argument("--rate", type=float, default=defaults.rate,
+                    help="messages per second per connection, sustained (default %(default)s)")
+    ap.add_argument("--burst", type=int, default=defaults.burst,
+                    help="messages per connection at once (default %(default)s)")
+    ap.add_argument("--max-queued-batch", type=int, default=defaults.max_queued_batch,
+                    help="queued batch requests per connection (default %(default)s)")
+    ap.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                    help="requests grouped into one backend call (default %(default)s)")
+    ap.add_argument("--quiet", action="store_true", help="no per-request log lines")
+    args = ap.parse_args(argv)
+
+    if not 0 <= args.port <= 65535:
+        ap.error(f"--port {args.port} is outside 0..65535")
+    for name in ("rate", "burst", "max_queued_batch", "max_batch"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive")
+    if args.token is not None and not args.token:
+        ap.error("--token is empty")
+    if args.token is None and not is_loopback(args.host):
+        ap.error(f"refusing to listen on {args.host or 'every interface'!r} without a token: "
+                 "anyone who can reach the port could drive the renderer. Pass --token (or set "
+                 f"{TOKEN_ENV}) or bind to {protocol.DEFAULT_HOST}. The token is sent in clear "
+                 "text: on untrusted networks use an SSH tunnel.")
+    return ServerConfig(host=args.host, port=args.port, backend=args.backend, model=args.model,
+                        device=args.device, token=args.token, rate=args.rate, burst=args.burst,
+                        max_queued_batch=args.max_queued_batch, max_batch=args.max_batch,
+                        log_requests=not args.quiet)
+
+
+async def _serve(server) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except NotImplementedError:       # Windows: Ctrl+C raises KeyboardInterrupt instead
+            pass
+    host, port = await server.start()
+    shown = f"[{host}]" if ":" in host else host
+    print(f"listening on {shown}:{port}", flush=True)
+    await stop.wait()
+    server.log("shutting down")
+    await server.shutdown()
+
+
+def main(argv=None) -> int:
+    config = parse_args(argv)
+    try:
+        server = build_server(config)
+    except Exception as exc:  # noqa: BLE001 - startup failures end the process with a message
+        if not isinstance(exc, (ValueError, OSError)):      # unexpected: show where
+            traceback.print_exc()
+        print(f"portrait-rig-server: cannot start: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
+    server.log(f"model {server.face_data.name!r} ({server.face_data.n_vertices} vertices), "
+               f"backend {config.backend} on {config.device}")
+    try:
+        asyncio.run(_serve(server))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

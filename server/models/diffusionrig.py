@@ -1,0 +1,100 @@
+"""DiffusionRig (Ding et al., CVPR 2023): the denoising UNet plus the global latent encoder,
+and a strict loader for the official ``model{step}.pt`` files.
+
+The official checkpoint is ``torch.save(model.state_dict())`` of a module holding exactly two
+children, ``denoisingUNet`` and ``encoder``; this class has the same two, so its state dict
+has the same 712 names and shapes (see ``UNetConfig`` for the architecture).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .diffusionrig_unet import DiffusionRigUNet, UNetConfig
+from .global_encoder import GlobalEncoder
+
+
+class DiffusionRig(nn.Module):
+    """``denoisingUNet`` predicts eps from (x_t, t, buffers, z); ``encoder`` maps a photo to z."""
+
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.config = config
+        self.denoisingUNet = DiffusionRigUNet(config)
+        self.encoder = GlobalEncoder(config.latent_dim)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """image [N, 3, H, W] in [-1, 1] (the aligned photo) -> z [N, latent_dim]."""
+        return self.encoder(image)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, buffers: torch.Tensor | None,
+                z: torch.Tensor) -> torch.Tensor:
+        """eps [N, 3, S, S]; arguments as ``DiffusionRigUNet.forward``."""
+        return self.denoisingUNet(x_t, t, buffers, z)
+
+
+class CheckpointMismatch(ValueError):
+    """A state dict whose names or shapes differ from the model's."""
+
+
+def check_state_dict(model: nn.Module, state_dict: dict, source: str = "state dict") -> None:
+    """Raise ``CheckpointMismatch`` naming every missing, unexpected and mis-shaped tensor."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    shapes = sorted(f"{k}: {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})"
+                    for k, v in expected.items()
+                    if k in state_dict and isinstance(state_dict[k], torch.Tensor)
+                    and state_dict[k].shape != v.shape)
+    problems = []
+    for what, items in (("missing", missing), ("unexpected", unexpected),
+                        ("not tensors", not_tensors), ("wrong shape", shapes)):
+        if items:
+            more = f", ... ({len(items) - 8} more)" if len(items) > 8 else ""
+            shown = ", ".join(items[:8]) + more
+            problems.append(f"{len(items)} {what}: {shown}")
+    if problems:
+        raise CheckpointMismatch(f"{source} does not match {type(model).__name__}: "
+                                 + "; ".join(problems))
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a flat state dict from a ``.pt`` (``torch.load(weights_only=True)``, never
+    unpickling code) or a ``.safetensors`` file, on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DiffusionRig checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the unpickler names what it refused
+        raise CheckpointMismatch(f"{path} is not a plain tensor state dict: {exc}") from exc
+    if not isinstance(state_dict, dict):
+        raise CheckpointMismatch(f"{path} holds a {type(state_dict).__name__}, "
+                                 "not a state dict")
+    return state_dict
+
+
+def load_diffusionrig(path: str | Path, config: UNetConfig = UNetConfig(),
+                      device: str | torch.device = "cpu") -> DiffusionRig:
+    """Build a float32 ``DiffusionRig`` for ``config`` and load ``path`` into it strictly.
+
+    The model is built on the meta device and takes the file's tensors directly (no random
+    initialisation, no second copy), then moves to ``device`` in eval mode (dropout off,
+    BatchNorm on running statistics) with gradients disabled. Reduced precision is meant to
+    come from autocast (the official model was trained under fp16 autocast; GroupNorm32
+    keeps its normalisation in float32).
+    Raises ``CheckpointMismatch`` listing any missing, unexpected or mis-shaped tensor.
+    """
+    state_dict = read_state_dict(path)
+    with torch.device("meta"):
+        model = DiffusionRig(config)
+    check_state_dict(model, state_dict, source=str(path))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)

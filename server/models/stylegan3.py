@@ -1,0 +1,331 @@
+"""StyleGAN3 (alias-free) generator, configs T and R, inference only.
+
+Names equal those of NVlabs/stylegan3 training/networks_stylegan3.py, so the official
+``G_ema`` tensors load with ``load_state_dict(strict=True)`` and give the official images.
+
+Conventions
+- z: [B, z_dim]; c: [B, c_dim] or None; ws: [B, num_ws, w_dim] with num_ws = num_layers + 2
+  (16): ws[:, 0] drives ``synthesis.input``, ws[:, i + 1] layer ``L{i}``.
+- img: [B, img_channels, res, res] float32, nominal range [-1, 1] (output_scale applied).
+- Image coordinates: the image spans [-0.5, 0.5] in x (right) and y (down). The buffer
+  ``synthesis.input.transform`` [3, 3] maps output coordinates to input (Fourier feature)
+  coordinates, so writing the inverse of ``make_transform(angle, tx, ty)`` rotates the image
+  content by ``angle`` (counter-clockwise as displayed) and then shifts it by (tx, ty) image
+  widths; see ``set_transform``.
+- Layers have no noise inputs; ``noise_mode`` is accepted for API parity and ignored.
+- Precision: on CUDA, layers whose sampling rate * 2^num_fp16_res exceeds the resolution
+  run in float16 (activations clamped to +-conv_clamp); elsewhere float32.
+- ``magnitude_ema`` and ``w_avg`` are read, never updated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import SQRT2, FullyConnectedLayer, filtered_lrelu, kaiser_lowpass
+from .stylegan2 import NOISE_MODES, MappingNetwork
+
+
+@dataclass(frozen=True)
+class StyleGAN3Config:
+    """Hyper-parameters of the official ``Generator``. Defaults are config T; config R is
+    ``StyleGAN3Config.preset('r', res)`` (1x1 convs, radial down filters, 2x channels)."""
+    img_resolution: int = 1024
+    z_dim: int = 512
+    w_dim: int = 512
+    c_dim: int = 0
+    img_channels: int = 3
+    channel_base: int = 32768
+    channel_max: int = 512
+    num_layers: int = 14
+    num_critical: int = 2
+    first_cutoff: float = 2.0
+    first_stopband: float = 2 ** 2.1
+    last_stopband_rel: float = 2 ** 0.3
+    margin_size: int = 10
+    output_scale: float = 0.25
+    num_fp16_res: int = 4
+    conv_kernel: int = 3
+    filter_size: int = 6
+    lrelu_upsampling: int = 2
+    use_radial_filters: bool = False
+    conv_clamp: float | None = 256
+    mapping_layers: int = 2
+    mapping_lr_multiplier: float = 0.01
+
+    architecture = "stylegan3"
+
+    def __post_init__(self):
+        for name in ("img_resolution", "z_dim", "w_dim", "img_channels", "channel_base",
+                     "channel_max", "num_layers", "conv_kernel", "filter_size", "lrelu_upsampling",
+                     "mapping_layers"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not 0 <= self.num_critical < self.num_layers:
+            raise ValueError(f"num_critical must be in [0, num_layers), got {self.num_critical}")
+
+    @classmethod
+    def preset(cls, name: str, img_resolution: int = 1024, **overrides) -> "StyleGAN3Config":
+        """'t' (translation equivariant) or 'r' (rotation equivariant), as NVlabs' train.py."""
+        if name == "t":
+            return cls(img_resolution=img_resolution, **overrides)
+        if name == "r":
+            kw = dict(channel_base=65536, channel_max=1024, conv_kernel=1, use_radial_filters=True)
+            return cls(img_resolution=img_resolution, **{**kw, **overrides})
+        raise ValueError(f"StyleGAN3 preset must be 't' or 'r', got {name!r}")
+
+    @property
+    def num_ws(self) -> int:
+        return self.num_layers + 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StyleGAN3Config":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown StyleGAN3Config fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def layer_schedule(self) -> dict[str, np.ndarray]:
+        """Per-layer design, index 0 .. num_layers (the last is ToRGB): cutoff f_c, sampling
+        rate s, transition half-width f_h, spatial size (with margins) and channels.
+        Cutoffs and minimum stopbands grow geometrically until the critically sampled tail."""
+        n = self.num_layers
+        last_cutoff = self.img_resolution / 2
+        last_stopband = last_cutoff * self.last_stopband_rel
+        exponents = np.minimum(np.arange(n + 1) / (n - self.num_critical), 1)
+        cutoffs = self.first_cutoff * (last_cutoff / self.first_cutoff) ** exponents
+        stopbands = self.first_stopband * (last_stopband / self.first_stopband) ** exponents
+        rates = np.exp2(np.ceil(np.log2(np.minimum(stopbands * 2, self.img_resolution))))
+        half_widths = np.maximum(stopbands, rates / 2) - cutoffs
+        sizes = rates + self.margin_size * 2
+        sizes[-2:] = self.img_resolution
+        channels = np.rint(np.minimum((self.channel_base / 2) / cutoffs, self.channel_max))
+        channels[-1] = self.img_channels
+        return dict(cutoffs=cutoffs, sampling_rates=rates, half_widths=half_widths,
+                    sizes=sizes.astype(int), channels=channels.astype(int))
+
+
+def make_transform(angle_rad: float = 0.0, tx: float = 0.0, ty: float = 0.0) -> np.ndarray:
+    """[3, 3] float64 image-space transform [[c, s, tx], [-s, c, ty], [0, 0, 1]], c = cos(angle),
+    s = sin(angle): maps a content point p to R p + t (rotation first, then translation), in
+    image coordinates (x right, y down, image spanning [-0.5, 0.5])."""
+    c, s = math.cos(angle_rad), math.sin(angle_rad)
+    return np.array([[c, s, tx], [-s, c, ty], [0.0, 0.0, 1.0]])
+
+
+@torch.no_grad()
+def set_transform(G: nn.Module, angle_rad: float = 0.0, tx: float = 0.0, ty: float = 0.0) -> None:
+    """Rotate the generated content by ``angle_rad`` (counter-clockwise as displayed) about the
+    image centre, then translate it by (tx, ty) image widths (x right, y down): writes
+    ``synthesis.input.transform`` = inverse of ``make_transform``. Angle 0, shift 0 restores
+    the identity (the default)."""
+    if not isinstance(getattr(G.synthesis, "input", None), SynthesisInput):
+        raise TypeError(f"set_transform needs a StyleGAN3 generator, got {type(G).__name__}")
+    transform = G.synthesis.input.transform
+    transform.copy_(torch.from_numpy(np.linalg.inv(make_transform(angle_rad, tx, ty))))
+
+
+def modulated_conv2d(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, demodulate: bool = True,
+                     padding: int = 0, input_gain: torch.Tensor | None = None) -> torch.Tensor:
+    """StyleGAN3 modulated convolution: x [N, I, H, W], w [O, I, k, k], s [N, I] -> [N, O, H', W'].
+
+    With demodulation, w is first normalised per output channel and s by its RMS over the
+    whole batch (numerical range only: demodulation cancels both). ``input_gain`` ([] or
+    [N, I]) scales the input channels (1 / RMS of the expected input magnitude).
+    """
+    batch, in_channels = x.shape[0], w.shape[1]
+    if demodulate:
+        w = w * w.square().mean([1, 2, 3], keepdim=True).rsqrt()
+        s = s * s.square().mean().rsqrt()
+    w = w.unsqueeze(0) * s[:, None, :, None, None]  # [N, O, I, k, k]
+    if demodulate:
+        w = w * (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()[:, :, None, None, None]
+    if input_gain is not None:
+        w = w * input_gain.expand(batch, in_channels)[:, None, :, None, None]
+    x = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]).to(x.dtype),
+                 padding=padding, groups=batch)
+    return x.reshape(batch, -1, *x.shape[2:])
+
+
+class SynthesisInput(nn.Module):
+    """Fourier features: w [N, w_dim] -> [N, channels, size, size].
+
+    ``freqs`` [C, 2] (cycles per image width, radius < bandwidth) and ``phases`` [C] are
+    fixed; ``affine(w)`` = (cos, sin, tx, ty) gives a per-sample rotation and translation,
+    composed with the user ``transform``. Frequencies that the transform pushes out of band
+    fade out. The grid samples ``size`` pixels at ``sampling_rate`` per unit, centred on 0.
+    """
+
+    def __init__(self, w_dim: int, channels: int, size: int, sampling_rate: float,
+                 bandwidth: float):
+        super().__init__()
+        self.channels, self.size = channels, int(size)
+        self.sampling_rate, self.bandwidth = float(sampling_rate), float(bandwidth)
+        freqs = torch.randn([channels, 2])
+        radii = freqs.square().sum(dim=1, keepdim=True).sqrt()
+        freqs = freqs / (radii * radii.square().exp().pow(0.25)) * bandwidth
+        self.weight = nn.Parameter(torch.randn([channels, channels]))
+        self.register_buffer("transform", torch.eye(3, 3))
+        self.register_buffer("freqs", freqs)
+        self.register_buffer("phases", torch.rand([channels]) - 0.5)
+        self.affine = FullyConnectedLayer(w_dim, 4, weight_init=0, bias_init=[1, 0, 0, 0])
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        batch, device = w.shape[0], w.device
+        t = self.affine(w)  # (r_c, r_s, t_x, t_y)
+        t = t / t[:, :2].norm(dim=1, keepdim=True)
+        rotate = torch.eye(3, device=device).repeat([batch, 1, 1])
+        rotate[:, 0, 0], rotate[:, 0, 1] = t[:, 0], -t[:, 1]
+        rotate[:, 1, 0], rotate[:, 1, 1] = t[:, 1], t[:, 0]
+        translate = torch.eye(3, device=device).repeat([batch, 1, 1])
+        translate[:, 0, 2], translate[:, 1, 2] = -t[:, 2], -t[:, 3]
+        transforms = rotate @ translate @ self.transform.unsqueeze(0)  # [N, 3, 3]
+
+        freqs = self.freqs.unsqueeze(0)  # [1, C, 2]
+        phases = self.phases.unsqueeze(0) + (freqs @ transforms[:, :2, 2:]).squeeze(2)  # [N, C]
+        freqs = freqs @ transforms[:, :2, :2]  # [N, C, 2]
+        stopband = self.sampling_rate / 2 - self.bandwidth
+        amplitudes = (1 - (freqs.norm(dim=2) - self.bandwidth) / stopband).clamp(0, 1)
+
+        theta = torch.eye(2, 3, device=device)
+        theta[0, 0] = theta[1, 1] = 0.5 * self.size / self.sampling_rate
+        grid = F.affine_grid(theta.unsqueeze(0), [1, 1, self.size, self.size], align_corners=False)
+        x = (grid.unsqueeze(3) @ freqs.permute(0, 2, 1)[:, None, None]).squeeze(3)  # [N, H, W, C]
+        x = torch.sin((x + phases[:, None, None]) * (math.pi * 2))
+        x = x * amplitudes[:, None, None]
+        x = x @ (self.weight / math.sqrt(self.channels)).t()
+        return x.permute(0, 3, 1, 2)
+
+
+class SynthesisLayer(nn.Module):
+    """Modulated conv, then filtered leaky ReLU:
+    [N, in_channels, in_size, in_size] -> [N, out_channels, out_size, out_size].
+
+    The nonlinearity runs at ``lrelu_upsampling`` x the higher of the two sampling rates:
+    upsample with ``up_filter`` (cutoff in_cutoff), leaky ReLU, downsample with
+    ``down_filter`` (cutoff out_cutoff; radial for non-critical layers of config R). Filters
+    of one tap are omitted (None, absent from the state dict). ToRGB: 1x1 conv, no
+    demodulation, no activation, no resampling.
+    """
+
+    def __init__(self, w_dim, is_torgb, is_critically_sampled, use_fp16, in_channels,
+                 out_channels, in_size, out_size, in_sampling_rate, out_sampling_rate, in_cutoff,
+                 out_cutoff, in_half_width, out_half_width, conv_kernel=3, filter_size=6,
+                 lrelu_upsampling=2, use_radial_filters=False, conv_clamp=256):
+        super().__init__()
+        self.is_torgb, self.use_fp16, self.conv_clamp = is_torgb, use_fp16, conv_clamp
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_size, self.out_size = in_size, out_size
+        k = self.conv_kernel = 1 if is_torgb else conv_kernel
+        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, k, k]))
+        self.bias = nn.Parameter(torch.zeros([out_channels]))
+        self.register_buffer("magnitude_ema", torch.ones([]))
+
+        rate = max(in_sampling_rate, out_sampling_rate) * (1 if is_torgb else lrelu_upsampling)
+        self.up_factor = int(round(rate / in_sampling_rate))
+        self.down_factor = int(round(rate / out_sampling_rate))
+        up_taps = filter_size * self.up_factor if self.up_factor > 1 and not is_torgb else 1
+        down_taps = filter_size * self.down_factor if self.down_factor > 1 and not is_torgb else 1
+        radial = use_radial_filters and not is_critically_sampled
+        up_filter = kaiser_lowpass(up_taps, in_cutoff, in_half_width * 2, rate)
+        down_filter = kaiser_lowpass(down_taps, out_cutoff, out_half_width * 2, rate, radial)
+        self.register_buffer("up_filter", up_filter)
+        self.register_buffer("down_filter", down_filter)
+        # Pad so that output samples sit symmetrically about the input ones (paper, Appendix C.3).
+        pad_total = (out_size - 1) * self.down_factor + 1 - (in_size + k - 1) * self.up_factor
+        pad_total += up_taps + down_taps - 2
+        pad_lo = (pad_total + self.up_factor) // 2
+        self.padding = (pad_lo, pad_total - pad_lo, pad_lo, pad_total - pad_lo)
+        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, force_fp32: bool = False) -> torch.Tensor:
+        styles = self.affine(w)
+        if self.is_torgb:
+            styles = styles * (1 / math.sqrt(self.in_channels * self.conv_kernel ** 2))
+        fp16 = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
+        x = modulated_conv2d(x.to(torch.float16 if fp16 else torch.float32), self.weight, styles,
+                             demodulate=not self.is_torgb, padding=self.conv_kernel - 1,
+                             input_gain=self.magnitude_ema.rsqrt())
+        gain, slope = (1.0, 1.0) if self.is_torgb else (SQRT2, 0.2)
+        return filtered_lrelu(x, self.up_filter, self.down_filter, self.bias.to(x.dtype),
+                              self.up_factor, self.down_factor, self.padding, gain, slope,
+                              self.conv_clamp)
+
+
+class SynthesisNetwork(nn.Module):
+    """ws [B, num_ws, w_dim] -> img [B, img_channels, res, res]: ``input`` then the layers
+    ``L{i}_{size}_{channels}`` (names in ``layer_names``), times ``output_scale``."""
+
+    def __init__(self, cfg: StyleGAN3Config):
+        super().__init__()
+        self.w_dim, self.num_ws, self.img_resolution = cfg.w_dim, cfg.num_ws, cfg.img_resolution
+        self.output_scale, self.num_fp16_res = cfg.output_scale, cfg.num_fp16_res
+        s = cfg.layer_schedule()
+        cutoffs, rates, widths = s["cutoffs"], s["sampling_rates"], s["half_widths"]
+        sizes, channels = s["sizes"], s["channels"]
+        self.input = SynthesisInput(cfg.w_dim, int(channels[0]), int(sizes[0]), rates[0],
+                                    cutoffs[0])
+        self.layer_names = []
+        for i in range(cfg.num_layers + 1):
+            j = max(i - 1, 0)
+            layer = SynthesisLayer(
+                cfg.w_dim, is_torgb=i == cfg.num_layers,
+                is_critically_sampled=i >= cfg.num_layers - cfg.num_critical,
+                use_fp16=bool(rates[i] * 2 ** cfg.num_fp16_res > cfg.img_resolution),
+                in_channels=int(channels[j]), out_channels=int(channels[i]),
+                in_size=int(sizes[j]), out_size=int(sizes[i]),
+                in_sampling_rate=int(rates[j]), out_sampling_rate=int(rates[i]),
+                in_cutoff=cutoffs[j], out_cutoff=cutoffs[i],
+                in_half_width=widths[j], out_half_width=widths[i],
+                conv_kernel=cfg.conv_kernel, filter_size=cfg.filter_size,
+                lrelu_upsampling=cfg.lrelu_upsampling, use_radial_filters=cfg.use_radial_filters,
+                conv_clamp=cfg.conv_clamp)
+            name = f"L{i}_{layer.out_size}_{layer.out_channels}"
+            setattr(self, name, layer)
+            self.layer_names.append(name)
+
+    def forward(self, ws: torch.Tensor, noise_mode: str = "const",
+                force_fp32: bool = False) -> torch.Tensor:
+        if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
+            raise ValueError(f"ws must be [batch, {self.num_ws}, {self.w_dim}], "
+                             f"got {list(ws.shape)}")
+        if noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        ws = ws.to(torch.float32).unbind(dim=1)
+        x = self.input(ws[0])
+        for name, w in zip(self.layer_names, ws[1:]):
+            x = getattr(self, name)(x, w, force_fp32=force_fp32)
+        if self.output_scale != 1:
+            x = x * self.output_scale
+        return x.to(torch.float32)
+
+
+class StyleGAN3Generator(nn.Module):
+    """``synthesis`` and ``mapping`` as in the official ``Generator``.
+    ``G(z, c)`` = ``G.synthesis(G.mapping(z, c, psi, cutoff))``."""
+
+    def __init__(self, config: StyleGAN3Config = StyleGAN3Config()):
+        super().__init__()
+        self.config = config
+        self.z_dim, self.c_dim, self.w_dim = config.z_dim, config.c_dim, config.w_dim
+        self.img_resolution, self.img_channels = config.img_resolution, config.img_channels
+        self.num_ws = config.num_ws
+        self.synthesis = SynthesisNetwork(config)
+        self.mapping = MappingNetwork(config.z_dim, config.c_dim, config.w_dim, config.num_ws,
+                                      config.mapping_layers, config.mapping_lr_multiplier)
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None, truncation_psi: float = 1.0,
+                truncation_cutoff: int | None = None, noise_mode: str = "const",
+                force_fp32: bool = False) -> torch.Tensor:
+        ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
+        return self.synthesis(ws, noise_mode=noise_mode, force_fp32=force_fp32)
