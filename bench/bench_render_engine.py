@@ -94,7 +94,8 @@ def main() -> int:
     args = ap.parse_args()
 
     import bpy
-    with LocalServer(args.backend) as server, tempfile.TemporaryDirectory() as tmp:
+    with LocalServer("--backend", args.backend, "--quiet") as server, \
+            tempfile.TemporaryDirectory() as tmp:
         package = extension.package_name(REPOSITORY_MODULE)
         extension.enable(Path(tmp), REPOSITORY_MODULE)
         operators = importlib.import_module(f"{package}.blender_rig.operators")

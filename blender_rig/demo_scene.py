@@ -31,10 +31,10 @@ CAMERA_DISTANCE = 1.2          # metres from the face
 CAMERA_LENS = 150.0            # mm on a 36 mm sensor: ~14 degrees, head and neck in frame
 LIGHT_IMAGE = "Portrait Rig light sweep"
 LIGHT_SIZE = (64, 32)          # equirectangular texels (width, height)
-SKY = np.array([0.26, 0.28, 0.33])          # linear radiance of the dim surroundings
-KEY = np.array([1.0, 0.88, 0.74]) * 4.2     # peak radiance of the warm key light
+SKY = np.array([0.2, 0.22, 0.27])           # linear radiance of the dim surroundings
+KEY = np.array([1.0, 0.88, 0.74]) * 6.0     # peak radiance of the warm key light
 KEY_SPREAD = 0.1                            # key = exp((cos angle - 1) / KEY_SPREAD)
-KEY_DIRECTION = (-0.55, -0.65, 0.52)        # world direction it comes from at frame 1
+KEY_DIRECTION = (-0.8, -0.45, 0.45)         # world direction it comes from at frame 1
 
 
 def build_demo_scene(context, face, *, frames: int = 48, size: int = 512,

@@ -9,7 +9,7 @@ from bpy.props import BoolProperty, EnumProperty, StringProperty
 from ..portrait_rig import client as wire
 from ..portrait_rig import face_source
 from ..portrait_rig.face_data import FaceData
-from . import live_link, preferences, presets, rig_builder
+from . import live_link, photo_fit, preferences, presets, rig_builder
 
 MODEL_TIMEOUT_S = 30.0     # FLAME's arrays are ~30 MiB: generous even off this machine
 
@@ -188,6 +188,48 @@ class PORTRAIT_RIG_OT_expression_preset(bpy.types.Operator):
         return {'FINISHED'}
 
 
+class PORTRAIT_RIG_OT_fit_to_photo(bpy.types.Operator):
+    """Fit the rig to a portrait photo on the render server: identity, expression, head and
+    jaw pose, and optionally the light"""
+    bl_idname = "portrait_rig.fit_to_photo"
+    bl_label = "Fit Rig to Photo"
+    bl_options = {'REGISTER', 'UNDO'}
+
+    filepath: StringProperty(subtype='FILE_PATH', options={'SKIP_SAVE'})
+    filter_image: BoolProperty(default=True, options={'HIDDEN', 'SKIP_SAVE'})
+    filter_folder: BoolProperty(default=True, options={'HIDDEN', 'SKIP_SAVE'})
+    set_light: BoolProperty(
+        name="Set Light", default=True,
+        description="Make the scene's World the photo's fitted light")
+    use_as_reference: BoolProperty(
+        name="Use as Reference Photo", default=True,
+        description="Also make the photo the rig's appearance reference (DiffusionRig)")
+
+    @classmethod
+    def poll(cls, context):
+        return active_rig(context) is not None and context.mode in {'OBJECT', 'POSE'}
+
+    def invoke(self, context, event):
+        context.window_manager.fileselect_add(self)
+        return {'RUNNING_MODAL'}
+
+    def execute(self, context):
+        rig = active_rig(context)
+        path = bpy.path.abspath(self.filepath)
+        try:
+            with open(path, "rb") as fh:
+                photo = fh.read()
+            reply = photo_fit.request_fit(photo)
+            counts = photo_fit.apply_fit(rig, context.scene, reply, light=self.set_light)
+        except (OSError, ValueError, TimeoutError, wire.ServerError) as exc:
+            self.report({'ERROR'}, f"Fit to photo: {exc}")
+            return {'CANCELLED'}
+        if self.use_as_reference:
+            rig.portrait_rig.reference_photo = path
+        self.report({'INFO'}, photo_fit.describe(reply, counts))
+        return {'FINISHED'}
+
+
 CLASSES = (
     PORTRAIT_RIG_OT_add_rig,
     PORTRAIT_RIG_OT_update_joints,
@@ -196,6 +238,7 @@ CLASSES = (
     PORTRAIT_RIG_OT_start_server,
     PORTRAIT_RIG_OT_stop_server,
     PORTRAIT_RIG_OT_expression_preset,
+    PORTRAIT_RIG_OT_fit_to_photo,
 )
 
 

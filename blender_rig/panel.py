@@ -35,6 +35,7 @@ class VIEW3D_PT_portrait_rig(_SidebarPanel, bpy.types.Panel):
         col = layout.column(align=True)
         col.operator("portrait_rig.add_rig", icon='ADD')
         col.operator("portrait_rig.update_joints", icon='BONE_DATA')
+        col.operator("portrait_rig.fit_to_photo", icon='IMAGE_DATA')
         rig = active_rig(context)
         if rig is not None:
             mesh = rig_builder.rig_mesh(rig)

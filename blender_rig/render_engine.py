@@ -6,7 +6,7 @@ the requests, ahead of time in animations). The engine's ``render()`` either wri
 or reports an error, which makes Blender discard the frame and stop: a dead or failing
 server, a timeout or Esc never leave a black or half-written file behind.
 
-Passes. Combined is the server's frame. View Layer properties > Passes > Portrait Rig adds
+Passes. Combined is the server's frame. View Layer Properties > Portrait Rig Passes adds
 Normal (world-space unit normals), Albedo and Shading (linear) and Mask (face coverage),
 registered for the compositor (``update_render_passes``) and written into the render result.
 
@@ -174,8 +174,9 @@ class PortraitRigRenderEngine(bpy.types.RenderEngine):
         combined = combined_pixels(reply, working_space_matrix())
         camera = depsgraph.scene_eval.camera
         camera_rotation = rotation_part(as_matrix(camera.matrix_world))
-        wanted = [info for info in sequence.enabled_passes(depsgraph.view_layer)
-                  if info.wire in reply.passes]
+        wanted = sequence.enabled_passes(depsgraph.view_layer)
+        if missing := [info.wire for info in wanted if info.wire not in reply.passes]:
+            raise sequence.RenderFailure(f"the server sent no {', '.join(missing)} pass")
         result = self.begin_result(0, 0, width, height, layer=depsgraph.view_layer.name)
         try:
             layer = result.layers[0]

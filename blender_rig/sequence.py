@@ -31,8 +31,14 @@ waited for (the server idles while Blender writes the frame), and latent smoothi
 neighbouring frames.
 
 Resuming. With Output > Overwrite off Blender skips frames whose file exists; the read-ahead
-skips them too. A frame that fails or is cancelled is never written: the engine reports an
-error, which makes Blender discard the frame and stop the sequence.
+skips them too.
+
+Failures. A frame that fails or is cancelled is never written: the engine reports an error,
+which makes Blender discard the frame and stop the sequence; scripts calling
+``bpy.ops.render.render`` get a RuntimeError. ``blender -b ... -a`` would still exit with
+status 0, so when no Python code started the render, the ``render_cancel`` handler ends the
+process with status 1. A failure while reading ahead only stops the read-ahead: ``render()``
+then requests each frame itself and reports what fails for that frame.
 
 Shots. Every request carries a ``shot`` (docs/protocol.md, "Shots"): the id
 "<scene>/<camera>" (a camera switch starts a new shot), the scene's noise seed and the frame

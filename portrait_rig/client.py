@@ -8,10 +8,11 @@ Standard library only (no numpy): the Blender add-on imports it. Typical use::
 
 Interactive use pipelines live requests: ``send_render(..., mode="live")`` returns the request
 id at once and ``receive()`` returns replies as they come - a ``Frame``, a ``Superseded`` (the
-request was replaced by a newer live one before it started and will never be rendered), a
-``Vertices``, a ``Pong`` or a ``Message`` (anything else, e.g. the model); ``error`` replies
-raise ``ServerError`` carrying the request id. One thread may send while another receives;
-two threads must not receive at once.
+request was replaced by a newer live one and will not get a frame), a ``Preview`` (with
+``previews=True``: an intermediate image of a progressive backend, before the request's
+``Frame``), a ``Vertices``, a ``Pong`` or a ``Message`` (anything else, e.g. the model);
+``error`` replies raise ``ServerError`` carrying the request id. One thread may send while
+another receives; two threads must not receive at once.
 
 Every blocking call honours ``timeout`` and raises ``TimeoutError`` instead of hanging; a
 broken or closed connection raises ``ConnectionError``.
@@ -64,8 +65,18 @@ class Frame:
 
 
 @dataclass
+class Preview(Frame):
+    """An intermediate image of live request ``id`` after ``step`` of ``steps`` sampler steps
+    (the frame's layout, without passes); the request's ``Frame`` follows unless it is
+    superseded."""
+    step: int = 0
+    steps: int = 0
+
+
+@dataclass
 class Superseded:
-    """Live request ``id`` was replaced by the newer live request ``by`` before it started."""
+    """Live request ``id`` was replaced by the newer live request ``by`` before it started (or,
+    streaming previews, while it rendered)."""
     id: object
     by: object
 
@@ -164,14 +175,17 @@ class Client:
     def next_id(self) -> int:
         return next(self._ids)
 
-    def send(self, header: dict) -> None:
-        """Send one message (header only; no client message carries a payload in v1)."""
+    def send(self, header: dict, payload: bytes = b"") -> None:
+        """Send one message; only ``protocol.CLIENT_PAYLOAD_TYPES`` (``fit``) carry a
+        ``payload``."""
         if self._sock is None:
             raise ConnectionError("not connected")
-        data = protocol.encode_header(header)
+        data = protocol.encode_header(header, len(payload))
         with self._send_lock:
             try:
                 self._sock.sendall(data)
+                if payload:
+                    self._sock.sendall(payload)
             except socket.timeout:
                 self.close()
                 raise TimeoutError(f"sending to {self.host}:{self.port} timed out after "
@@ -183,11 +197,13 @@ class Client:
 
     def send_render(self, params, width: int, height: int, *, backend: str | None = None,
                     format: str = "rgb8", quality: int | None = None, passes=(),
-                    mode: str = "batch", id=None, shot: dict | None = None) -> object:
+                    mode: str = "batch", id=None, shot: dict | None = None,
+                    previews: bool = False) -> object:
         """Queue a ``render`` request without waiting; returns its id. ``params`` is a
         ``RigParams`` or its dict; ``passes`` names extras from ``protocol.PASSES``;
         ``mode="live"`` makes it latest-wins (see the module notes); ``shot`` places the
-        frame in a sequence (docs/protocol.md, "Shots")."""
+        frame in a sequence (docs/protocol.md, "Shots"); ``previews`` (live only) streams
+        ``Preview`` images while a progressive backend renders."""
         rid = self.next_id() if id is None else id
         header = {"type": "render", "id": rid, "params": _params_dict(params),
                   "width": width, "height": height, "format": format,
@@ -198,6 +214,8 @@ class Client:
             header["quality"] = quality
         if shot is not None:
             header["shot"] = shot
+        if previews:
+            header["previews"] = True
         self.send(header)
         return rid
 
@@ -223,6 +241,23 @@ class Client:
         self.send({"type": "model", "id": rid})
         reply = self._wait_for(rid)
         return reply.header, reply.payload
+
+    def fit(self, photo: bytes, timeout: float | None = None) -> dict:
+        """Fit the server's face model to a portrait photo (PNG or JPEG bytes) and wait for
+        the ``fit`` reply: ``params`` (a RigParams dict framing the FFHQ-aligned crop with
+        DECA's orthographic camera), ``method``, ``landmark_error``, ``albedo_gain``... (see
+        docs/protocol.md). Fitting takes seconds: ``timeout`` defaults to
+        max(60 s, the client's timeout). Raises ServerError ``no_face`` when the photo shows
+        no face."""
+        if not isinstance(photo, (bytes, bytearray, memoryview)) or not len(photo):
+            raise ValueError("photo: expected the non-empty bytes of a PNG or JPEG file")
+        if len(photo) > protocol.MAX_CLIENT_PAYLOAD:
+            raise ValueError(f"photo: {len(photo)} bytes exceed the server's limit of "
+                             f"{protocol.MAX_CLIENT_PAYLOAD}")
+        rid = self.next_id()
+        self.send({"type": "fit", "id": rid}, bytes(photo))
+        reply = self._wait_for(rid, max(60.0, self.timeout) if timeout is None else timeout)
+        return reply.header
 
     def ping(self) -> float:
         """Round-trip time of a ping, in seconds."""
@@ -251,15 +286,20 @@ class Client:
         readable, _, _ = select.select([self._sock], [], [], timeout)
         return bool(readable)
 
-    def _wait_for(self, rid):
-        """Read replies until the one for ``rid``; others are kept for ``receive``."""
-        for i, reply in enumerate(self._pending):
-            if _reply_id(reply) == rid:
-                del self._pending[i]
-                return _raise_errors(reply)
-        deadline = time.monotonic() + self.timeout
+    def _wait_for(self, rid, timeout: float | None = None):
+        """Read replies until the one for ``rid`` (within ``timeout``, default the
+        client's); others are kept for ``receive``."""
+        mine = [r for r in self._pending if _reply_id(r) == rid]
+        if mine:                                    # a blocking call wants the final reply
+            self._pending = deque(r for r in self._pending if _reply_id(r) != rid)
+            final = [r for r in mine if not isinstance(r, Preview)]
+            if final:
+                return _raise_errors(final[0])
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             reply = self._read_reply(max(deadline - time.monotonic(), 1e-3))
+            if _reply_id(reply) == rid and isinstance(reply, Preview):
+                continue
             if _reply_id(reply) == rid:
                 return _raise_errors(reply)
             if isinstance(reply, ServerError) and reply.id is None:
@@ -271,6 +311,9 @@ class Client:
         kind = header["type"]
         if kind == "frame":
             return _frame(header, payload)
+        if kind == "preview":
+            frame = _frame(header, payload)
+            return Preview(**vars(frame), step=int(header["step"]), steps=int(header["steps"]))
         if kind == "error":
             return ServerError(str(header.get("code")), str(header.get("message")),
                                header.get("id"), header.get("field"))

@@ -69,6 +69,7 @@ NEUTRAL = {
     "cheek_puff": 0.0, "mouth_stretch": 0.0, "sneer": 0.0, "lip_press": 0.0,
 }
 
+# (display name, control changes at coefficient 1)
 EXPRESSION_COMPONENTS = (
     ("smile", {"smile_left": 1.0, "smile_right": 1.0}),
     ("frown", {"frown": 1.0}),
@@ -178,7 +179,7 @@ def _jaw(p):
     jaw = _ellipsoid(p, np.array([0.0, -0.038, -0.01]), radii)
     midface = _ellipsoid(p, np.array([0.0, -0.012, -0.004]), np.array([0.058, 0.042, 0.048]))
     chin = _ellipsoid(p, np.array([0.0, -0.074, 0.037]), np.array([0.018, 0.019, 0.02]))
-    teeth = _ellipsoid(p, np.array([0.0, -0.037, 0.002]), np.array([0.028, 0.028, 0.053]))
+    teeth = _ellipsoid(p, np.array([0.0, -0.037, 0.004]), np.array([0.034, 0.028, 0.05]))
     return _smin(_smin(_smin(jaw, midface, 0.02), chin, 0.015), teeth, 0.012)
 
 
@@ -759,41 +760,49 @@ def _head_length(p):
 
 
 def _jaw_width(p):
+    """Jaw angles 7 mm further out on each side."""
     w = _near(_mirror_x(p), [0.058, -0.062, -0.02], [0.028, 0.03, 0.04])
     return 0.007 * np.stack([_side(p) * w, 0 * w, 0 * w], axis=-1)
 
 
 def _chin_length(p):
+    """Chin 6 mm longer, a little forward."""
     w = _near(p, [0.0, -0.088, 0.045], [0.03, 0.025, 0.035])
     return 0.006 * w[:, None] * [0.0, -1.0, 0.35]
 
 
 def _nose_length(p):
+    """Nose tip 5 mm further out (and a little down)."""
     w = _near(p, NOSE_TIP + [0.0, -0.006, 0.002], [0.015, 0.018, 0.02])
     return 0.005 * w[:, None] * [0.0, -0.35, 1.0]
 
 
 def _nose_width(p):
+    """Nose wings 3 mm further apart."""
     w = _near(_mirror_x(p), [0.015, -0.017, 0.05], [0.009, 0.01, 0.014])
     return 0.003 * np.stack([_side(p) * w, 0 * w, 0 * w], axis=-1)
 
 
 def _nose_bridge(p):
+    """A 2.5 mm hump on the bridge."""
     w = _near(p, [0.0, 0.01, 0.06], [0.008, 0.012, 0.02])
     return 0.0025 * w[:, None] * [0.0, 0.0, 1.0]
 
 
 def _brow_height(p):
+    """Brows 4 mm higher; the lids stay on the eyes."""
     w = _near(_mirror_x(p), [0.028, 0.043, 0.04], [0.035, 0.013, 0.035])
     return 0.004 * (w * (1.0 - _eye_region(p, 0.013, 0.02)))[:, None] * [0.0, 1.0, 0.0]
 
 
 def _eye_spacing(p):
+    """Eyes, with lids and sockets, 3 mm further apart on each side."""
     w = _eye_region(p)
     return 0.003 * np.stack([_side(p) * w, 0 * w, 0 * w], axis=-1)
 
 
 def _ear_size(p):
+    """Ears 15 % larger about where they join the head."""
     q = _mirror_x(p)
     w = _smoothstep(0.07, 0.078, q[:, 0]) * _near(q, [0.08, 0.004, -0.024], [0.03, 0.045, 0.03])
     return 0.15 * w[:, None] * (q - [0.072, 0.004, -0.022]) * np.stack(
@@ -801,12 +810,14 @@ def _ear_size(p):
 
 
 def _neck_width(p):
+    """Neck 6 mm thicker all round."""
     r = (p - RAY_ORIGIN) * [1.0, 0.0, 1.0]
     dist = np.linalg.norm(r, axis=1, keepdims=True)
     w = _smoothstep(-0.055, -0.09, p[:, 1]) * (1.0 - _smoothstep(0.052, 0.06, dist[:, 0]))
     return 0.006 * w[:, None] * r / np.maximum(dist, 1e-9)
 
 
+# (display name, displacement field or skin-control changes at coefficient 1)
 SHAPE_COMPONENTS = (
     ("head width", _head_width),
     ("head length", _head_length),
@@ -816,10 +827,10 @@ SHAPE_COMPONENTS = (
     ("nose width", _nose_width),
     ("brow height", _brow_height),
     ("eye spacing", _eye_spacing),
-    ("lip fullness", {"lip_fullness": 1.35}),
+    ("lip fullness", {"lip_fullness": 1.5}),
     ("cheek fullness", {"cheek_fullness": 0.003}),
     ("ear size", _ear_size),
-    ("eye size", {"eye_size": 1.15}),
+    ("eye size", {"eye_size": 1.2}),
     ("neck width", _neck_width),
     ("nose bridge", _nose_bridge),
 )

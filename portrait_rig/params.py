@@ -191,8 +191,8 @@ class Camera:
 
 
 def default_sh() -> list[list[float]]:
-    """A soft key light from the upper front-left of the viewer: ambient plus a little
-    directional light, so the default preview shows the face's shape."""
+    """Ambient light plus a soft key from the front, above and the subject's left (the upper
+    right of a front view), so the default preview shows the face's shape."""
     return [[3.2, 3.2, 3.2],
             [0.35, 0.35, 0.35],    # x
             [0.45, 0.45, 0.45],    # y

@@ -50,6 +50,11 @@ E_QUEUE_FULL = "queue_full"          # too many batch requests waiting on this c
 E_RENDER_FAILED = "render_failed"    # the backend raised; the server keeps serving
 E_SHUTTING_DOWN = "shutting_down"
 E_INTERNAL = "internal_error"        # the server failed handling the request; it keeps serving
+E_NO_FACE = "no_face"                # fit: no face found in the photo
+E_FIT_FAILED = "fit_failed"          # fit: the server cannot fit (fitting files or dlib missing)
+
+# The only client messages that carry a payload: ``fit`` (the photo's PNG/JPEG bytes).
+CLIENT_PAYLOAD_TYPES = ("fit",)
 
 
 class ProtocolError(Exception):

@@ -35,7 +35,7 @@ def run(args) -> int:
     if args.server:
         host, port = args.server
         return _render(args, out, host, port, started)
-    with LocalServer(args.backend or "preview") as server:
+    with LocalServer("--backend", args.backend or "preview", "--quiet") as server:
         print(f"render server: {args.backend or 'preview'} backend on "
               f"{server.host}:{server.port} (started in {time.perf_counter() - started:.1f} s)",
               flush=True)
@@ -68,7 +68,13 @@ def _render_scene(args, out: Path, host: str, port: int, started: float, package
 
     prefs = bpy.context.preferences.addons[package].preferences
     prefs.server_host, prefs.server_port, prefs.token = host, port, args.token or ""
-    face = operators.fetch_server_model(host, port, prefs.token)   # the model it renders
+    try:
+        face = operators.fetch_server_model(host, port, prefs.token)  # the model it renders
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"cannot get the face model from {host}:{port}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the extension's own ServerError class
+        raise RuntimeError(f"the server at {host}:{port} refused the face model: "
+                           f"{exc}") from None
 
     scene = bpy.context.scene
     scene.name = SCENE_NAME

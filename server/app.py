@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from portrait_rig import __version__, protocol
 
 from .connection import Connection
+from .fitting.service import FitService
 from .jobs import RequestError
 from .scheduler import RenderWorker
 
@@ -33,6 +34,10 @@ class ServerConfig:
     output_high_water: int = 16 << 20  # unsent bytes above which a connection is not served
     shutdown_grace: float = 10.0       # seconds to let the render in progress finish
     log_requests: bool = True
+    # backend name -> constructor options (``--option NAME.KEY=VALUE``; values may be strings)
+    backend_options: dict[str, dict] = field(default_factory=dict)
+    deca_model: str | None = None          # fit: DECA's deca_model.tar (FLAME face models)
+    landmark_embedding: str | None = None  # fit: FLAME landmark embedding file
 
 
 class RenderServer:
@@ -47,6 +52,7 @@ class RenderServer:
         self._server: asyncio.base_events.Server | None = None
         self._model_header, self._model_buffers = face_data.to_wire()
         self._model_nbytes = sum(buf.nbytes for buf in self._model_buffers)
+        self.fit_service = FitService(face_data, config.deca_model, config.landmark_embedding)
 
     # ------------------------------------------------------------------ replies
     def hello_reply(self) -> dict:
@@ -109,13 +115,23 @@ def build_server(config: ServerConfig) -> RenderServer:
     Blocks until the worker is ready; raises what prevented it."""
     from portrait_rig.face_source import load_face_data
 
-    from .backends import BACKEND_NAMES, create_backend, describe_backends
+    from .backends import BACKEND_NAMES, backend_problem, create_backend, describe_backends
 
-    if config.backend not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {config.backend!r} "
-                         f"(available: {', '.join(BACKEND_NAMES)})")
+    for name in (config.backend, *config.backend_options):
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {name!r} (available: {', '.join(BACKEND_NAMES)})")
+    options = config.backend_options
+
+    def factory(name, face_model, device):
+        return create_backend(name, face_model, device, **options.get(name, {}))
+
+    # Backends other than the default start on first use; report missing files now.
+    for name in BACKEND_NAMES:
+        problem = backend_problem(name, **options.get(name, {}))
+        if problem and name != config.backend:
+            print(f"backend {name} is not available: {problem}", file=sys.stderr, flush=True)
     face_data = load_face_data(config.model)
-    worker = RenderWorker(face_data, config.device, config.backend, create_backend,
+    worker = RenderWorker(face_data, config.device, config.backend, factory,
                           max_queued_batch=config.max_queued_batch, max_batch=config.max_batch)
     worker.start()
     return RenderServer(config, face_data, worker, list(describe_backends()))

@@ -62,6 +62,16 @@ def parse_args(argv=None) -> ServerConfig:
                     help="queued batch requests per connection (default %(default)s)")
     ap.add_argument("--max-batch", type=int, default=defaults.max_batch,
                     help="requests grouped into one backend call (default %(default)s)")
+    ap.add_argument("--option", action="append", default=[], metavar="BACKEND.KEY=VALUE",
+                    help="a backend option, repeatable, e.g. diffusionrig.checkpoint=model.pt "
+                         "or diffusionrig.sampler=dpm++ (see each backend's documentation)")
+    ap.add_argument("--deca-model", default=None,
+                    help="fit requests: DECA's deca_model.tar, used with a FLAME face model "
+                         "(default: $PORTRAIT_RIG_HOME/deca/deca_model.tar when present)")
+    ap.add_argument("--landmark-embedding", default=None,
+                    help="fit requests: FLAME landmark embedding (DECA's landmark_embedding.npy "
+                         "or smplx's flame_static_embedding.pkl; default: "
+                         "$PORTRAIT_RIG_HOME/flame/landmark_embedding.npy when present)")
     ap.add_argument("--quiet", action="store_true", help="no per-request log lines")
     args = ap.parse_args(argv)
 
@@ -77,10 +87,18 @@ def parse_args(argv=None) -> ServerConfig:
                  "anyone who can reach the port could drive the renderer. Pass --token (or set "
                  f"{TOKEN_ENV}) or bind to {protocol.DEFAULT_HOST}. The token is sent in clear "
                  "text: on untrusted networks use an SSH tunnel.")
+    backend_options: dict[str, dict[str, str]] = {}
+    for option in args.option:
+        target, sep, value = option.partition("=")
+        backend, dot, key = target.partition(".")
+        if not (sep and dot and backend and key.isidentifier()):
+            ap.error(f"--option {option!r}: expected BACKEND.KEY=VALUE")
+        backend_options.setdefault(backend, {})[key] = value
     return ServerConfig(host=args.host, port=args.port, backend=args.backend, model=args.model,
                         device=args.device, token=args.token, rate=args.rate, burst=args.burst,
                         max_queued_batch=args.max_queued_batch, max_batch=args.max_batch,
-                        log_requests=not args.quiet)
+                        log_requests=not args.quiet, backend_options=backend_options,
+                        deca_model=args.deca_model, landmark_embedding=args.landmark_embedding)
 
 
 async def _serve(server) -> None:

@@ -18,7 +18,8 @@ import traceback
 
 from portrait_rig import protocol
 
-from .jobs import RequestError, parse_render, parse_vertices
+from .fitting.service import FitError
+from .jobs import RequestError, parse_render, parse_vertices, request_id
 from .scheduler import QueueFull
 
 HELLO_TIMEOUT = 10.0
@@ -87,9 +88,9 @@ class Connection:
             self.app.worker.register(self)
             registered = True
             while True:
-                header = await self._read_message()
-                if header is not None:
-                    self._dispatch(header)
+                message = await self._read_message()
+                if message is not None:
+                    self._dispatch(*message)
         except _Close:
             pass
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -110,9 +111,10 @@ class Connection:
         except (asyncio.TimeoutError, ConnectionError, OSError):
             self.transport.abort()
 
-    async def _read_message(self) -> dict | None:
-        """Next header, or None after answering a malformed message that left the stream
-        in step. Raises _Close when the stream cannot be trusted any more."""
+    async def _read_message(self) -> tuple[dict, bytes] | None:
+        """Next header and its payload (empty except for ``CLIENT_PAYLOAD_TYPES``), or None
+        after answering a malformed message that left the stream in step. Raises _Close when
+        the stream cannot be trusted any more."""
         prefix = await self.reader.readexactly(4)
         try:
             length = protocol.header_length(prefix)
@@ -128,13 +130,13 @@ class Connection:
             self.send_error(None, exc.code, str(exc))
             await self._discard(_declared_payload(body))
             return None
-        if nbytes:
+        if nbytes and header["type"] not in protocol.CLIENT_PAYLOAD_TYPES:
             await self._discard(nbytes)
             self.send_error(_id_of(header), protocol.E_BAD_MESSAGE,
                             f"{header['type']!r} messages carry no payload in protocol "
                             f"v{protocol.PROTOCOL_VERSION}", "payload_bytes")
             return None
-        return header
+        return header, (await self.reader.readexactly(nbytes) if nbytes else b"")
 
     async def _discard(self, nbytes: int) -> None:
         while nbytes > 0:
@@ -146,11 +148,12 @@ class Connection:
     # ------------------------------------------------------------------ handshake
     async def _handshake(self) -> None:
         try:
-            header = await asyncio.wait_for(self._read_message(), HELLO_TIMEOUT)
+            message = await asyncio.wait_for(self._read_message(), HELLO_TIMEOUT)
         except asyncio.TimeoutError:
             await self._refuse(protocol.E_UNAUTHORIZED, f"no hello within {HELLO_TIMEOUT:g} s")
-        if header is None:
+        if message is None:
             await self._refuse(None, "")
+        header = message[0]
         if header["type"] != "hello":
             await self._refuse(protocol.E_UNAUTHORIZED,
                                f"the first message must be 'hello', got {header['type']!r}")
@@ -180,7 +183,7 @@ class Connection:
         raise _Close
 
     # ------------------------------------------------------------------ requests
-    def _dispatch(self, header: dict) -> None:
+    def _dispatch(self, header: dict, payload: bytes = b"") -> None:
         kind = header["type"]
         received = time.perf_counter()
         if not self.bucket.take():
@@ -189,13 +192,14 @@ class Connection:
                 f"(burst {self.app.config.burst}) on this connection"), received)
             return
         handler = {"ping": self._ping, "model": self._model, "render": self._render,
-                   "vertices": self._vertices}.get(kind)
+                   "vertices": self._vertices,
+                   "fit": lambda h, r: self._fit(h, payload, r)}.get(kind)
         try:
             if handler is None:
                 raise RequestError(protocol.E_BAD_MESSAGE,
                                    "hello: already received" if kind == "hello" else
                                    f"type: unknown message type {kind!r} (expected ping, "
-                                   "model, render or vertices)", "type")
+                                   "model, render, vertices or fit)", "type")
             handler(header, received)
         except RequestError as exc:
             self._fail(_id_of(header), kind, exc, received)
@@ -222,8 +226,32 @@ class Connection:
         data = self.app.face_data
         self._submit(parse_vertices(header, data.n_shape, data.n_expression), received)
 
+    def _fit(self, header: dict, payload: bytes, received: float) -> None:
+        rid = request_id(header)
+        if not payload:
+            raise RequestError(protocol.E_BAD_MESSAGE, "payload: a fit request carries the "
+                               "photo (PNG or JPEG bytes) as its payload", "payload")
+        asyncio.ensure_future(self._run_fit(rid, payload, received))
+
+    async def _run_fit(self, rid, payload: bytes, received: float) -> None:
+        """Fit on a worker thread (seconds of CPU work; the event loop keeps serving)."""
+        try:
+            reply = await asyncio.to_thread(self.app.fit_service.fit, payload)
+        except FitError as exc:
+            self._fail(rid, "fit", RequestError(exc.code, str(exc), exc.field), received)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug here must not end the connection
+            self.app.log("".join(traceback.format_exception(exc)).rstrip())
+            self._fail(rid, "fit", RequestError(protocol.E_INTERNAL,
+                                                f"{type(exc).__name__}: {exc}"), received)
+            return
+        self.send_header({"type": "fit", "id": rid, **reply})
+        self._log_request(rid, "fit", "ok", received, extra=f"method={reply['method']}")
+
     def _submit(self, job, received: float) -> None:
         job.owner, job.done, job.received = self, self._job_done, received
+        if job.kind == "render" and job.previews:
+            job.preview = self._job_preview
         try:
             superseded = self.app.worker.submit(job)
         except QueueFull as exc:
@@ -239,6 +267,14 @@ class Connection:
         except RuntimeError:
             pass                                    # the loop is gone: shutting down
 
+    def _job_preview(self, job, buffers) -> None:
+        """Called on the worker thread with an encoded ``preview`` message: send it (in order,
+        before the job's final reply, which is posted the same way later)."""
+        try:
+            self.loop.call_soon_threadsafe(self.send, buffers)
+        except RuntimeError:
+            pass                                    # the loop is gone: shutting down
+
     def _deliver(self, job, buffers, error) -> None:
         if self.closed:
             self._log_job(job, "dropped")
@@ -246,7 +282,7 @@ class Connection:
             self._fail(job.id, job.kind, error, job.received, job)
         else:
             self.send(buffers)
-            self._log_job(job, "ok")
+            self._log_job(job, "ok" if job.superseded_by is None else "superseded")
 
     def _fail(self, rid, kind: str, error: RequestError, received: float, job=None) -> None:
         self.send_error(rid, error.code, str(error), error.field)

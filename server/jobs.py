@@ -36,6 +36,9 @@ class Job:
 
     ``owner`` is the connection's queue key; ``done(job, buffers, error)`` is called from the
     worker thread exactly once with the encoded reply (list of buffers) or a RequestError.
+    A live render with ``previews`` also gets ``preview(job, buffers)`` calls with encoded
+    ``preview`` messages before that, and may be cancelled while rendering by a newer live
+    request (``superseded_by`` then holds the newer request's id).
     Times are ``time.perf_counter()`` seconds.
     """
     kind: str                        # "render" | "vertices"
@@ -51,6 +54,9 @@ class Job:
     passes: tuple[str, ...] = ()
     mode: str = "batch"
     shot: Shot | None = None
+    previews: bool = False
+    preview: Callable | None = None
+    superseded_by: Any = None
     received: float = field(default_factory=time.perf_counter)
     started: float = 0.0
 
@@ -135,6 +141,14 @@ def parse_render(header: dict, backends: tuple[str, ...], default_backend: str,
         raise RequestError(protocol.E_BAD_MESSAGE, "passes: names repeated", "passes")
 
     mode = _choice(header, "mode", protocol.MODES, "batch")
+    previews = header.get("previews")
+    previews = False if previews is None else previews
+    if not isinstance(previews, bool):
+        raise RequestError(protocol.E_BAD_MESSAGE, "previews: expected true or false",
+                           "previews")
+    if previews and mode != "live":
+        raise RequestError(protocol.E_BAD_MESSAGE, 'previews: only live requests '
+                           '("mode": "live") stream previews', "previews")
 
     params = parse_params(header, n_shape, n_expression)
     shot = None
@@ -146,7 +160,8 @@ def parse_render(header: dict, backends: tuple[str, ...], default_backend: str,
         except ParamError as exc:
             raise RequestError(protocol.E_BAD_PARAMS, str(exc), exc.field) from None
     return Job("render", rid, params, width=width, height=height, backend=backend,
-               format=fmt, quality=quality, passes=tuple(passes), mode=mode, shot=shot)
+               format=fmt, quality=quality, passes=tuple(passes), mode=mode, shot=shot,
+               previews=previews)
 
 
 def parse_vertices(header: dict, n_shape: int, n_expression: int) -> Job:

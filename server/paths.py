@@ -8,10 +8,17 @@ Everything lives under one folder, ``$PORTRAIT_RIG_HOME`` (default ``~/.portrait
         personal/<name>/model.pt         personalised (stage-2) DiffusionRig checkpoints,
                                          selected per request by ``appearance.personal_model``
         flame/FLAME_texture.npz          FLAME texture space (albedo of the DiffusionRig buffers)
+        flame/landmark_embedding.npy     DECA's FLAME landmark embedding (photo fitting)
+        deca/deca_model.tar              DECA's model (photo fitting with its encoder)
+        stylegan/generator.pkl           StyleGAN2/3 generator of the stylerig backend (an NVIDIA
+                                         network pickle; generator.pt, rosinality's format, or
+                                         generator.safetensors, our export, also accepted)
+        stylerig/rignet.safetensors      RigNet trained for that generator (optional)
 
-Backend options (``portrait-rig-server --option diffusionrig.checkpoint=FILE``) override the
-first and last. Personal model names are plain folder names (letters, digits, ``.``, ``_``,
-``-``), never paths, so a request cannot point the server at an arbitrary file by name.
+Backend options (``portrait-rig-server --option diffusionrig.checkpoint=FILE``,
+``--option stylerig.generator=FILE``) override the defaults. Personal model names are plain
+folder names (letters, digits, ``.``, ``_``, ``-``), never paths, so a request cannot point
+the server at an arbitrary file by name.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 
 HOME_ENV = "PORTRAIT_RIG_HOME"
 CHECKPOINT_SUFFIXES = (".pt", ".safetensors")
+GENERATOR_SUFFIXES = (".pkl", ".pt", ".safetensors")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -36,9 +44,54 @@ def diffusionrig_checkpoint() -> Path:
     return _checkpoint_in(home() / "diffusionrig")
 
 
+def diffusionrig_problem(checkpoint=None, **_) -> str | None:
+    """Why the ``diffusionrig`` backend cannot start with these options (its checkpoint is
+    missing), or None. Cheap, loads nothing: the server reports it at start."""
+    path = Path(checkpoint).expanduser() if checkpoint else diffusionrig_checkpoint()
+    if not path.is_file():
+        return (f"DiffusionRig checkpoint not found: {path} (pass --option "
+                f"diffusionrig.checkpoint=FILE, or place the official model*.pt there)")
+    return None
+
+
+def stylegan_generator() -> Path:
+    """Default StyleGAN generator: the first of ``stylegan/generator.pkl``, ``.pt``,
+    ``.safetensors`` that exists (``generator.pkl`` when none does)."""
+    folder = home() / "stylegan"
+    for suffix in GENERATOR_SUFFIXES:
+        if (folder / f"generator{suffix}").is_file():
+            return folder / f"generator{suffix}"
+    return folder / f"generator{GENERATOR_SUFFIXES[0]}"
+
+
+def stylerig_rignet() -> Path:
+    """Default RigNet weights of the stylerig backend: ``stylerig/rignet.safetensors``."""
+    return home() / "stylerig" / "rignet.safetensors"
+
+
+def stylerig_problem(generator=None, **_) -> str | None:
+    """Why the ``stylerig`` backend cannot start with these options (its generator file is
+    missing), or None. RigNet weights are optional. Cheap, loads nothing."""
+    path = Path(generator).expanduser() if generator else stylegan_generator()
+    if not path.is_file():
+        return (f"StyleGAN generator not found: {path} (pass --option stylerig.generator=FILE, "
+                f"or place an NVIDIA network pickle there)")
+    return None
+
+
 def flame_texture() -> Path:
     """Default FLAME texture space: ``flame/FLAME_texture.npz``."""
     return home() / "flame" / "FLAME_texture.npz"
+
+
+def deca_model() -> Path:
+    """Default DECA model for photo fitting: ``deca/deca_model.tar``."""
+    return home() / "deca" / "deca_model.tar"
+
+
+def landmark_embedding() -> Path:
+    """Default FLAME landmark embedding for photo fitting: ``flame/landmark_embedding.npy``."""
+    return home() / "flame" / "landmark_embedding.npy"
 
 
 def personal_dir() -> Path:

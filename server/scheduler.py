@@ -4,7 +4,10 @@ Each connection owns two queues here:
 
 * ``live``: one slot. A newer live request replaces a queued (not yet started) one, which is
   answered ``superseded`` and never rendered - an interactive client only ever waits for its
-  latest parameters.
+  latest parameters. A live request that streams previews is cancelled even while it renders:
+  progressive backends check between sampler steps and stop, and it is answered
+  ``superseded`` (a request without previews completes, so a client editing faster than one
+  render takes still gets frames).
 * ``batch``: a FIFO bounded by ``max_queued_batch``. Never dropped, answered in order.
 
 One worker thread per device owns the backends and the torch face model, so a backend's
@@ -37,12 +40,13 @@ class QueueFull(Exception):
 
 
 class _Queues:
-    __slots__ = ("live", "batch", "blocked")
+    __slots__ = ("live", "batch", "blocked", "rendering")
 
     def __init__(self):
         self.live: Job | None = None
         self.batch: deque[Job] = deque()
         self.blocked = False
+        self.rendering: Job | None = None       # this connection's live job being rendered
 
 
 class RenderWorker:
@@ -126,6 +130,9 @@ class RenderWorker:
             superseded = None
             if job.kind == "render" and job.mode == "live":
                 superseded, queues.live = queues.live, job
+                running = queues.rendering
+                if running is not None and running.previews and running.superseded_by is None:
+                    running.superseded_by = job.id      # the backend stops between steps
             else:
                 if len(queues.batch) >= self.max_queued_batch:
                     raise QueueFull(f"{self.max_queued_batch} requests already queued on this "
@@ -193,7 +200,7 @@ class RenderWorker:
             if live:
                 if q.live is not None and q.live.key == key and len(group) < self.max_batch:
                     group.append(q.live)
-                    q.live = None
+                    q.rendering, q.live = q.live, None
             else:
                 while q.batch and q.batch[0].key == key and len(group) < self.max_batch:
                     group.append(q.batch.popleft())
@@ -212,6 +219,20 @@ class RenderWorker:
             self._log_exception(exc)
             error = RequestError(protocol.E_RENDER_FAILED, f"{type(exc).__name__}: {exc}")
             replies = [error] * len(group)
+        with self._cond:
+            # From here on no request can cancel these jobs: a job is superseded exactly
+            # when it was marked while rendering, whatever the backend returned.
+            for job in group:
+                queues = self._queues.get(job.owner)
+                if queues is not None and queues.rendering is job:
+                    queues.rendering = None
+        for i, job in enumerate(group):
+            if job.superseded_by is not None:
+                replies[i] = [protocol.encode_header({"type": "superseded", "id": job.id,
+                                                      "by": job.superseded_by})]
+            elif replies[i] is None:
+                replies[i] = RequestError(protocol.E_RENDER_FAILED,
+                                          "the backend stopped without a cancellation")
         for job, reply in zip(group, replies):
             if isinstance(reply, RequestError):
                 job.done(job, None, reply)
@@ -219,7 +240,7 @@ class RenderWorker:
                 job.done(job, reply, None)
 
     def _render(self, group: list[Job]) -> list:
-        from .backends.base import RenderRequest
+        from .backends.base import RenderCancelled, RenderRequest
 
         try:
             backend = self._backend(group[0].backend)
@@ -231,12 +252,18 @@ class RenderWorker:
 
         requests = [RenderRequest(j.params, j.width, j.height, j.passes, j.shot)
                     for j in group]
+        for job, request in zip(group, requests):
+            if job.previews:
+                request.on_preview = self._previewer(job)
+                request.cancelled = lambda job=job: job.superseded_by is not None
         t0 = time.perf_counter()
         try:
             results = backend.render(requests)
             if len(results) != len(requests):
                 raise RuntimeError(f"backend returned {len(results)} results "
                                    f"for {len(requests)} requests")
+        except RenderCancelled:
+            return [None] * len(group)          # every job was superseded (see _execute)
         except Exception as exc:  # noqa: BLE001
             if len(group) > 1:      # isolate the failing request; the others still render
                 return [r for job in group for r in self._render([job])]
@@ -245,6 +272,24 @@ class RenderWorker:
         render_ms = (time.perf_counter() - t0) * 1e3
         return [self._encode(job, result, render_ms, len(group))
                 for job, result in zip(group, results)]
+
+    def _previewer(self, job: Job):
+        """``RenderRequest.on_preview`` for ``job``: encodes a ``preview`` message (the frame's
+        layout without passes) and hands it to the connection."""
+        def on_preview(step: int, steps: int, result) -> None:
+            header = {"type": "preview", "id": job.id, "width": job.width,
+                      "height": job.height, "format": job.format, "backend": job.backend,
+                      "mode": job.mode, "step": step, "steps": steps}
+            timings = {name: round(float(ms), 3) for name, ms in result.timings.items()}
+            try:
+                buffers = frame_codec.encode_frame(header, result.image, {}, (), job.format,
+                                                   job.quality, lambda: timings)
+            except frame_codec.EncodeError as exc:
+                self._log(f"preview {step}/{steps} of request {job.id!r} dropped: {exc}")
+                return
+            if job.preview is not None:
+                job.preview(job, buffers)
+        return on_preview
 
     def _encode(self, job: Job, result, render_ms: float, batch_size: int):
         encode_start = time.perf_counter()

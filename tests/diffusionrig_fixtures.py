@@ -122,6 +122,39 @@ def official_checkpoint_state() -> dict[str, torch.Tensor]:
                         for k, v in patterned_encoder_state(TINY.latent_dim).items()}}
 
 
+# For backend tests: every structural feature at a size the CPU samples in milliseconds per
+# step, with DiffusionRig's latent size (so its encoder is the full ResNet-18).
+BACKEND_TINY = UNetConfig(image_size=32, model_channels=32, channel_mult=(1, 2),
+                          num_res_blocks=1, attention_ds=(2,), num_heads=1, latent_dim=64)
+
+
+def random_checkpoint_state(config: UNetConfig = BACKEND_TINY,
+                            seed: int = 0) -> dict[str, torch.Tensor]:
+    """A complete DiffusionRig state dict for ``config`` under the official names: a random
+    UNet (seeded, as ``_random_official_state``) and the patterned encoder."""
+    from server.models.diffusionrig_unet import DiffusionRigUNet
+
+    with torch.device("meta"):
+        unet = DiffusionRigUNet(config)
+    return {**{f"denoisingUNet.{k}": v for k, v in _random_official_state(unet, seed).items()},
+            **{f"encoder.{k}": v for k, v in patterned_encoder_state(config.latent_dim).items()}}
+
+
+def write_checkpoint(path: Path, config: UNetConfig = BACKEND_TINY, seed: int = 0) -> Path:
+    """Write ``random_checkpoint_state`` as a float16 ``.safetensors`` (or ``.pt``) file."""
+    from safetensors.torch import save_file
+
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous()
+             for k, v in random_checkpoint_state(config, seed).items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
 def _random_official_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Random values for every tensor (the official init zeroes output convolutions, which
     would hide whole paths), rounded through float16 so that the shipped file is exact."""

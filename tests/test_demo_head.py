@@ -22,7 +22,7 @@ from server.face_model import FaceModel
 # sha256 of v_template rounded to 1e-6 m (float64) followed by faces (int32). A change here means
 # the shipped head changed: update it deliberately (and bump demo_head.VERSION), never to make
 # an accidental change pass.
-TEMPLATE_SHA256 = "0000000000000000000000000000000000000000000000000000000000000000"
+TEMPLATE_SHA256 = "93cfe201c469507de40b80e9d122c1d7407a8e937ebb64ad787563102cbed694"
 
 REQUIRED_SHAPES = ("head width", "head length", "jaw width", "chin length", "nose length",
                    "nose width", "brow height", "eye spacing", "lip fullness", "cheek fullness",

@@ -142,7 +142,14 @@ def test_backends_come_from_the_server_hello(extension, render_server):
     live_link = extension.module("blender_rig.live_link")
     go_live(extension, render_server)
     pump(live_link.drain_frames, lambda: live_link.backends())
-    assert [name for name, _ in live_link.backends()] == ["preview"]
+    from portrait_rig.client import Client
+    client = Client(render_server.host, render_server.port)
+    try:
+        offered = [b["name"] for b in client.connect()["backends"]]
+    finally:
+        client.close()
+    assert "preview" in offered
+    assert [name for name, _ in live_link.backends()] == offered
     settings = bpy.context.scene.portrait_rig
     assert settings.backend_menu == ""                    # the server's default
     settings.backend_menu = "preview"

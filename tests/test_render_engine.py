@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blender_env import (REPO_ROOT, blender, bpy, extension, extension_repository,  # noqa: F401
-                         render_server)
+from blender_env import (REPO_ROOT, blender, bpy, draw, extension,  # noqa: F401
+                         extension_repository, render_server)
 from portrait_rig.client import Client
 from portrait_rig.face_source import load_face_data
 from server_process import ServerProcess
@@ -66,6 +66,34 @@ def current_spec(extension, scene):
     return sequence.read_spec(scene, layer.depsgraph, layer)
 
 
+# ------------------------------------------------------------------------------ interface
+
+def test_engine_settings_panels_and_blenders_own_panels(extension):
+    from bl_ui.properties_data_mesh import DATA_PT_shape_keys
+    from bl_ui.properties_output import RENDER_PT_format
+
+    engine_module = extension.module("blender_rig.render_engine")
+    scene = bpy.context.scene
+    assert draw(engine_module.RENDER_PT_portrait_rig) is None      # another engine is active
+    scene.render.engine = 'PORTRAIT_RIG'
+    shown = draw(engine_module.RENDER_PT_portrait_rig)
+    assert {"Noise Seed", "Smooth Latents", "Frames Ahead", "Timeout"} <= set(shown)
+    assert any("view transform 'AgX'" in text for text in shown)     # Blender's default
+    scene.view_settings.view_transform = 'Standard'
+    assert not any("view transform" in text
+                   for text in draw(engine_module.RENDER_PT_portrait_rig))
+    assert draw(engine_module.VIEWLAYER_PT_portrait_rig_passes) == [
+        "Normal", "Albedo", "Shading", "Mask"]
+    # Output, format, colour management, shape keys ... stay visible with this engine.
+    assert 'PORTRAIT_RIG' in RENDER_PT_format.COMPAT_ENGINES
+    assert 'PORTRAIT_RIG' in DATA_PT_shape_keys.COMPAT_ENGINES
+    extension.module("blender_rig.render_engine").unregister()
+    try:
+        assert 'PORTRAIT_RIG' not in DATA_PT_shape_keys.COMPAT_ENGINES
+    finally:
+        extension.module("blender_rig.render_engine").register()
+
+
 # ------------------------------------------------------------------------------ sequences
 
 @pytest.mark.parametrize("persistent_data", [False, True])
@@ -91,7 +119,7 @@ def test_renders_on_a_render_thread_ask_frame_by_frame(extension, face, render_s
                                                       tmp_path, monkeypatch):
     """F12 / Ctrl+F12 in the user interface run handlers on a render thread, where
     frame_set is not allowed: every frame is then requested inside render()."""
-    scene = demo(extension, face, render_server, tmp_path, frames=4)
+    demo(extension, face, render_server, tmp_path, frames=4)
     sequence = extension.module("blender_rig.sequence")
     monkeypatch.setattr(sequence.threading, "main_thread", lambda: None)
     bpy.ops.render.render(animation=True)
@@ -262,7 +290,8 @@ def test_passes_reach_the_compositor_and_multilayer_files(extension, face, rende
     np.testing.assert_allclose(channels[prefix + "Albedo.R"], server_passes["albedo"][..., 0],
                                atol=1e-6)
     # Combined is scene-linear: the server's sRGB decoded.
-    linear = np.where(rgb / 255 <= 0.04045, rgb / 255 / 12.92, ((rgb / 255 + 0.055) / 1.055) ** 2.4)
+    srgb = rgb / 255
+    linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
     np.testing.assert_allclose(channels[prefix + "Combined.G"], linear[..., 1], atol=1e-6)
     # Normals in world space: the camera looks along +Y, so a face seen head-on points to -Y.
     camera = np.array(scene.camera.matrix_world, dtype=np.float64)[:3, :3]
@@ -309,21 +338,21 @@ def test_a_server_killed_mid_sequence_fails_without_a_file(extension, face, tmp_
     assert "frame 2" in summary(extension)["failure"]
 
 
-def test_a_frozen_server_times_out_instead_of_hanging(extension, face, tmp_path):
-    with ServerProcess("--model", "demo", "--backend", "preview", "--quiet") as server:
-        scene = demo(extension, face, server, tmp_path, frames=4)
-        scene.portrait_rig_render.timeout = 1.0
+def test_a_frozen_server_times_out_instead_of_hanging(extension, face, render_server,
+                                                      tmp_path):
+    scene = demo(extension, face, render_server, tmp_path, frames=4)
+    scene.portrait_rig_render.timeout = 1.0
 
-        def freeze(scene, *_):
-            if scene.frame_current == 2:
-                server.proc.send_signal(signal.SIGSTOP)
-        bpy.app.handlers.render_pre.insert(0, freeze)
-        try:
-            with pytest.raises(RuntimeError, match="no reply from the render server"):
-                bpy.ops.render.render(animation=True)
-        finally:
-            bpy.app.handlers.render_pre.remove(freeze)
-            server.proc.send_signal(signal.SIGCONT)
+    def freeze(scene, *_):
+        if scene.frame_current == 2:
+            render_server.proc.send_signal(signal.SIGSTOP)
+    bpy.app.handlers.render_pre.insert(0, freeze)
+    try:
+        with pytest.raises(RuntimeError, match="no reply from the render server"):
+            bpy.ops.render.render(animation=True)
+    finally:
+        bpy.app.handlers.render_pre.remove(freeze)
+        render_server.proc.send_signal(signal.SIGCONT)   # the shared server carries on
     assert frame_files(tmp_path) == ["frame_0001.png"]
 
 

@@ -45,8 +45,9 @@ def test_batch_of_two_equals_two_singles():
         singles = torch.cat([G(z[:1]), G(z[1:])])
     torch.testing.assert_close(both, singles, atol=1e-5, rtol=0)
     assert (both[0] - both[1]).abs().max() > 0.1  # the two latents give different images
-    with torch.no_grad():  # activations scaled around one shared convolution, as the official fp16 path
-        torch.testing.assert_close(G.synthesis(G.mapping(z), fused_modconv=False), both, atol=1e-5, rtol=0)
+    with torch.no_grad():  # activations scaled around one shared conv (official fp16 batches)
+        unfused = G.synthesis(G.mapping(z), fused_modconv=False)
+    torch.testing.assert_close(unfused, both, atol=1e-5, rtol=0)
 
 
 def test_modulated_conv_paths_agree_in_float32_and_float16():
@@ -59,7 +60,8 @@ def test_modulated_conv_paths_agree_in_float32_and_float16():
     ref = modulated_conv2d(x, w, styles, fused=True, **kwargs)
     assert ref.shape == (2, 4, 16, 16)
     for fused in (True, False):
-        torch.testing.assert_close(modulated_conv2d(x, w, styles, fused=fused, **kwargs), ref, atol=1e-5, rtol=0)
+        out = modulated_conv2d(x, w, styles, fused=fused, **kwargs)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
         half = modulated_conv2d(x.half(), w, styles, fused=fused, **kwargs)
         assert half.dtype == torch.float16
         torch.testing.assert_close(half.float(), ref, atol=0.01 * ref.abs().max().item(), rtol=0)
@@ -71,7 +73,8 @@ def test_noise_modes():
     with torch.no_grad():
         const = G.synthesis(ws, noise_mode="const")
         assert torch.equal(const, G.synthesis(ws, noise_mode="const"))
-        assert not torch.allclose(G.synthesis(ws, noise_mode="random"), G.synthesis(ws, noise_mode="random"))
+        random = G.synthesis(ws, noise_mode="random")
+        assert not torch.allclose(random, G.synthesis(ws, noise_mode="random"))
         silent = copy.deepcopy(G)
         for name, p in silent.named_parameters():
             if name.endswith("noise_strength"):
@@ -98,8 +101,9 @@ def test_fp16_blocks_are_the_highest_resolutions_and_cpu_stays_fp32():
     cfg = StyleGAN2Config(img_resolution=32, z_dim=8, w_dim=8, channel_base=128, channel_max=8,
                           mapping_layers=1, num_fp16_res=2, conv_clamp=256)
     G = random_generator(cfg)
-    assert {r: G.synthesis.get_submodule(f"b{r}").use_fp16 for r in (4, 8, 16, 32)} == {4: False, 8: False, 16: True, 32: True}
-    assert StyleGAN2Config(img_resolution=32, num_fp16_res=9).num_fp16_res == 3  # b4 never runs in fp16
+    fp16 = {r: G.synthesis.get_submodule(f"b{r}").use_fp16 for r in (4, 8, 16, 32)}
+    assert fp16 == {4: False, 8: False, 16: True, 32: True}
+    assert StyleGAN2Config(img_resolution=32, num_fp16_res=9).num_fp16_res == 3  # b4 stays fp32
     ws = G.mapping(torch.randn([2, 8]))
     with torch.no_grad():
         img = G.synthesis(ws)
@@ -116,7 +120,8 @@ def test_upsample2d_filter_matches_direct_convolution():
     stuffed = torch.zeros(1, 2, 10, 10)
     stuffed[:, :, ::2, ::2] = x
     padded = torch.nn.functional.pad(stuffed, [2, 1, 2, 1])
-    want = torch.nn.functional.conv2d(padded, f2.flip([0, 1])[None, None].repeat(2, 1, 1, 1), groups=2)
+    kernel = f2.flip([0, 1])[None, None].repeat(2, 1, 1, 1)  # true convolution: flipped
+    want = torch.nn.functional.conv2d(padded, kernel, groups=2)
     torch.testing.assert_close(got, want)
     assert torch.allclose(setup_filter().sum(), torch.tensor(1.0))
 
@@ -131,8 +136,9 @@ def test_bad_inputs_are_named():
         G.synthesis(torch.randn(2, 8, 16), noise_mode="fixed")
     with pytest.raises(ValueError, match="power of two"):
         StyleGAN2Config(img_resolution=48)
-    conditional = StyleGAN2Generator(StyleGAN2Config(img_resolution=8, z_dim=4, w_dim=4, c_dim=3, channel_base=32,
-                                                     channel_max=4, mapping_layers=1))
+    conditional = StyleGAN2Generator(StyleGAN2Config(img_resolution=8, z_dim=4, w_dim=4, c_dim=3,
+                                                     channel_base=32, channel_max=4,
+                                                     mapping_layers=1))
     assert conditional.mapping.embed.weight.shape == (4, 3)
     with pytest.raises(ValueError, match=r"c must be \[2, 3\]"):
         conditional(torch.randn(2, 4))

@@ -11,10 +11,11 @@ import torch
 from server.checkpoints.stylegan import load_generator
 from server.models import StyleGAN3Config, StyleGAN3Generator, make_transform, set_transform
 from server.models.ops import kaiser_lowpass
-from tests.stylegan_fixtures import DATA, SMALL_SG3_R as SMALL_R, SMALL_SG3_T as SMALL_T, official_keys, random_generator
+from tests.stylegan_fixtures import DATA, SMALL_SG3_R, SMALL_SG3_T, official_keys, random_generator
 
 
-@pytest.mark.parametrize("preset, key_file", [("t", "stylegan3-t-G_ema-1024"), ("r", "stylegan3-r-G_ema-1024")])
+@pytest.mark.parametrize("preset, key_file", [("t", "stylegan3-t-G_ema-1024"),
+                                              ("r", "stylegan3-r-G_ema-1024")])
 def test_state_dict_names_and_shapes_equal_official(preset, key_file):
     with torch.device("meta"):
         G = StyleGAN3Generator(StyleGAN3Config.preset(preset, 1024))
@@ -38,7 +39,8 @@ def test_output_equals_official_code(name):
 
 def test_lowpass_filters_equal_scipy_designs():
     """The Kaiser designs StyleGAN3 makes with scipy (firwin; windowed jinc), without scipy."""
-    for numtaps, cutoff, width, fs in [(12, 2.0, 12.0, 32), (24, 11.3, 9.4, 64), (12, 128.0, 56.8, 512)]:
+    designs = [(12, 2.0, 12.0, 32), (24, 11.3, 9.4, 64), (12, 128.0, 56.8, 512)]
+    for numtaps, cutoff, width, fs in designs:
         ours = kaiser_lowpass(numtaps, cutoff, width, fs)
         want = scipy.signal.firwin(numtaps=numtaps, cutoff=cutoff, width=width, fs=fs)
         np.testing.assert_allclose(ours.numpy(), want, rtol=0, atol=1e-7)
@@ -53,7 +55,7 @@ def test_lowpass_filters_equal_scipy_designs():
 
 
 def test_batch_of_two_equals_two_singles():
-    G = random_generator(SMALL_T)
+    G = random_generator(SMALL_SG3_T)
     z = torch.randn([2, G.z_dim], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         both = G(z)
@@ -66,7 +68,7 @@ def test_batch_of_two_equals_two_singles():
 def test_transform_rotates_config_r_output_by_90_degrees():
     """Config R is exactly equivariant to 90 degree turns: rotating the input features by +90
     degrees must give torch.rot90 of the default image (counter-clockwise as displayed)."""
-    G = random_generator(SMALL_R)
+    G = random_generator(SMALL_SG3_R)
     ws = G.mapping(torch.randn([2, G.z_dim], generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
         default = G.synthesis(ws)
@@ -76,13 +78,14 @@ def test_transform_rotates_config_r_output_by_90_degrees():
         restored = G.synthesis(ws)
     assert torch.equal(restored, default)
     torch.testing.assert_close(turned, torch.rot90(default, 1, dims=(2, 3)), atol=1e-5, rtol=0)
-    assert (turned - default).abs().max() > 0.05 and (turned - torch.rot90(default, -1, dims=(2, 3))).abs().max() > 0.05
+    assert (turned - default).abs().max() > 0.05
+    assert (turned - torch.rot90(default, -1, dims=(2, 3))).abs().max() > 0.05  # not clockwise
 
 
 def test_transform_translates_config_t_output():
     """Shifting by tx = 2 / resolution moves the content 2 pixels right (T is translation
     equivariant up to the residual aliasing of a small random network)."""
-    G = random_generator(SMALL_T)
+    G = random_generator(SMALL_SG3_T)
     ws = G.mapping(torch.randn([1, G.z_dim], generator=torch.Generator().manual_seed(2)))
     with torch.no_grad():
         default = G.synthesis(ws)
@@ -95,15 +98,16 @@ def test_transform_translates_config_t_output():
 
 
 def test_set_transform_writes_the_inverse_of_make_transform():
-    G = random_generator(SMALL_T)
+    G = random_generator(SMALL_SG3_T)
     set_transform(G, 0.3, 0.1, -0.2)
-    product = G.synthesis.input.transform.double() @ torch.from_numpy(make_transform(0.3, 0.1, -0.2))
+    forward = torch.from_numpy(make_transform(0.3, 0.1, -0.2))
+    product = G.synthesis.input.transform.double() @ forward
     torch.testing.assert_close(product, torch.eye(3, dtype=torch.float64), atol=1e-6, rtol=0)
     assert np.allclose(make_transform(math.pi / 2), [[0, 1, 0], [-1, 0, 0], [0, 0, 1]])
 
 
 def test_cpu_runs_fp32_and_bad_inputs_are_named():
-    G = random_generator(SMALL_T)
+    G = random_generator(SMALL_SG3_T)
     assert any(getattr(G.synthesis, n).use_fp16 for n in G.synthesis.layer_names)
     ws = G.mapping(torch.randn([1, 8]))
     with torch.no_grad():

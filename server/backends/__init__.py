@@ -8,14 +8,28 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Backend, RenderRequest, RenderResult
+from server import paths
+
+from .base import Backend, RenderCancelled, RenderRequest, RenderResult
 
 # name -> (module under server.backends, class name, one-line description for clients)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
     "preview": ("preview", "PreviewBackend",
                 "Real-time preview of the face model: its albedo under the rig's SH light "
                 "(CPU or CUDA)"),
+    "diffusionrig": ("diffusionrig", "DiffusionRigBackend",
+                     "DiffusionRig: photoreal portraits conditioned on the rig's DECA buffers and "
+                     "a reference photo's appearance (needs its checkpoint; CUDA)"),
+    "stylerig": ("stylerig", "StyleRigBackend",
+                 "StyleRig: StyleGAN2/3 portraits whose pose, expression and light follow the "
+                 "rig through RigNet (needs a generator checkpoint; identity only without "
+                 "RigNet weights)"),
 }
+
+# name -> cheap check of the files a backend needs, (**options) -> problem or None; run at
+# server start so a missing model file is reported before anyone asks for that backend.
+_PREFLIGHT = {"diffusionrig": paths.diffusionrig_problem,
+              "stylerig": paths.stylerig_problem}
 
 BACKEND_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -23,6 +37,13 @@ BACKEND_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 def describe_backends() -> list[dict[str, str]]:
     """[{name, description}] for every registered backend (imports nothing)."""
     return [{"name": name, "description": entry[2]} for name, entry in _REGISTRY.items()]
+
+
+def backend_problem(name: str, **options) -> str | None:
+    """Why backend ``name`` could not start with ``options`` (a model file is missing), or
+    None. Imports and loads nothing; ``create_backend`` still reports every other problem."""
+    check = _PREFLIGHT.get(name)
+    return check(**options) if check is not None else None
 
 
 def create_backend(name: str, face_model, device: str = "cpu", **options) -> Backend:
@@ -35,5 +56,5 @@ def create_backend(name: str, face_model, device: str = "cpu", **options) -> Bac
     return getattr(module, class_name)(face_model, device, **options)
 
 
-__all__ = ["BACKEND_NAMES", "Backend", "RenderRequest", "RenderResult", "create_backend",
-           "describe_backends"]
+__all__ = ["BACKEND_NAMES", "Backend", "RenderCancelled", "RenderRequest", "RenderResult",
+           "backend_problem", "create_backend", "describe_backends"]

@@ -16,35 +16,19 @@ Result timings are milliseconds for the whole batch the frame was rendered in: `
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch
 
 from portrait_rig.params import RigParams
-from portrait_rig.protocol import MAX_FRAME_SIDE, PASSES
+from portrait_rig.protocol import PASSES
 from server.face_model import FaceModel
 from server.renderer import BufferRenderer, Buffers, CameraBatch, project, screen_space
 from server.renderer.buffers import CHANNELS, N_CHANNELS
 from server.renderer.srgb import encode_torch
 
-from .base import Backend, RenderRequest, RenderResult
+from .base import Backend, RenderRequest, RenderResult, StageTimer, check_request
 
-
-class _Laps:
-    """Stage timer; synchronises CUDA so each lap measures its own stage."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.times: dict[str, float] = {}
-        self.last = time.perf_counter()
-
-    def __call__(self, stage: str) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.times[stage] = self.times.get(stage, 0.0) + (now - self.last) * 1e3
-        self.last = now
 
 
 class PreviewBackend(Backend):
@@ -99,7 +83,7 @@ class PreviewBackend(Backend):
     def render(self, requests: list[RenderRequest]) -> list[RenderResult]:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, request in enumerate(requests):
-            _check_request(i, request)
+            check_request(i, request)
             groups.setdefault((request.width, request.height), []).append(i)
         results: list[RenderResult | None] = [None] * len(requests)
         for (width, height), indices in groups.items():
@@ -112,7 +96,7 @@ class PreviewBackend(Backend):
     @torch.no_grad()
     def _render_group(self, requests: list[RenderRequest], width: int,
                       height: int) -> list[RenderResult]:
-        lap = _Laps(self.torch_device)
+        lap = StageTimer(self.torch_device)
         params = [r.params for r in requests]
         vertices, _ = self.model.pose_params(params)
         lap("skin")
@@ -179,18 +163,3 @@ class PreviewBackend(Backend):
         packed = buffers.packed.cpu().numpy() if want_packed else None
         return images, packed
 
-
-def _check_request(index: int, request: RenderRequest) -> None:
-    where = f"requests[{index}]"
-    if not isinstance(request.params, RigParams):
-        raise ValueError(f"{where}.params: expected RigParams, got "
-                         f"{type(request.params).__name__}")
-    for name in ("width", "height"):
-        size = getattr(request, name)
-        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_FRAME_SIDE:
-            raise ValueError(f"{where}.{name}: expected an integer in 1..{MAX_FRAME_SIDE}, "
-                             f"got {size!r}")
-    for name in request.passes:
-        if name not in PASSES:
-            raise ValueError(f"{where}.passes: unknown pass {name!r} "
-                             f"(known: {', '.join(PASSES)})")

@@ -4,4 +4,5 @@ rosinality torch checkpoints and our safetensors export. Start at ``stylegan.loa
 from .nvidia_pickle import UnsafePickleError, load_network_pickle
 from .stylegan import detect_format, load_generator, save_generator
 
-__all__ = ["UnsafePickleError", "detect_format", "load_generator", "load_network_pickle", "save_generator"]
+__all__ = ["UnsafePickleError", "detect_format", "load_generator", "load_network_pickle",
+           "save_generator"]

@@ -52,9 +52,11 @@ class PersistentObject:
 
 
 def _reconstruct_persistent_obj(meta):
-    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
-        raise pickle.UnpicklingError("malformed persistent object record (expected meta dict with type 'class' and a state dict)")
-    return PersistentObject(str(meta.get("class_name")), meta.get("version"), meta["state"])
+    state = meta.get("state") if isinstance(meta, dict) else None
+    if not isinstance(state, dict) or meta.get("type") != "class":
+        raise pickle.UnpicklingError("malformed persistent object record (expected a meta dict "
+                                     "with type 'class' and a state dict)")
+    return PersistentObject(str(meta.get("class_name")), meta.get("version"), state)
 
 
 def _load_storage(data: bytes):
@@ -63,16 +65,20 @@ def _load_storage(data: bytes):
     try:
         storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UnsafePickleError(f"tensor storage record refused by torch.load(weights_only=True): {e}") from None
+        raise UnsafePickleError(f"tensor storage record refused by torch.load(weights_only=True): "
+                                f"{e}") from None
     if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
-        raise pickle.UnpicklingError(f"tensor storage record decoded to {type(storage).__name__}, not a storage")
+        raise pickle.UnpicklingError(f"tensor storage record decoded to {type(storage).__name__}, "
+                                     "not a storage")
     return storage
 
 
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None,
+                    metadata=None):
     if not isinstance(storage, torch.TypedStorage) or backward_hooks or metadata:
         raise pickle.UnpicklingError("unexpected tensor record (storage type, hooks or metadata)")
-    return torch._utils._rebuild_tensor_v2(storage, int(offset), tuple(size), tuple(stride), False, OrderedDict())
+    return torch._utils._rebuild_tensor_v2(storage, int(offset), tuple(size), tuple(stride), False,
+                                           OrderedDict())
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -109,8 +115,9 @@ class RestrictedUnpickler(pickle.Unpickler):
             return ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise UnsafePickleError(
-                f"refusing to load global '{module}.{name}': a network pickle may only reference tensors, "
-                "storages, plain containers, NumPy arrays and torch_utils persistent-object records") from None
+                f"refusing to load global '{module}.{name}': a network pickle may only reference "
+                "tensors, storages, plain containers, NumPy arrays and torch_utils "
+                "persistent-object records") from None
 
     def persistent_load(self, pid):
         raise UnsafePickleError(f"refusing persistent id {pid!r}: not used by network pickles")
@@ -125,7 +132,8 @@ def load_network_pickle(source: str | PathLike | BinaryIO) -> dict:
         with open(source, "rb") as f:
             data = RestrictedUnpickler(f).load()
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a network pickle holding a dict, got {type(data).__name__}")
+        raise ValueError(f"{source}: expected a network pickle holding a dict, "
+                         f"got {type(data).__name__}")
     return data
 
 
@@ -134,7 +142,8 @@ def module_state_dict(obj: PersistentObject, prefix: str = "") -> OrderedDict[st
     ``torch.nn.Module.state_dict()`` names them: parameters, persistent buffers, then
     submodules recursively ('a.b.weight'). None entries are skipped, as torch does."""
     if not isinstance(obj, PersistentObject):
-        raise TypeError(f"{prefix or 'network'}: expected a persistent module record, got {type(obj).__name__}")
+        raise TypeError(f"{prefix or 'network'}: expected a persistent module record, "
+                        f"got {type(obj).__name__}")
     state = obj.state
     skip = set(state.get("_non_persistent_buffers_set") or ())
     out = OrderedDict()

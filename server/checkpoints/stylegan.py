@@ -34,24 +34,13 @@ Generator = StyleGAN2Generator | StyleGAN3Generator
 StateDict = dict[str, torch.Tensor]
 
 SAFETENSORS_FORMAT = "portrait-rig.stylegan"
-_GENERATORS = {"stylegan2": (StyleGAN2Config, StyleGAN2Generator), "stylegan3": (StyleGAN3Config, StyleGAN3Generator)}
-_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_GENERATORS = {"stylegan2": (StyleGAN2Config, StyleGAN2Generator),
+               "stylegan3": (StyleGAN3Config, StyleGAN3Generator)}
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickled value of a non-zip torch.save file
 
 
-def build_generator(config: Config, state_dict: StateDict, device: str | torch.device = "cpu") -> Generator:
-    """Generator for ``config`` holding ``state_dict`` (official names, loaded strictly),
-    on ``device``, in eval mode with gradients off for its parameters."""
-    with torch.device("meta"):  # skip random initialisation: every tensor comes from the file
-        G = _GENERATORS[config.architecture][1](config)
-    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-    try:
-        G.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint tensors do not fit a {config.architecture} generator with {config}:\n{e}") from None
-    return G.to(device).eval().requires_grad_(False)
-
-
-def load_generator(path: str | PathLike, device: str | torch.device = "cpu", key: str = "G_ema") -> Generator:
+def load_generator(path: str | PathLike, device: str | torch.device = "cpu",
+                   key: str = "G_ema") -> Generator:
     """Load any supported file (see module docstring). ``key`` picks the network of an
     NVIDIA pickle ('G_ema', or 'G')."""
     fmt = detect_format(path)
@@ -61,8 +50,10 @@ def load_generator(path: str | PathLike, device: str | torch.device = "cpu", key
         config, state = read_rosinality_checkpoint(path)
     else:
         config, state = read_nvidia_pickle(path, key)
-    estimate = fmt == "torch" and "mapping.w_avg" not in state
-    if estimate:  # rosinality's training checkpoints lack it; its generate.py estimates it the same way
+    # Files without w_avg (rosinality's training checkpoints) get an estimate, as rosinality's
+    # generate.py makes one.
+    estimate = "mapping.w_avg" not in state
+    if estimate:
         state["mapping.w_avg"] = torch.zeros([config.w_dim])
     G = build_generator(config, state, device)
     if estimate:
@@ -70,13 +61,30 @@ def load_generator(path: str | PathLike, device: str | torch.device = "cpu", key
     return G
 
 
+def build_generator(config: Config, state_dict: StateDict,
+                    device: str | torch.device = "cpu") -> Generator:
+    """Generator for ``config`` holding ``state_dict`` (official names, loaded strictly),
+    on ``device``, in eval mode with gradients off for its parameters."""
+    with torch.device("meta"):  # skip random initialisation: every tensor comes from the file
+        G = _GENERATORS[config.architecture][1](config)
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    try:
+        G.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint tensors do not fit a {config.architecture} generator "
+                         f"with {config}:\n{e}") from None
+    return G.to(device).eval().requires_grad_(False)
+
+
 def detect_format(path: str | PathLike) -> str:
-    """'safetensors', 'torch' (zip or legacy torch.save) or 'nvidia-pickle', from the file's bytes."""
+    """'safetensors', 'torch' (zip or legacy torch.save) or 'nvidia-pickle', from the bytes."""
     with open(path, "rb") as f:
         head = f.read(16)
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
-        return "safetensors"
-    if head[:4] == b"PK\x03\x04" or (head[:4] == b"\x80\x02\x8a\x0a" and int.from_bytes(head[4:14], "little") == _TORCH_LEGACY_MAGIC):
+        return "safetensors"  # u64 header length, then the JSON header
+    magic = int.from_bytes(head[4:14], "little")
+    legacy = head[:4] == b"\x80\x02\x8a\x0a" and magic == _TORCH_LEGACY_MAGIC
+    if head[:4] == b"PK\x03\x04" or legacy:
         return "torch"
     if head[:1] == b"\x80":
         return "nvidia-pickle"
@@ -88,13 +96,14 @@ def estimate_w_avg(G: Generator, num_samples: int = 4096, seed: int = 0) -> torc
     """Mean of mapping(z) over ``num_samples`` fixed-seed z (unconditional generators)."""
     if G.c_dim:
         raise ValueError("cannot estimate w_avg of a conditional generator without labels")
-    z = torch.randn([num_samples, G.z_dim], generator=torch.Generator().manual_seed(seed)).to(G.mapping.w_avg.device)
-    return G.mapping(z)[:, 0].mean(dim=0)
+    z = torch.randn([num_samples, G.z_dim], generator=torch.Generator().manual_seed(seed))
+    return G.mapping(z.to(G.mapping.w_avg.device))[:, 0].mean(dim=0)
 
 
-# --- NVIDIA network pickles -------------------------------------------------------------------
+# --- NVIDIA network pickles ----------------------------------------------------------------
 
-_SG2_IGNORED = {"fp16_channels_last", "fused_modconv_default", "w_avg_beta"}  # memory layout / numerics / training only
+# Options that change memory layout, numerics at float rounding level, or training only.
+_SG2_IGNORED = {"fp16_channels_last", "fused_modconv_default", "w_avg_beta"}
 _SG3_IGNORED = {"magnitude_ema_beta", "w_avg_beta"}
 
 
@@ -103,7 +112,8 @@ def read_nvidia_pickle(path: str | PathLike, key: str = "G_ema") -> tuple[Config
     data = load_network_pickle(path)
     net = data.get(key)
     if not isinstance(net, PersistentObject):
-        raise KeyError(f"{path}: no network {key!r} in this pickle (keys: {sorted(map(str, data))})")
+        raise KeyError(f"{path}: no network {key!r} in this pickle "
+                       f"(keys: {sorted(map(str, data))})")
     return config_from_network(net), module_state_dict(net)
 
 
@@ -115,15 +125,18 @@ def config_from_network(net: PersistentObject) -> Config:
     if net.class_name != "Generator" or "synthesis" not in (state.get("_modules") or {}):
         raise ValueError(f"expected a StyleGAN Generator, got {net.class_name}")
     if len(state.get("_init_args") or ()) > 5:
-        raise ValueError("Generator pickled with positional mapping/synthesis kwargs; not supported")
+        raise ValueError("Generator pickled with positional mapping/synthesis kwargs: "
+                         "not supported")
     base = {k: state[k] for k in ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels")}
     kw = net.init_kwargs
     mapping_kw = dict(kw.pop("mapping_kwargs", None) or {})
-    synthesis_kw = {**(kw.pop("synthesis_kwargs", None) or {}), **{k: v for k, v in kw.items() if k not in base}}
+    synthesis_kw = dict(kw.pop("synthesis_kwargs", None) or {})  # stylegan2-ada nests them
+    synthesis_kw.update((k, v) for k, v in kw.items() if k not in base)  # stylegan3 flattens them
     mapping_kw.pop("num_layers", None)
     common = dict(base, mapping_layers=int(submodule(net, "mapping").state["num_layers"]),
                   mapping_lr_multiplier=float(mapping_kw.pop("lr_multiplier", 0.01)))
-    for name, default in (("embed_features", None), ("layer_features", None), ("activation", "lrelu")):
+    for name, default in (("embed_features", None), ("layer_features", None),
+                          ("activation", "lrelu")):
         value = mapping_kw.pop(name, default)
         if value not in (default, base["w_dim"]):
             raise ValueError(f"unsupported mapping option {name}={value!r}")
@@ -133,7 +146,8 @@ def config_from_network(net: PersistentObject) -> Config:
     if "input" in synthesis.state["_modules"]:
         fields = {f.name for f in dataclasses.fields(StyleGAN3Config)} - set(common)
         _reject_unknown(synthesis_kw, fields | _SG3_IGNORED, "synthesis")
-        return StyleGAN3Config(**common, **{k: _plain(v) for k, v in synthesis_kw.items() if k in fields})
+        options = {k: _plain(v) for k, v in synthesis_kw.items() if k in fields}
+        return StyleGAN3Config(**common, **options)
 
     for name, supported in (("architecture", "skip"), ("activation", "lrelu"), ("kernel_size", 3)):
         value = synthesis_kw.pop(name, supported)
@@ -142,18 +156,22 @@ def config_from_network(net: PersistentObject) -> Config:
     blocks = [b for n, b in synthesis.state["_modules"].items() if re.fullmatch(r"b\d+", n)]
     layer = submodule(synthesis, "b4.conv1").state
     effective = dict(num_fp16_res=sum(bool(b.state.get("use_fp16")) for b in blocks),
-                     conv_clamp=_plain(layer.get("conv_clamp")), use_noise=bool(layer.get("use_noise", True)))
+                     conv_clamp=_plain(layer.get("conv_clamp")),
+                     use_noise=bool(layer.get("use_noise", True)))
+    for name in effective:
+        synthesis_kw.pop(name, None)
     sg2 = dict(effective, channel_base=synthesis_kw.pop("channel_base", 32768),
                channel_max=synthesis_kw.pop("channel_max", 512),
                resample_filter=tuple(synthesis_kw.pop("resample_filter", (1, 3, 3, 1))))
-    _reject_unknown({k: v for k, v in synthesis_kw.items() if k not in effective}, _SG2_IGNORED, "synthesis")
+    _reject_unknown(synthesis_kw, _SG2_IGNORED, "synthesis")
     return StyleGAN2Config(**common, **sg2)
 
 
 def _reject_unknown(kwargs: dict, known: set, what: str) -> None:
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ValueError(f"unsupported {what} options in the pickle: {', '.join(f'{k}={kwargs[k]!r}' for k in unknown)}")
+        listed = ", ".join(f"{k}={kwargs[k]!r}" for k in unknown)
+        raise ValueError(f"unsupported {what} options in the pickle: {listed}")
 
 
 def _plain(v):
@@ -161,7 +179,7 @@ def _plain(v):
     return v.item() if hasattr(v, "item") and not isinstance(v, (list, tuple)) else v
 
 
-# --- rosinality/stylegan2-pytorch -------------------------------------------------------------
+# --- rosinality/stylegan2-pytorch -----------------------------------------------------------
 
 def _rosinality_table(log2_res: int, mapping_layers: int) -> list[tuple[str, str, str]]:
     """(official name, rosinality name, kind) for every tensor rosinality stores, kinds:
@@ -200,27 +218,32 @@ def _rosinality_table(log2_res: int, mapping_layers: int) -> list[tuple[str, str
 
 
 _TO_OFFICIAL = {"same": lambda t: t, "lead1": lambda t: t[0], "lead2": lambda t: t[0, 0],
-                "scalar": lambda t: t.reshape([]), "rgb_bias": lambda t: t.reshape([-1]), "filter": lambda t: t / 4}
+                "scalar": lambda t: t.reshape([]), "rgb_bias": lambda t: t.reshape([-1]),
+                "filter": lambda t: t / 4}
 _TO_ROSINALITY = {"same": lambda t: t, "lead1": lambda t: t[None], "lead2": lambda t: t[None, None],
-                  "scalar": lambda t: t.reshape([1]), "rgb_bias": lambda t: t.reshape([1, -1, 1, 1]),
-                  "filter": lambda t: t * 4}
+                  "scalar": lambda t: t.reshape([1]),
+                  "rgb_bias": lambda t: t.reshape([1, -1, 1, 1]), "filter": lambda t: t * 4}
 
 
-def rosinality_to_official(ros: StateDict, latent_avg: torch.Tensor | None = None) -> tuple[StyleGAN2Config, StateDict]:
+def rosinality_to_official(ros: StateDict, latent_avg: torch.Tensor | None = None
+                           ) -> tuple[StyleGAN2Config, StateDict]:
     """Convert a rosinality ``g_ema`` state dict (+ ``latent_avg`` [w_dim]) to our config and
     the official names. The official model also keeps copies of the [1,3,3,1] resampling
     filter where rosinality has none (b4, every conv1); they are filled from rosinality's."""
     mapping_layers = sum(1 for k in ros if re.fullmatch(r"style\.\d+\.weight", k))
     num_rgbs = sum(1 for k in ros if re.fullmatch(r"to_rgbs\.\d+\.conv\.weight", k))
     if not mapping_layers or "input.input" not in ros:
-        raise ValueError("not a rosinality StyleGAN2 generator state dict (no style.N / input.input tensors)")
+        raise ValueError("not a rosinality StyleGAN2 generator state dict "
+                         "(no style.N / input.input tensors)")
     log2_res = num_rgbs + 2
     channels = {4: ros["input.input"].shape[1]}
-    channels.update({2 ** (i + 2): ros[f"convs.{2 * i - 2}.conv.weight"].shape[1] for i in range(1, log2_res - 1)})
+    for i in range(1, log2_res - 1):
+        channels[4 * 2 ** i] = ros[f"convs.{2 * i - 2}.conv.weight"].shape[1]
     channel_base, channel_max = _infer_channel_base(channels)
     w_dim, z_dim = ros["style.1.weight"].shape
-    config = StyleGAN2Config(img_resolution=2 ** log2_res, z_dim=z_dim, w_dim=w_dim, channel_base=channel_base,
-                             channel_max=channel_max, mapping_layers=mapping_layers)
+    config = StyleGAN2Config(img_resolution=2 ** log2_res, z_dim=z_dim, w_dim=w_dim,
+                             channel_base=channel_base, channel_max=channel_max,
+                             mapping_layers=mapping_layers)
     table = _rosinality_table(log2_res, mapping_layers)
     missing = [r for _, r, _ in table if r not in ros]
     if missing:
@@ -235,7 +258,8 @@ def rosinality_to_official(ros: StateDict, latent_avg: torch.Tensor | None = Non
     return config, out
 
 
-def official_to_rosinality(state: StateDict, config: StyleGAN2Config) -> tuple[StateDict, torch.Tensor]:
+def official_to_rosinality(state: StateDict, config: StyleGAN2Config
+                           ) -> tuple[StateDict, torch.Tensor]:
     """Inverse of ``rosinality_to_official``: (rosinality ``g_ema`` state dict, latent_avg)."""
     table = _rosinality_table(int(config.img_resolution).bit_length() - 1, config.mapping_layers)
     ros = OrderedDict((r, _TO_ROSINALITY[kind](state[o]).clone()) for o, r, kind in table)
@@ -244,9 +268,11 @@ def official_to_rosinality(state: StateDict, config: StyleGAN2Config) -> tuple[S
 
 def _infer_channel_base(channels: dict[int, int]) -> tuple[int, int]:
     channel_max = max(channels.values())
-    channel_base = max((c * r for r, c in channels.items() if c < channel_max), default=channel_max * max(channels))
+    below_max = [c * r for r, c in channels.items() if c < channel_max]
+    channel_base = max(below_max, default=channel_max * max(channels))
     if any(min(channel_base // r, channel_max) != c for r, c in channels.items()):
-        raise ValueError(f"channel counts {channels} do not follow min(channel_base / resolution, channel_max)")
+        raise ValueError(f"channel counts {channels} do not follow "
+                         "min(channel_base / resolution, channel_max)")
     return channel_base, channel_max
 
 
@@ -262,15 +288,16 @@ def read_rosinality_checkpoint(path: str | PathLike) -> tuple[StyleGAN2Config, S
     return rosinality_to_official(ckpt["g_ema"], ckpt.get("latent_avg"))
 
 
-# --- our safetensors export --------------------------------------------------------------------
+# --- our safetensors export -----------------------------------------------------------------
 
 def save_generator(G: Generator, path: str | PathLike) -> None:
     """Write G's state dict (official names, float32) with its config as JSON metadata."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": SAFETENSORS_FORMAT, "architecture": G.config.architecture,
-                                            "config": json.dumps(G.config.to_dict())})
+    metadata = {"format": SAFETENSORS_FORMAT, "architecture": G.config.architecture,
+                "config": json.dumps(G.config.to_dict())}
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def read_safetensors(path: str | PathLike) -> tuple[Config, StateDict]:
@@ -280,7 +307,8 @@ def read_safetensors(path: str | PathLike) -> tuple[Config, StateDict]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != SAFETENSORS_FORMAT or meta.get("architecture") not in _GENERATORS:
-            raise ValueError(f"{path}: not a generator exported by save_generator (metadata {meta})")
+            raise ValueError(f"{path}: not a generator exported by save_generator "
+                             f"(metadata {meta})")
         state = {k: f.get_tensor(k) for k in f.keys()}
     config = _GENERATORS[meta["architecture"]][0].from_dict(json.loads(meta["config"]))
     return config, state

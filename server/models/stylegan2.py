@@ -95,7 +95,7 @@ class MappingNetwork(nn.Module):
     """z [B, z_dim] (+ c [B, c_dim]) -> ws [B, num_ws, w_dim].
 
     z, and the label embedding ``embed(c)``, are normalised to unit mean square, concatenated,
-    and passed through ``fc0 .. fc{n-1}`` (leaky ReLU, lr multiplier 0.01). Truncation moves
+    and passed through ``fc0 .. fc{n-1}`` (leaky ReLU, equalised lr_multiplier). Truncation moves
     the first ``truncation_cutoff`` ws (all if None) towards ``w_avg``:
     w' = w_avg + psi * (w - w_avg).
     """

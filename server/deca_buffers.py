@@ -1,0 +1,296 @@
+"""DiffusionRig's conditioning buffers, rendered in DECA's conventions from rig parameters.
+
+DiffusionRig (adobe-research/diffusion-rig, ``scripts/create_data.py``) was trained on buffers
+that DECA (``decalib/deca.py``, ``decalib/utils/renderer.py``) rendered from its per-photo codes
+into the 256 x 256 FFHQ-aligned photo. This module reproduces them from a ``RigParams``:
+
+* Codes (``DecaCodes``): FLAME with DECA's slicing - the first 100 identity and 50 expression
+  components, pose = global (3) + jaw (3) axis-angle with neck and eyes at zero, an
+  orthographic camera (s, tx, ty) and 9 x 3 SH light. ``deca_codes`` maps the rig's richer
+  parameters onto them (its docstring lists the approximations).
+* Projection: NDC = s * (X + [tx, ty]) on the posed mesh, +Y up; the frame's rows run top to
+  bottom, so the forehead is at the top and the subject's left (+X) on the image's right.
+  DECA projects into its 224 crop and maps the result into the aligned photo with the crop's
+  similarity transform; both are scale + offset, so one (s, tx, ty) in the output frame is the
+  same projection. Visibility is the nearest surface (largest Z).
+* Buffers, channels last [B, S, S, C], rows top to bottom, zero outside the face mask:
+  ``normal``: unit vertex normals of the posed mesh (area-weighted face normals, normalised) in
+  DECA's world frame (= the camera frame: +Z towards the viewer), interpolated with screen
+  barycentrics (exact for an orthographic camera) and not renormalised, in [-1, 1];
+  ``albedo``: display-referred code values / 255 in [0, 1], from FLAME's texture space sampled
+  per pixel (``renderer.texture``) or from the face model's per-vertex albedo, which is linear
+  and so sRGB-encoded per vertex first; ``shading``: DECA's SH irradiance of the interpolated
+  normal; ``rendered`` = albedo * shading, unclamped.
+* ``conditioning`` stacks them as the UNet takes them: [B, 9, S, S] = (rendered, normal,
+  albedo), NCHW.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from portrait_rig.face_data import FaceData
+from portrait_rig.params import RigParams
+from portrait_rig.sh import SH_CONSTANTS, basis
+from server.face_model import FaceModel
+from server.renderer import BufferRenderer, Buffers, CameraBatch, project, screen_space
+from server.renderer.buffers import barycentrics
+from server.renderer.cameras import axis_angle_matrix
+from server.renderer.srgb import linear_to_srgb
+from server.renderer.texture import FlameTexture, sample_albedo, uv_grid
+
+N_SHAPE = 100         # DECA's identity components (the first 100 of FLAME's 300)
+N_EXPRESSION = 50     # DECA's expression components (the first 50 of FLAME's 100)
+
+
+@dataclass
+class DecaCodes:
+    """DECA's codes for a batch, float32 CPU tensors.
+
+    shape [B, 100], exp [B, 50], pose [B, 6] (global then jaw axis-angle), cam [B, 3]
+    (s, tx, ty) for a square frame, light [B, 9, 3]. Components the face model lacks (the demo
+    head has fewer than 100 identity components) stay zero and are unused.
+    """
+    shape: torch.Tensor
+    exp: torch.Tensor
+    pose: torch.Tensor
+    cam: torch.Tensor
+    light: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.shape.shape[0]
+
+
+class RigGeometry:
+    """The linear quantities ``deca_codes`` needs from a face model: joints and the centroid of
+    the shaped (unposed) mesh as functions of the coefficients, precomputed so that a batch
+    costs a few small products instead of a pass over every vertex."""
+
+    def __init__(self, data: FaceData):
+        dirs = np.concatenate([data.shapedirs, data.exprdirs], axis=2).astype(np.float64)
+        regressor = data.J_regressor.astype(np.float64)
+        self.n_shape, self.n_expression = data.n_shape, data.n_expression
+        self.joints_template = regressor @ data.v_template.astype(np.float64)      # [J, 3]
+        self.joints_dirs = np.einsum("jv,vck->jck", regressor, dirs)              # [J, 3, K]
+        self.centroid_template = data.v_template.astype(np.float64).mean(axis=0)  # [3]
+        self.centroid_dirs = dirs.mean(axis=0)                                     # [3, K]
+
+    def coefficients(self, shape, expression) -> np.ndarray:
+        """[S + E] float64: ``shape`` and ``expression`` cut or zero-padded to the model's
+        counts."""
+        shape = np.asarray(shape, dtype=np.float64)[: self.n_shape]
+        expression = np.asarray(expression, dtype=np.float64)[: self.n_expression]
+        out = np.zeros(self.n_shape + self.n_expression)
+        out[: len(shape)] = shape
+        out[self.n_shape: self.n_shape + len(expression)] = expression
+        return out
+
+    def joints(self, coefficients: np.ndarray) -> np.ndarray:
+        """Rest joints [J, 3] of the shaped mesh (FLAME regresses them after blend shapes)."""
+        return self.joints_template + self.joints_dirs @ coefficients
+
+    def centroid(self, coefficients: np.ndarray) -> np.ndarray:
+        """Mean vertex [3] of the shaped mesh."""
+        return self.centroid_template + self.centroid_dirs @ coefficients
+
+
+def matrix_axis_angle(rotation: np.ndarray) -> np.ndarray:
+    """Rotation matrix [3, 3] -> axis-angle [3] with angle in [0, pi] (via a unit quaternion,
+    stable at every angle)."""
+    r = np.asarray(rotation, dtype=np.float64)
+    trace = np.trace(r)
+    # Shepperd: build the quaternion from its largest component.
+    candidates = [trace, r[0, 0], r[1, 1], r[2, 2]]
+    k = int(np.argmax(candidates))
+    if k == 0:
+        w = math.sqrt(max(1.0 + trace, 0.0)) / 2
+        xyz = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]]) / (4 * w)
+    else:
+        i, j, m = k - 1, k % 3, (k + 1) % 3
+        q = np.zeros(3)
+        q[i] = math.sqrt(max(1.0 + r[i, i] - r[j, j] - r[m, m], 0.0)) / 2
+        q[j] = (r[j, i] + r[i, j]) / (4 * q[i])
+        q[m] = (r[m, i] + r[i, m]) / (4 * q[i])
+        w = (r[m, j] - r[j, m]) / (4 * q[i])
+        xyz = q
+    if w < 0:
+        w, xyz = -w, -xyz
+    norm = float(np.linalg.norm(xyz))
+    if norm < 1e-12:
+        return np.zeros(3)
+    return xyz / norm * 2 * math.atan2(norm, w)
+
+
+def _sh_fit_directions() -> np.ndarray:
+    """64 well-spread unit vectors (Fibonacci sphere) for fitting rotated SH exactly."""
+    i = np.arange(64) + 0.5
+    z = 1 - 2 * i / 64
+    phi = math.pi * (3 - math.sqrt(5)) * i
+    rho = np.sqrt(1 - z * z)
+    return np.stack([rho * np.cos(phi), rho * np.sin(phi), z], axis=1)
+
+
+_SH_DIRECTIONS = _sh_fit_directions()
+_SH_FIT = np.linalg.pinv(basis(_SH_DIRECTIONS) * SH_CONSTANTS)                # [9, 64]
+
+
+def rotate_sh(sh: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """Light code [9, 3] re-expressed in a frame whose axes are the columns of ``rotation``
+    (world from frame): shade(n; result) = shade(rotation @ n; sh) for every unit n.
+
+    Shading is a polynomial of degree <= 2 in n and that space is closed under rotation, so a
+    least-squares fit on 64 directions is exact (to rounding)."""
+    rotated = _SH_DIRECTIONS @ np.asarray(rotation, dtype=np.float64).T        # rotation @ n
+    return _SH_FIT @ ((basis(rotated) * SH_CONSTANTS) @ np.asarray(sh, dtype=np.float64))
+
+
+def deca_codes(params: list[RigParams], geometry: RigGeometry, width: int,
+               height: int) -> DecaCodes:
+    """DECA's codes for rendering each ``params`` into the square that covers a width x height
+    frame (side max(width, height), centred, so the frame is its centre crop).
+
+    The rig has more degrees of freedom than DECA; they are mapped as follows (R(a) is the
+    rotation of axis-angle a, J_k the rest joints of the rig's shaped mesh, J'_k those of the
+    DECA mesh, built from the first 100 / 50 coefficients):
+
+    * Identity / expression: the first 100 / 50 coefficients; the rest are dropped.
+    * Neck: folded into the global rotation, R_d = R_c^T R(global) R(neck), R_c the camera's
+      rotation (identity for the orthographic camera). DECA rotates about the root, the rig's
+      neck about J_1; the difference is a constant offset c (below) that moves into the camera.
+      What remains is FLAME's neck skinning blend and pose correctives, which DECA never had.
+    * Eyes: dropped (DECA's eye pose is always zero). Jaw: passed through.
+    * Placement: the rig puts a DECA-posed vertex X_d at X_d + c in the camera frame, with
+      c = R_c^T (R(global) ((I - R(neck)) J_1 - J_0) + J_0 + translation - location)
+          + R_d J'_0 - J'_0
+      (location = 0 for the orthographic camera), so the projection is exact up to the neck
+      blend for the orthographic camera: (s, tx, ty) = (scale * H / S, tx + c_x, ty + c_y).
+    * Perspective camera: weak perspective about the head's centroid p (the DECA mesh's mean
+      vertex in the camera frame): s = cot(fov_y / 2) * (H / S) / depth(p), (tx, ty) = c_xy.
+      Points at depth depth(p) + dz are off by a factor dz / depth(p) (+-8 % at the nose and
+      ears for a head 1.2 m away); long lenses make it negligible.
+    * Light: DECA shades camera-frame normals, the rig's SH is given in the model frame, so it
+      is rotated by R_c (a pass-through for an unrotated camera).
+    """
+    side = max(width, height)
+    batch = len(params)
+    shape = np.zeros((batch, N_SHAPE))
+    exp = np.zeros((batch, N_EXPRESSION))
+    pose = np.zeros((batch, 6))
+    cam = np.zeros((batch, 3))
+    light = np.zeros((batch, 9, 3))
+    for b, p in enumerate(params):
+        p.validate_for_model(geometry.n_shape, geometry.n_expression)
+        n_s, n_e = min(len(p.shape), N_SHAPE), min(len(p.expression), N_EXPRESSION)
+        shape[b, :n_s], exp[b, :n_e] = p.shape[:n_s], p.expression[:n_e]
+        rig_joints = geometry.joints(geometry.coefficients(p.shape, p.expression))
+        deca_coeffs = geometry.coefficients(shape[b], exp[b])
+        deca_joints = geometry.joints(deca_coeffs)
+
+        perspective = p.camera.type == "perspective"
+        r_cam = axis_angle_matrix(p.camera.rotation) if perspective else np.eye(3)
+        location = np.asarray(p.camera.location) if perspective else np.zeros(3)
+        r_global, r_neck = axis_angle_matrix(p.pose.global_), axis_angle_matrix(p.pose.neck)
+        r_deca = r_cam.T @ r_global @ r_neck
+        j0, j1 = rig_joints[0], rig_joints[1]
+        offset = (r_cam.T @ (r_global @ (j1 - r_neck @ j1 - j0) + j0
+                             + np.asarray(p.translation) - location)
+                  + r_deca @ deca_joints[0] - deca_joints[0])
+        pose[b, :3], pose[b, 3:] = matrix_axis_angle(r_deca), p.pose.jaw
+        if perspective:
+            centre = (r_deca @ (geometry.centroid(deca_coeffs) - deca_joints[0])
+                      + deca_joints[0] + offset)
+            depth = -centre[2]
+            if depth <= p.camera.near:
+                raise ValueError(f"camera: the head's centre is {depth:.3g} m in front of the "
+                                 "camera, not beyond its near plane")
+            scale = (1.0 / math.tan(math.radians(p.camera.fov_y) / 2)) / depth
+            cam[b] = (scale * height / side, offset[0], offset[1])
+        else:
+            cam[b] = (p.camera.scale * height / side, p.camera.tx + offset[0],
+                      p.camera.ty + offset[1])
+        light[b] = rotate_sh(p.lighting.sh, r_cam) if perspective else p.lighting.sh
+
+    def t(array):
+        return torch.from_numpy(array).float()
+
+    return DecaCodes(t(shape), t(exp), t(pose), t(cam), t(light))
+
+
+class DecaBufferRenderer:
+    """Poses the face model with DECA codes and renders DiffusionRig's buffers.
+
+    ``texture`` (a ``FlameTexture`` on the model's device, for a face model with FLAME's
+    topology) gives the albedo; without it the face model's per-vertex albedo is used.
+    ``rasterizer`` as ``BufferRenderer`` ("auto": numba on the CPU, torch elsewhere).
+    """
+
+    def __init__(self, face_model: FaceModel, texture: FlameTexture | None = None,
+                 rasterizer: str = "auto"):
+        self.model = face_model
+        self.device = face_model.device
+        self.geometry = RigGeometry(face_model.data)
+        self.renderer = BufferRenderer(face_model.faces, self.device, rasterizer)
+        # DECA's albedo is display-referred (texture code values), the face model's linear.
+        encoded = linear_to_srgb(face_model.data.vertex_albedo)
+        self.vertex_albedo = torch.as_tensor(encoded, dtype=torch.float32, device=self.device)
+        self.texture = texture
+        self.albedo_map = None
+        if texture is not None:
+            texture.check_faces(face_model.faces.shape[0])
+            self.albedo_map = texture.albedo_map()
+
+    def codes(self, params: list[RigParams], width: int, height: int) -> DecaCodes:
+        return deca_codes(params, self.geometry, width, height)
+
+    def vertices(self, codes: DecaCodes) -> torch.Tensor:
+        """DECA-posed vertices [B, V, 3] in DECA's world frame (no translation)."""
+        batch, model = len(codes), self.model
+        shape = torch.zeros(batch, model.n_shape)
+        expression = torch.zeros(batch, model.n_expression)
+        n_s, n_e = min(model.n_shape, N_SHAPE), min(model.n_expression, N_EXPRESSION)
+        shape[:, :n_s], expression[:, :n_e] = codes.shape[:, :n_s], codes.exp[:, :n_e]
+        pose = torch.zeros(batch, 5, 3)
+        pose[:, 0], pose[:, 2] = codes.pose[:, :3], codes.pose[:, 3:]
+        device = self.device
+        vertices, _ = model.pose(shape.to(device), expression.to(device), pose.to(device))
+        return vertices
+
+    def cameras(self, codes: DecaCodes) -> CameraBatch:
+        """DECA's orthographic cameras as the renderer's ``CameraBatch``."""
+        batch, device = len(codes), self.device
+        cam = codes.cam.to(device)
+        return CameraBatch(rotation=torch.eye(3, device=device).expand(batch, 3, 3),
+                           location=torch.zeros(batch, 3, device=device),
+                           focal=torch.ones(batch, device=device),
+                           near=torch.zeros(batch, device=device),
+                           far=torch.full((batch,), math.inf, device=device),
+                           scale=cam[:, 0].contiguous(), offset=cam[:, 1:].contiguous(),
+                           perspective=torch.zeros(batch, dtype=torch.bool, device=device))
+
+    def render(self, codes: DecaCodes, size: int) -> Buffers:
+        """Buffers [B, size, size, C] (see the module notes)."""
+        vertices = self.vertices(codes)
+        cameras = self.cameras(codes)
+        light = codes.light.to(self.device)
+        buffers = self.renderer.render(vertices, self.vertex_albedo, light, cameras, size, size)
+        if self.albedo_map is None:
+            return buffers
+        ndc, depth = project(vertices, cameras, size, size)
+        pixel_xy, _, w = screen_space(ndc, depth, cameras, size, size)
+        pixel, _, _, weights = barycentrics(pixel_xy, w, self.renderer.faces, buffers.triangle,
+                                            size, size)
+        grid = uv_grid(self.texture.face_uv, buffers.triangle, pixel, weights)
+        albedo = sample_albedo(self.albedo_map, grid) * buffers.mask
+        packed = torch.cat([buffers.mask, buffers.depth, buffers.normal, albedo,
+                            buffers.shading, albedo * buffers.shading], dim=-1)
+        return Buffers.from_packed(buffers.triangle, packed)
+
+    @staticmethod
+    def conditioning(buffers: Buffers) -> torch.Tensor:
+        """The UNet's physical condition [B, 9, S, S]: rendered, normal, albedo (NCHW)."""
+        return torch.cat([buffers.rendered, buffers.normal, buffers.albedo],
+                         dim=-1).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,259 @@
+"""StyleRig's differentiable face reconstruction F: a W+ latent -> the face parameters it shows.
+
+F (Tewari et al. 2020, sec. 4) is a 3-layer MLP with ELU activations that reads the whole
+W+ code and predicts the parameters of a face model whose rendering matches the generator's
+image. Here the face model is any FLAME-layout ``FaceData`` (FLAME, or the demo head) with
+DECA's camera and light conventions.
+
+Face parameters (``FaceParams``; batch tensors, float32; layout ``FaceParamLayout``):
+
+    shape        [B, S]     identity coefficients 0..S-1, S = min(n_shape, 100) (DECA)
+    expression   [B, E]     expression coefficients 0..E-1, E = min(n_expression, 50) (DECA)
+    global_pose  [B, 3]     axis-angle of FLAME joint 0 (radians, model frame)
+    jaw          [B, 3]     axis-angle of FLAME joint 2
+    camera       [B, 3]     DECA orthographic (s, tx, ty): NDC = s * (X + [tx, ty])
+    sh           [B, 9, 3]  DECA SH light code
+    albedo       [B, 3K]    log-gain field over the model's own vertex albedo: coefficient
+                            3 * k + rgb multiplies basis function k of ``albedo_basis`` (k = 0:
+                            the constant, a global RGB gain; k = 1..3: linear ramps across the
+                            head in x, y, z). The FaceData formats carry no texture space, so
+                            the albedo a model ships is tinted, never replaced.
+
+F's raw output r is mapped to these around anchors set from the training corpus (so an
+untrained F already renders a plausible face in the right place): camera s = s0 * exp(r_s),
+(tx, ty) = (tx0, ty0) + r_t / s0 (raw units are NDC); sh = sh0 + r_sh * a, a = |mean of sh0's
+band 0| (the ambient level); every other field is r itself. The input is standardised,
+(w - w_mean) / w_scale, with the corpus' statistics.
+
+Files: ``save_dfr`` / ``load_dfr`` (safetensors, config as JSON metadata).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from os import PathLike
+
+import numpy as np
+import torch
+from torch import nn
+
+from portrait_rig.face_data import FaceData
+from portrait_rig.params import Camera, Lighting, Pose, RigParams
+
+from .rignet import MODES, ControlLayout, control_vector
+
+DECA_SHAPE, DECA_EXPRESSION = 100, 50
+ALBEDO_TERMS = (1, 4)                     # constant; constant + linear ramps in x, y, z
+SAFETENSORS_FORMAT = "portrait-rig.stylerig-dfr"
+
+
+@dataclass(frozen=True)
+class FaceParamLayout:
+    """Sizes of the face parameters (see the module notes); ``albedo_terms`` is K."""
+    n_shape: int
+    n_expression: int
+    albedo_terms: int = 4
+
+    def __post_init__(self):
+        for name, limit in (("n_shape", DECA_SHAPE), ("n_expression", DECA_EXPRESSION)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+                raise ValueError(f"{name}: expected an integer in 0..{limit}, got {value!r}")
+        if self.albedo_terms not in ALBEDO_TERMS:
+            raise ValueError(f"albedo_terms: expected one of {ALBEDO_TERMS}, "
+                             f"got {self.albedo_terms!r}")
+
+    @classmethod
+    def for_model(cls, data: FaceData, albedo_terms: int = 4) -> "FaceParamLayout":
+        return cls(min(data.n_shape, DECA_SHAPE), min(data.n_expression, DECA_EXPRESSION),
+                   albedo_terms)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"shape": self.n_shape, "expression": self.n_expression, "global_pose": 3,
+                "jaw": 3, "camera": 3, "sh": 27, "albedo": 3 * self.albedo_terms}
+
+    @property
+    def dim(self) -> int:
+        return sum(self.sizes.values())
+
+    def control_layout(self) -> ControlLayout:
+        return ControlLayout(self.n_expression)
+
+    def to_dict(self) -> dict:
+        return {"n_shape": self.n_shape, "n_expression": self.n_expression,
+                "albedo_terms": self.albedo_terms}
+
+
+@dataclass
+class FaceParams:
+    """A batch of face parameters (see the module notes for shapes and conventions)."""
+    shape: torch.Tensor
+    expression: torch.Tensor
+    global_pose: torch.Tensor
+    jaw: torch.Tensor
+    camera: torch.Tensor
+    sh: torch.Tensor
+    albedo: torch.Tensor
+
+    @classmethod
+    def from_vector(cls, vector: torch.Tensor, layout: FaceParamLayout) -> "FaceParams":
+        """[B, layout.dim] in field order -> FaceParams (views)."""
+        if vector.ndim != 2 or vector.shape[1] != layout.dim:
+            raise ValueError(f"face parameters: expected [B, {layout.dim}], "
+                             f"got {list(vector.shape)}")
+        parts = dict(zip(layout.sizes, vector.split(list(layout.sizes.values()), dim=1)))
+        parts["sh"] = parts["sh"].reshape(-1, 9, 3)
+        return cls(**parts)
+
+    def to_vector(self) -> torch.Tensor:
+        return torch.cat([t.reshape(t.shape[0], -1) for t in self.as_dict().values()], dim=1)
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __len__(self) -> int:
+        return self.shape.shape[0]
+
+    def controls(self, layout: ControlLayout) -> torch.Tensor:
+        """RigNet's control vector [B, layout.dim] (differentiable)."""
+        return control_vector(self.as_dict(), layout)
+
+    def take(self, other: "FaceParams", modes: Sequence[str]) -> "FaceParams":
+        """Row i: this face with the fields of edit mode ``modes[i]`` taken from ``other``."""
+        if len(modes) != len(self) or len(other) != len(self):
+            raise ValueError(f"take: {len(self)} and {len(other)} faces, {len(modes)} modes")
+        for mode in modes:
+            if mode not in MODES:
+                raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        out = {}
+        for name, mine in self.as_dict().items():
+            chosen = torch.tensor([name in MODES[m] for m in modes], device=mine.device)
+            chosen = chosen.reshape(-1, *[1] * (mine.ndim - 1))
+            out[name] = torch.where(chosen, getattr(other, name), mine)
+        return FaceParams(**out)
+
+    def map(self, fn) -> "FaceParams":
+        return FaceParams(**{k: fn(v) for k, v in self.as_dict().items()})
+
+    @staticmethod
+    def cat(items: Sequence["FaceParams"]) -> "FaceParams":
+        return FaceParams(**{k: torch.cat([getattr(p, k) for p in items]) for k in
+                             (f.name for f in fields(FaceParams))})
+
+    def rig_params(self, index: int) -> RigParams:
+        """Face ``index`` as rig parameters (orthographic camera; albedo has no rig field)."""
+        def floats(t):
+            return [float(v) for v in t[index].detach().reshape(-1).cpu()]
+        s, tx, ty = floats(self.camera)
+        return RigParams(shape=floats(self.shape), expression=floats(self.expression),
+                         pose=Pose(global_=floats(self.global_pose), jaw=floats(self.jaw)),
+                         camera=Camera(type="orthographic", scale=s, tx=tx, ty=ty),
+                         lighting=Lighting(sh=self.sh[index].detach().double().cpu().tolist()))
+
+
+def albedo_basis(data: FaceData, terms: int) -> np.ndarray:
+    """[V, terms] float32 smooth functions over the template: 1, then (x, y, z) centred on the
+    bounding box and divided by its half extents (so each ramp spans [-1, 1])."""
+    if terms not in ALBEDO_TERMS:
+        raise ValueError(f"terms: expected one of {ALBEDO_TERMS}, got {terms!r}")
+    verts = data.v_template.astype(np.float64)
+    lo, hi = verts.min(0), verts.max(0)
+    ramps = (verts - (lo + hi) / 2) / np.maximum((hi - lo) / 2, 1e-9)
+    columns = [np.ones(len(verts))] + ([ramps[:, i] for i in range(3)] if terms == 4 else [])
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
+class FaceReconstructionNet(nn.Module):
+    """F: w [B, num_ws, w_dim] -> ``FaceParams``. Layers ``fc0`` (num_ws * w_dim -> hidden),
+    ``fc1`` (hidden -> hidden), ``fc2`` (hidden -> layout.dim), ELU after the first two.
+    Buffers: ``w_mean`` [num_ws, w_dim], ``w_scale`` [], ``camera_anchor`` [3] (s0, tx0, ty0),
+    ``sh_anchor`` [9, 3] (see the module notes)."""
+
+    def __init__(self, num_ws: int, w_dim: int, layout: FaceParamLayout, hidden: int = 512):
+        super().__init__()
+        for name, value in (("num_ws", num_ws), ("w_dim", w_dim), ("hidden", hidden)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        self.num_ws, self.w_dim, self.hidden, self.layout = num_ws, w_dim, hidden, layout
+        self.fc0 = nn.Linear(num_ws * w_dim, hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.fc2 = nn.Linear(hidden, layout.dim)
+        with torch.no_grad():          # start near the anchors: small raw outputs
+            self.fc2.weight.mul_(0.01)
+            self.fc2.bias.zero_()
+        self.register_buffer("w_mean", torch.zeros(num_ws, w_dim))
+        self.register_buffer("w_scale", torch.ones([]))
+        self.register_buffer("camera_anchor", torch.tensor([8.0, 0.0, 0.0]))
+        sh = torch.zeros(9, 3)
+        sh[0] = 0.5 * (4 * torch.pi) ** 0.5             # uniform grey light of radiance 0.5
+        self.register_buffer("sh_anchor", sh)
+
+    def config(self) -> dict:
+        return {"num_ws": self.num_ws, "w_dim": self.w_dim, "hidden": self.hidden,
+                "layout": self.layout.to_dict()}
+
+    def raw(self, w: torch.Tensor) -> torch.Tensor:
+        """The MLP's output [B, layout.dim] before the mapping to parameters."""
+        if w.ndim != 3 or w.shape[1:] != (self.num_ws, self.w_dim):
+            raise ValueError(f"w: expected [B, {self.num_ws}, {self.w_dim}], got {list(w.shape)}")
+        x = ((w - self.w_mean) / self.w_scale).flatten(1)
+        x = nn.functional.elu(self.fc0(x))
+        x = nn.functional.elu(self.fc1(x))
+        return self.fc2(x)
+
+    def forward(self, w: torch.Tensor) -> FaceParams:
+        p = FaceParams.from_vector(self.raw(w), self.layout)
+        s0, t0 = self.camera_anchor[0], self.camera_anchor[1:]
+        camera = torch.cat([s0 * p.camera[:, :1].exp(), t0 + p.camera[:, 1:] / s0], dim=1)
+        ambient = self.sh_anchor[0].mean().abs().clamp_min(1e-3)
+        return FaceParams(shape=p.shape, expression=p.expression, global_pose=p.global_pose,
+                          jaw=p.jaw, camera=camera, sh=self.sh_anchor + p.sh * ambient,
+                          albedo=p.albedo)
+
+    @torch.no_grad()
+    def set_anchors(self, w_mean: torch.Tensor, w_scale: float, camera: Sequence[float],
+                    sh: torch.Tensor) -> None:
+        """Input statistics and output anchors (see the module notes)."""
+        if not (w_scale > 0 and camera[0] > 0):
+            raise ValueError(f"w_scale and the camera scale must be positive, got {w_scale}, "
+                             f"{camera[0]}")
+        self.w_mean.copy_(w_mean)
+        self.w_scale.fill_(float(w_scale))
+        self.camera_anchor.copy_(torch.as_tensor(camera, dtype=torch.float32))
+        self.sh_anchor.copy_(sh)
+
+
+def save_dfr(net: FaceReconstructionNet, path: str | PathLike,
+             metadata: Mapping[str, str] | None = None) -> None:
+    """Write F's tensors with its config (and string ``metadata``, e.g. the face model's
+    name) as safetensors metadata."""
+    from safetensors.torch import save_file
+
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta.update(format=SAFETENSORS_FORMAT, config=json.dumps(net.config()))
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_dfr(path: str | PathLike, device: str | torch.device = "cpu"
+             ) -> tuple[FaceReconstructionNet, dict[str, str]]:
+    """A ``save_dfr`` file -> (F on ``device`` in eval mode without gradients, metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if meta.get("format") != SAFETENSORS_FORMAT or "config" not in meta:
+        raise ValueError(f"{path}: not a face reconstruction network written by save_dfr "
+                         f"(metadata {meta})")
+    config = json.loads(meta["config"])
+    net = FaceReconstructionNet(config["num_ws"], config["w_dim"],
+                                FaceParamLayout(**config["layout"]), config["hidden"])
+    try:
+        net.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: tensors do not fit {config}:\n{exc}") from None
+    return net.to(device).eval().requires_grad_(False), meta

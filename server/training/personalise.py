@@ -1,0 +1,189 @@
+"""DiffusionRig stage 2: personalise the stage-1 model on a small album of one person.
+
+    python -m server.training.personalise --photos DIR --name alice \\
+        [--checkpoint model.pt] [--steps 5000 --batch 4 --lr 1e-5] [--device cuda]
+
+1. Every photo is fitted once (``server.training.album.fit_photos``; cached in
+   ``<out>/album/``): DECA's encoder with ``--deca-model`` on a FLAME face model, otherwise
+   optimisation against landmarks and the photo.
+2. Each photo's identity is replaced by the album's mean shape and its buffers are rendered
+   as the ``diffusionrig`` backend renders them (``server.deca_buffers``).
+3. The UNet is fine-tuned with the encoder frozen (``server.training.diffusionrig_trainer``:
+   P2-weighted eps loss, Adam, checkpoints every ``--save-every`` steps; a killed run resumes
+   where it stopped when started again with the same arguments; ``--restart`` starts over).
+
+Output, by default in the personal models folder ``server.paths.personal_dir()/<name>/``
+(where the backend's ``appearance.personal_model = <name>`` looks): ``model.pt``,
+``state.pt``, ``log.jsonl`` (every step's loss), ``album.json`` (every photo's fit) and the
+fitting cache ``album/``. About 20 photos, 5000 steps at batch 4 is the paper's recipe
+(~30 min on a V100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from server import paths
+from server.models.diffusionrig import load_diffusionrig
+
+from .album import PHOTO_SUFFIXES, album_data, fit_photos, list_photos, mean_shape
+from .diffusionrig_trainer import Trainer, TrainConfig
+
+ALBUM_DIR, ALBUM_FILE = "album", "album.json"
+
+
+def load_texture(texture: str, face_model, device="cpu"):
+    """"auto" (``paths.flame_texture()`` when it exists and fits the face model), "none", or
+    a FLAME_texture.npz path - the choice the ``diffusionrig`` backend offers, so training
+    and inference render the same albedo."""
+    from server.renderer.texture import FlameTexture
+
+    if texture == "none":
+        return None
+    if texture == "auto":
+        path = paths.flame_texture()
+        if not path.is_file():
+            return None
+        loaded = FlameTexture(path, device)
+        return loaded if loaded.n_faces == face_model.faces.shape[0] else None
+    return FlameTexture(Path(texture).expanduser(), device)
+
+
+def make_fitter(face_model, deca_model=None, embedding=None, method="auto", fit_size=256,
+                detector="hog", fit_settings=None):
+    from server.fitting import PhotoFitter
+    return PhotoFitter(face_model, deca_model=deca_model, embedding=embedding, method=method,
+                       size=fit_size, detector=detector, settings=fit_settings)
+
+
+def personalise(photos, checkpoint, out_dir, config: TrainConfig = TrainConfig(),
+                face_model=None, fitter=None, texture: str = "auto", image_size: int = 256,
+                device="cpu", resume: bool = True, log=None) -> dict:
+    """Run stage 2 (module notes) into ``out_dir``; returns a summary: the photos fitted,
+    read from the cache and skipped, the mean shape, the evaluation loss before and after
+    (fixed examples, timesteps and noise) and the model path.
+
+    ``face_model``: a ``FaceModel`` (default: the demo head); ``fitter``: a
+    ``server.fitting.PhotoFitter`` for it (default: ``make_fitter(face_model)``)."""
+    from portrait_rig.face_source import load_face_data
+    from server.face_model import FaceModel
+
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    out_dir = Path(out_dir)
+    face_model = face_model or FaceModel(load_face_data("demo"))
+    fitter = fitter or make_fitter(face_model)
+    photo_paths = list_photos(photos)
+    if not photo_paths:
+        raise ValueError(f"no photos ({', '.join(PHOTO_SUFFIXES)}) in {photos}")
+    fitted, stats = fit_photos(photo_paths, fitter, out_dir / ALBUM_DIR, log)
+    if not fitted:
+        raise ValueError(f"no face found in any of the {len(photo_paths)} photos of {photos}")
+    log(f"album: {len(fitted)} photos ({stats['fitted']} fitted, {stats['cached']} from the "
+        f"cache, {len(stats['skipped'])} skipped)")
+    shape = mean_shape(fitted)
+    data = album_data(fitted, face_model, image_size, load_texture(texture, face_model))
+    (out_dir / ALBUM_FILE).write_text(json.dumps({
+        "mean_shape": shape, "skipped": stats["skipped"],
+        "photos": [{"source": p.source, "method": p.method, "landmark_error": p.landmark_error,
+                    "params": p.params.to_dict()} for p in fitted]}, indent=1))
+
+    model = load_diffusionrig(checkpoint, None, "cpu", image_size)
+    trainer = Trainer(model, data, out_dir, config, device, log)
+    before = trainer.evaluate()
+    model_path = trainer.run(resume=resume)
+    after = trainer.evaluate()
+    log(f"personal model: {model_path} (evaluation loss {before:.4g} -> {after:.4g})")
+    return {"fitted": stats["fitted"], "cached": stats["cached"], "skipped": stats["skipped"],
+            "photos": len(fitted), "mean_shape": shape, "loss_before": before,
+            "loss_after": after, "model": model_path, "step": trainer.step}
+
+
+def add_fitting_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--face-model", default="demo",
+                        help="'demo' or a FLAME .pkl / FaceData .npz (default %(default)s)")
+    parser.add_argument("--deca-model", default=None,
+                        help="DECA's deca_model.tar: fit FLAME photos with its encoder")
+    parser.add_argument("--embedding", default=None,
+                        help="FLAME landmark embedding (DECA's landmark_embedding.npy or "
+                             "smplx's flame_static_embedding.pkl); default: detected on a "
+                             "render of the face model")
+    parser.add_argument("--fit-method", default="auto", choices=("auto", "deca", "optimisation"))
+    parser.add_argument("--fit-size", type=int, default=256,
+                        help="side of the FFHQ-aligned crop photos are fitted in")
+    parser.add_argument("--detector", default="hog", choices=("hog", "cnn"))
+
+
+def add_training_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--save-every", type=int, default=defaults.save_every)
+    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--precision", default=defaults.precision,
+                        choices=("auto", "fp32", "fp16"))
+    parser.add_argument("--image-size", type=int, default=256,
+                        help="the model's image size (256 for the official model)")
+    parser.add_argument("--texture", default="auto",
+                        help="'auto', 'none' or a FLAME_texture.npz (as the backend's option)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--restart", action="store_true",
+                        help="ignore a saved state in the output folder and start over")
+
+
+def train_config(args, train_encoder: bool) -> TrainConfig:
+    return TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr,
+                       save_every=args.save_every, log_every=args.log_every, seed=args.seed,
+                       precision=args.precision, train_encoder=train_encoder)
+
+
+def face_model_and_fitter(args):
+    from portrait_rig.face_source import load_face_data
+    from server.face_model import FaceModel
+
+    face_model = FaceModel(load_face_data(args.face_model))
+    fitter = make_fitter(face_model, args.deca_model, args.embedding, args.fit_method,
+                         args.fit_size, args.detector)
+    return face_model, fitter
+
+
+def main(argv=None) -> int:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(prog="python -m server.training.personalise",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--photos", required=True, help="folder of photos of one person")
+    parser.add_argument("--name", help="personal model name (a plain folder name)")
+    parser.add_argument("--out", help="output folder (default: the personal models folder "
+                                      "/<name>)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="stage-1 model (default: the server's DiffusionRig checkpoint)")
+    add_fitting_options(parser)
+    add_training_options(parser, defaults)
+    args = parser.parse_args(argv)
+    if not args.name and not args.out:
+        parser.error("give --name (saved in the personal models folder) or --out")
+    try:
+        out = Path(args.out) if args.out else paths.personal_checkpoint(args.name).parent
+    except ValueError as exc:
+        parser.error(str(exc))
+    checkpoint = Path(args.checkpoint) if args.checkpoint else paths.diffusionrig_checkpoint()
+    if not checkpoint.is_file():
+        parser.error(f"stage-1 checkpoint not found: {checkpoint}")
+    face_model, fitter = face_model_and_fitter(args)
+    try:
+        personalise(args.photos, checkpoint, out, train_config(args, train_encoder=False),
+                    face_model, fitter, args.texture, args.image_size, args.device,
+                    resume=not args.restart)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

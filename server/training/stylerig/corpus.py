@@ -1,0 +1,237 @@
+"""The StyleRig corpus: (w, image) pairs sampled from a frozen StyleGAN, stored in shards.
+
+Sample i draws z_i = standard normal [z_dim] from NumPy's PCG64 seeded with SeedSequence([seed,
+i]) (so any sample can be regenerated alone, and an interrupted run resumes exactly), maps it to
+W+ with truncation (w = w_avg + psi * (mapping(z) - w_avg) on the first ``truncation_cutoff``
+layers, all if None) and synthesises the image, which is downsampled to ``image_size`` for the
+rest of the pipeline (box filter; antialiased bilinear for non-integer factors).
+
+Layout of the corpus folder:
+
+    corpus.json          settings (generator, truncation, sizes, seed) and the sample count
+    preview.png          the first images
+    shard_00000/         samples [0, shard_size), then shard_00001/ ...
+        w.npy            float32 [n, num_ws, w_dim]   the W+ latents
+        images.npy       uint8 [n, S, S, 3]           RGB, rows top to bottom
+        index.npy        int64 [n]                    global sample indices
+        shard.json       {"first", "count"}
+        landmarks.npz    written by the landmark stage
+
+A shard is written into ``shard_XXXXX.partial/`` and renamed when complete, so after a kill
+the corpus holds only whole shards; running the stage again writes the missing ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from server.checkpoints.stylegan import load_generator
+
+from .preview import save_grid
+from .progress import Progress
+
+FORMAT = "portrait-rig.stylerig-corpus"
+MANIFEST = "corpus.json"
+
+
+@dataclass
+class CorpusSettings:
+    generator: str
+    count: int
+    shard_size: int = 1000
+    truncation: float = 0.7
+    truncation_cutoff: int | None = None
+    image_size: int = 256
+    seed: int = 0
+    noise_mode: str = "const"
+
+    def __post_init__(self):
+        for name in ("count", "shard_size", "image_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.noise_mode not in ("const", "random", "none"):
+            raise ValueError(f"noise_mode: expected const, random or none, got {self.noise_mode!r}")
+
+    def fixed(self) -> dict:
+        """What every shard depends on (everything but the count)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "count"}
+
+
+def sample_z(seed: int, index: int, z_dim: int) -> np.ndarray:
+    """z of sample ``index`` (see the module notes), float32 [z_dim]."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index])))
+    return rng.standard_normal(z_dim).astype(np.float32)
+
+
+def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, C, R, R] -> [B, C, size, size]: box filter for integer factors, else antialiased
+    bilinear."""
+    if x.shape[-1] == size:
+        return x
+    if x.shape[-1] % size == 0:
+        return F.interpolate(x, size=(size, size), mode="area")
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)
+
+
+def to_pipeline_images(img: torch.Tensor, size: int) -> np.ndarray:
+    """Generator output [B, 3, R, R] in [-1, 1] -> uint8 [B, size, size, 3]."""
+    x = resize_square((img.float().clamp(-1, 1) + 1) / 2, size)
+    return (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def synthesise(G, seed: int, indices, settings: CorpusSettings, device) -> tuple[np.ndarray,
+                                                                                  np.ndarray]:
+    """(w float32 [n, num_ws, w_dim], images uint8 [n, S, S, 3]) of the given samples."""
+    z = torch.from_numpy(np.stack([sample_z(seed, int(i), G.z_dim) for i in indices])).to(device)
+    ws = G.mapping(z, None, truncation_psi=settings.truncation,
+                   truncation_cutoff=settings.truncation_cutoff)
+    img = G.synthesis(ws, noise_mode=settings.noise_mode)
+    return ws.float().cpu().numpy(), to_pipeline_images(img, settings.image_size)
+
+
+def shard_name(k: int) -> str:
+    return f"shard_{k:05d}"
+
+
+def shard_ranges(count: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_size, count)) for s in range(0, count, shard_size)]
+
+
+def write_shard(folder: Path, first: int, w: np.ndarray, images: np.ndarray) -> None:
+    """Write one shard atomically (a ``.partial`` folder renamed when complete)."""
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    np.save(partial / "w.npy", np.ascontiguousarray(w, dtype=np.float32))
+    np.save(partial / "images.npy", np.ascontiguousarray(images, dtype=np.uint8))
+    np.save(partial / "index.npy", np.arange(first, first + len(w), dtype=np.int64))
+    (partial / "shard.json").write_text(json.dumps({"first": first, "count": len(w)}))
+    if folder.exists():            # a shorter last shard of a smaller corpus
+        shutil.rmtree(folder)
+    os.rename(partial, folder)
+
+
+def _shard_complete(folder: Path, first: int, count: int) -> bool:
+    try:
+        info = json.loads((folder / "shard.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return info == {"first": first, "count": count}
+
+
+def _check_manifest(root: Path, settings: CorpusSettings, G) -> None:
+    path = root / MANIFEST
+    manifest = {"format": FORMAT, **settings.fixed(), "count": settings.count,
+                "architecture": G.config.architecture, "num_ws": G.num_ws, "w_dim": G.w_dim,
+                "img_resolution": G.img_resolution}
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        for key, value in manifest.items():
+            if key != "count" and previous.get(key) != value:
+                raise ValueError(f"{root}: the corpus was sampled with {key}={previous.get(key)!r}"
+                                 f", not {value!r}; use a new folder to change it")
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def build_corpus(root, settings: CorpusSettings, device="cpu", batch_size: int = 16,
+                 progress: bool = True) -> None:
+    """Sample the corpus into ``root``, skipping shards that are already complete."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    G = load_generator(settings.generator, device)
+    if G.c_dim:
+        raise ValueError(f"{settings.generator}: conditional generators (c_dim={G.c_dim}) are "
+                         "not supported")
+    _check_manifest(root, settings, G)
+    ranges = shard_ranges(settings.count, settings.shard_size)
+    todo = [(k, a, b) for k, (a, b) in enumerate(ranges)
+            if not _shard_complete(root / shard_name(k), a, b - a)]
+    bar = Progress(settings.count, "corpus", start=settings.count - sum(b - a for _, a, b in todo),
+                   enabled=progress, unit="img")
+    for k, first, end in todo:
+        ws, images = [], []
+        for start in range(first, end, batch_size):
+            w, img = synthesise(G, settings.seed, range(start, min(start + batch_size, end)),
+                                settings, device)
+            ws.append(w)
+            images.append(img)
+            bar.update(len(w))
+        write_shard(root / shard_name(k), first, np.concatenate(ws), np.concatenate(images))
+    bar.close()
+    corpus = Corpus(root)
+    save_grid([list(corpus.images(np.arange(r, min(r + 8, corpus.n))))
+               for r in range(0, min(corpus.n, 32), 8)], root / "preview.png")
+
+
+class Corpus:
+    """Read access to a complete corpus folder (memory-mapped arrays) and its landmarks."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.root}: no {MANIFEST}; run the corpus stage first")
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a StyleRig corpus manifest")
+        self.n = int(self.manifest["count"])
+        self.shard_size = int(self.manifest["shard_size"])
+        self.image_size = int(self.manifest["image_size"])
+        self.num_ws, self.w_dim = int(self.manifest["num_ws"]), int(self.manifest["w_dim"])
+        self.shards = []
+        for k, (first, end) in enumerate(shard_ranges(self.n, self.shard_size)):
+            folder = self.root / shard_name(k)
+            if not _shard_complete(folder, first, end - first):
+                raise ValueError(f"{self.root}: {folder.name} is missing or incomplete; run the "
+                                 "corpus stage again to finish the corpus")
+            self.shards.append(folder)
+        self._w = [np.load(f / "w.npy", mmap_mode="r") for f in self.shards]
+        self._images = [np.load(f / "images.npy", mmap_mode="r") for f in self.shards]
+
+    def _locate(self, indices) -> list[tuple[int, int]]:
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.n):
+            raise IndexError(f"sample indices outside 0..{self.n - 1}")
+        return [(int(i) // self.shard_size, int(i) % self.shard_size) for i in indices]
+
+    def w(self, indices, device="cpu") -> torch.Tensor:
+        """float32 [B, num_ws, w_dim]."""
+        rows = [self._w[s][r] for s, r in self._locate(indices)]
+        return torch.from_numpy(np.stack(rows)).to(device)
+
+    def images(self, indices) -> np.ndarray:
+        """uint8 [B, S, S, 3]."""
+        return np.stack([self._images[s][r] for s, r in self._locate(indices)])
+
+    # ------------------------------------------------------------------ landmarks
+    def landmark_files(self) -> list[Path]:
+        return [f / "landmarks.npz" for f in self.shards]
+
+    def landmarks(self) -> tuple[np.ndarray, np.ndarray, str]:
+        """(landmarks float32 [N, 68, 2] (dlib convention, image pixels), found bool [N],
+        source) of every sample; raises if the landmark stage has not finished."""
+        points, found, sources = [], [], set()
+        for path in self.landmark_files():
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: run the landmarks stage first")
+            with np.load(path, allow_pickle=False) as data:
+                points.append(data["landmarks"])
+                found.append(data["found"])
+                sources.add(str(data["source"]))
+        if len(sources) != 1:
+            raise ValueError(f"{self.root}: shards have landmarks from different sources "
+                             f"{sorted(sources)}")
+        return np.concatenate(points), np.concatenate(found), sources.pop()

@@ -1,0 +1,100 @@
+"""StyleRig's rendering loss and the statistical priors, and the per-image targets they need.
+
+L_render(I, p) = L_photo + lambda_land * L_land  (Tewari et al. 2020, eq. 2-4), per image:
+
+* L_photo: mean over the photometric region of |I - R(p)|^2 (RGB). The region is the rendered
+  face mask M (the paper's) intersected with the face outline of the image's landmarks (jaw
+  line and raised brows, ``server.fitting.optimise.face_outline_mask``): FLAME and the demo
+  head model the whole head, but the generator paints hair over the scalp and background
+  around the ears. Convention as DECA's: image code values in [0, 1] against albedo x shading.
+* L_land: the mean of w_i |l_i(p) - t_i|^2 / size^2 over the 68 landmarks (w = 0.5 on the jaw
+  line, whose static embedding slides with pose; 0 where the embedding has no point), i.e.
+  squared distances in units of the frame size.
+
+Priors (F's training only): w_shape |shape|^2 + w_expression |expression|^2 +
+w_albedo |albedo|^2, the coefficients being in standard deviations (log-gains for albedo).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from server.fitting.optimise import face_outline_mask, landmark_weights
+from server.models.dfr import FaceParams
+
+from .corpus import resize_square
+from .face_render import FaceRenderer
+
+
+@dataclass
+class Targets:
+    """What a batch of corpus images offers the rendering loss, at the render size R:
+    ``photo`` [B, R, R, 3] float in [0, 1], ``landmarks`` [B, 68, 2] renderer pixels (centres at
+    +0.5), ``region`` [B, R, R] bool (the face outline)."""
+    photo: torch.Tensor
+    landmarks: torch.Tensor
+    region: torch.Tensor
+
+    @staticmethod
+    def cat(items: list["Targets"]) -> "Targets":
+        return Targets(*(torch.cat([getattr(t, k) for t in items])
+                         for k in ("photo", "landmarks", "region")))
+
+
+def make_targets(images: np.ndarray, landmarks: np.ndarray, size: int, device) -> Targets:
+    """Targets from uint8 images [B, S, S, 3] and their dlib landmarks [B, 68, 2]."""
+    image_size = images.shape[1]
+    photo = torch.from_numpy(np.ascontiguousarray(images)).to(device).float() / 255.0
+    photo = resize_square(photo.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1).contiguous()
+    points = torch.as_tensor((np.asarray(landmarks, np.float64) + 0.5) * (size / image_size),
+                             dtype=torch.float32, device=device)
+    region = torch.as_tensor(np.stack([face_outline_mask(l, image_size, size) for l in landmarks]),
+                             device=device)
+    return Targets(photo, points, region)
+
+
+@dataclass
+class RenderLossWeights:
+    landmarks: float = 100.0          # lambda_land
+
+
+def photometric_loss(rendered: torch.Tensor, mask: torch.Tensor, target: Targets
+                     ) -> torch.Tensor:
+    """[B]: mean squared RGB error over mask & region (0 for an image with no such pixel)."""
+    region = (mask[..., 0] > 0) & target.region
+    squared = ((rendered - target.photo) ** 2).sum(-1) / 3 * region
+    return squared.flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1)
+
+
+def landmark_loss(points: torch.Tensor, target: Targets, weights: torch.Tensor, size: int
+                  ) -> torch.Tensor:
+    """[B]: weighted mean squared landmark distance in frame-size units."""
+    d2 = ((points - target.landmarks) ** 2).sum(-1) / size ** 2                 # [B, 68]
+    return (d2 * weights).sum(1) / weights.sum().clamp_min(1e-12)
+
+
+class RenderLoss:
+    """L_render for one face renderer at one render size."""
+
+    def __init__(self, renderer: FaceRenderer, size: int, weights: RenderLossWeights):
+        self.renderer, self.size, self.weights = renderer, size, weights
+        self.landmark_weights = landmark_weights(renderer.embedding.valid).to(renderer.device)
+
+    def terms(self, p: FaceParams, target: Targets) -> tuple[dict[str, torch.Tensor], object]:
+        """({'photo' [B], 'landmarks' [B], 'render' [B]}, buffers) of faces ``p``."""
+        buffers, points = self.renderer.render(p, self.size)
+        photo = photometric_loss(buffers.rendered, buffers.mask, target)
+        land = landmark_loss(points, target, self.landmark_weights, self.size)
+        return {"photo": photo, "landmarks": land,
+                "render": photo + self.weights.landmarks * land}, (buffers, points)
+
+
+def prior_terms(p: FaceParams, w_shape: float, w_expression: float, w_albedo: float
+                ) -> dict[str, torch.Tensor]:
+    """Statistical regularisers, each [B]."""
+    return {"prior_shape": w_shape * (p.shape ** 2).sum(1),
+            "prior_expression": w_expression * (p.expression ** 2).sum(1),
+            "prior_albedo": w_albedo * (p.albedo ** 2).sum(1)}

@@ -1,0 +1,118 @@
+"""A training run's folder: settings, checkpoints that survive a kill, loss logs, previews.
+
+Layout of ``run_dir``:
+
+    settings.json       the run's settings; a resumed run must use the same ones (only the
+                        step count and the logging cadence may change)
+    checkpoint.pt       the last checkpoint: {'step', 'model', 'optimizer', 'settings'}; written
+                        to a temporary file and renamed, so a kill never leaves half a file
+    log.jsonl           one JSON object per logged step: {'step', 'time', <every loss term>}
+    log.csv             the same records as CSV (rewritten at every checkpoint)
+    previews/step_0001000.png   preview grids
+    <model>.safetensors the exported network, refreshed at every checkpoint
+
+``step`` always counts completed optimiser steps. On resume the log is cut back to the
+checkpoint's step, so records of steps that are about to be redone do not appear twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# Settings that may differ between a run and its resumption.
+RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "preview_every")
+
+
+class RunDir:
+    def __init__(self, path, settings):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "previews").mkdir(exist_ok=True)
+        self.settings = json.loads(json.dumps(dataclasses.asdict(settings)))  # as stored
+        self._check_settings()
+        self.log_path = self.path / "log.jsonl"
+        self.t0 = time.monotonic()
+
+    def _check_settings(self) -> None:
+        path = self.path / "settings.json"
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            for key in sorted(set(previous) | set(self.settings)):
+                if key in RESUMABLE_CHANGES:
+                    continue
+                if previous.get(key) != self.settings.get(key):
+                    raise ValueError(f"{self.path}: this run was started with {key}="
+                                     f"{previous.get(key)!r}, now {key}={self.settings.get(key)!r}"
+                                     "; use a new run folder or the original setting")
+        _atomic_write_text(path, json.dumps(self.settings, indent=2))
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    def load_checkpoint(self, device) -> dict | None:
+        """The last checkpoint (tensors on ``device``), with the log cut back to its step;
+        None for a fresh run."""
+        if not self.checkpoint_path.is_file():
+            self._truncate_log(0)
+            return None
+        state = torch.load(self.checkpoint_path, map_location=device, weights_only=True)
+        self._truncate_log(int(state["step"]))
+        return state
+
+    def save_checkpoint(self, step: int, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> None:
+        state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "settings": self.settings}
+        tmp = self.checkpoint_path.with_suffix(".pt.partial")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+        self._write_csv()
+
+    # ------------------------------------------------------------------ logs
+    def log(self, step: int, terms: dict[str, float]) -> None:
+        record = {"step": step, "time": round(time.monotonic() - self.t0, 3), **terms}
+        with open(self.log_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        if not self.log_path.is_file():
+            return []
+        with open(self.log_path) as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    def _truncate_log(self, step: int) -> None:
+        kept = [r for r in self.records() if r["step"] <= step]
+        _atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def _write_csv(self) -> None:
+        records = self.records()
+        columns = list(dict.fromkeys(k for r in records for k in r))
+        tmp = self.path / "log.csv.partial"
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(records)
+        os.replace(tmp, self.path / "log.csv")
+
+    def preview_path(self, step: int) -> Path:
+        return self.path / "previews" / f"step_{step:07d}.png"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """True when ``step`` is a multiple of ``every`` (> 0) or the run's ``last`` step."""
+    return step == last or (every > 0 and step % every == 0)

@@ -1,0 +1,249 @@
+"""RigNet stage: self-supervised training with the frozen F and generator (Tewari et al. 2020,
+sec. 5).
+
+Each step draws pairs (w, v) of corpus latents and, per pair, an edit mode (pose, expression or
+lighting). With p_w = F(w), p_v = F(v) and their control vectors c_w, c_v (F frozen):
+
+* Reconstruction, L_rec = ||RigNet(w, c_w) - w||^2 (mean over the W+ entries), and the same
+  for v: feeding a face's own controls must not move its latent.
+* Editing, one way: w_hat = RigNet(w, c_w with the mode's controls of c_v), p_hat = F(w_hat).
+  p_edit = p_v with the mode's parameters of p_hat; L_edit = L_render(I_v, p_edit): the edited
+  face must show v's pose (or expression, or light) - rendered with everything else of v, it
+  must reproduce v's image and landmarks.
+* Consistency: p_consist = p_hat with the mode's parameters of p_w;
+  L_consist = L_render(I_w, p_consist): everything the edit should not touch must stay w's.
+* Two-way (siamese) cycle: the same with the roles of w and v swapped (v_hat =
+  RigNet(v, c_v with the mode's controls of c_w), compared with I_w and I_v), by the same
+  network.
+
+L = w_rec L_rec + w_edit L_edit + w_consist L_consist (each averaged over both directions).
+Gradients reach RigNet through F and the renderer; F's and the generator's weights never
+change and the generator is not run at all (the corpus holds I_w and I_v) except for
+previews. Optimiser: AdaDelta, as in the paper.
+
+Before the first step RigNet's control standardisation is set from F's controls over the
+corpus (``RigNet.set_control_statistics``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from server.checkpoints.stylegan import load_generator
+from server.models.dfr import FaceParams, load_dfr
+from server.models.rignet import MODES, RigNet, mix_controls, save_rignet
+
+from .corpus import to_pipeline_images
+from .data import MODE_STREAM, PARTNER_STREAM, TrainingData, load_face, step_rng
+from .face_render import FaceRenderer
+from .losses import RenderLoss, RenderLossWeights, Targets
+from .preview import overlay, save_grid
+from .progress import Progress
+from .run import RunDir, due
+
+STATISTICS_SAMPLES = 4096
+
+
+@dataclass
+class RigNetSettings:
+    dfr: str = ""                        # F, a save_dfr file (the DFR stage's dfr.safetensors)
+    face_model: str = "demo"             # must be the model F was trained with
+    embedding: str | None = None
+    modes: tuple[str, ...] = ("pose", "expression", "lighting")
+    steps: int = 100_000
+    batch_size: int = 8
+    latent_dim: int = 32
+    lr: float = 1.0                      # AdaDelta (torch's and Zeiler's defaults)
+    rho: float = 0.9
+    eps: float = 1e-6
+    render_size: int = 0                 # 0: the corpus' image size
+    w_rec: float = 1.0
+    w_edit: float = 1.0
+    w_consist: float = 1.0
+    w_landmarks: float = 100.0           # lambda_land inside L_render
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    preview_every: int = 1000
+
+    def __post_init__(self):
+        self.modes = tuple(self.modes)
+        unknown = [m for m in self.modes if m not in MODES]
+        if not self.modes or unknown:
+            raise ValueError(f"modes: expected a non-empty subset of {', '.join(MODES)}, "
+                             f"got {list(self.modes)}")
+
+
+class Pairs:
+    """The pairs and modes of one step: ``w_index``, ``v_index`` [B] and ``modes`` [B]."""
+
+    def __init__(self, data: TrainingData, settings: RigNetSettings, step: int):
+        b = settings.batch_size
+        self.w_index = data.batch(settings.seed, step, b)
+        partners = data.batch(settings.seed, step, b, PARTNER_STREAM)
+        # A face paired with itself teaches nothing: shift such partners to another face.
+        same = partners == self.w_index
+        if same.any():
+            position = np.searchsorted(data.usable, partners[same])
+            partners[same] = data.usable[(position + 1) % len(data.usable)]
+        self.v_index = partners
+        rng = step_rng(settings.seed, step, MODE_STREAM)
+        self.modes = [settings.modes[i] for i in rng.integers(0, len(settings.modes), b)]
+
+
+class RigNetObjective:
+    """The losses of one batch (see the module notes)."""
+
+    def __init__(self, rignet: RigNet, dfr, loss: RenderLoss, settings: RigNetSettings):
+        self.rignet, self.dfr, self.loss, self.settings = rignet, dfr, loss, settings
+        self.layout = rignet.layout
+
+    def __call__(self, w: torch.Tensor, v: torch.Tensor, target_w: Targets, target_v: Targets,
+                 modes: list[str]) -> dict[str, torch.Tensor]:
+        s, b = self.settings, w.shape[0]
+        with torch.no_grad():
+            p_w, p_v = self.dfr(w), self.dfr(v)
+        c_w, c_v = p_w.controls(self.layout), p_v.controls(self.layout)
+        # One RigNet pass: reconstructions of w and v, then the two edits.
+        latents = torch.cat([w, v, w, v])
+        controls = torch.cat([c_w, c_v, mix_controls(c_w, c_v, modes, self.layout),
+                              mix_controls(c_v, c_w, modes, self.layout)])
+        out = self.rignet(latents, controls)
+        rec = ((out[: 2 * b] - latents[: 2 * b]) ** 2).mean()
+
+        p_hat = self.dfr(out[2 * b:])                    # [w_hat; v_hat], grads through F
+        both_modes = modes + modes
+        sources = FaceParams.cat([p_v, p_w])             # whose image each edit must match
+        originals = FaceParams.cat([p_w, p_v])
+        p_edit = sources.take(p_hat, both_modes)
+        p_consist = p_hat.take(originals, both_modes)
+        targets = Targets.cat([target_v, target_w, target_w, target_v])
+        terms, _ = self.loss.terms(FaceParams.cat([p_edit, p_consist]), targets)
+        render = terms["render"]
+        edit, consist = render[: 2 * b], render[2 * b:]
+        total = s.w_rec * rec + s.w_edit * edit.mean() + s.w_consist * consist.mean()
+        result = {"loss": total, "rec": rec, "edit": edit.mean(), "consist": consist.mean(),
+                  "edit_photo": terms["photo"][: 2 * b].mean(),
+                  "edit_landmarks": terms["landmarks"][: 2 * b].mean()}
+        for mode in s.modes:
+            chosen = torch.tensor([m == mode for m in both_modes], device=edit.device)
+            if bool(chosen.any()):
+                result[f"edit_{mode}"] = edit[chosen].mean()
+        return result
+
+
+@torch.no_grad()
+def set_control_statistics(rignet: RigNet, dfr, data: TrainingData, device) -> None:
+    indices = data.sample(STATISTICS_SAMPLES)
+    controls = torch.cat([dfr(data.w(chunk, device)).controls(rignet.layout)
+                          for chunk in np.array_split(indices, max(1, len(indices) // 256))])
+    rignet.set_control_statistics(controls)
+
+
+def train_rignet(corpus_dir, run_dir, settings: RigNetSettings, device="cpu",
+                 generator: str | None = None, progress: bool = True) -> RigNet:
+    """Train (or resume training) RigNet; writes the run folder and ``rignet.safetensors``.
+    ``generator`` (default: the corpus' generator, if the file is there) is used for the
+    preview images only."""
+    device = torch.device(device)
+    run = RunDir(run_dir, settings)
+    data = TrainingData(corpus_dir)
+    dfr, meta = load_dfr(settings.dfr, device)
+    face, embedding = load_face(settings.face_model, settings.embedding)
+    if meta.get("face_vertices") not in (None, str(face.n_vertices)):
+        raise ValueError(f"{settings.dfr} was trained with the face model "
+                         f"{meta.get('face_model')!r} ({meta.get('face_vertices')} vertices), "
+                         f"not {face.name!r} ({face.n_vertices})")
+    if (dfr.num_ws, dfr.w_dim) != (data.corpus.num_ws, data.corpus.w_dim):
+        raise ValueError(f"{settings.dfr} reads [{dfr.num_ws}, {dfr.w_dim}] latents, the corpus "
+                         f"holds [{data.corpus.num_ws}, {data.corpus.w_dim}]")
+    size = settings.render_size or data.image_size
+    renderer = FaceRenderer(face, embedding, dfr.layout, device)
+    loss = RenderLoss(renderer, size, RenderLossWeights(settings.w_landmarks))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        rignet = RigNet(data.corpus.num_ws, data.corpus.w_dim, settings.latent_dim,
+                        layout=dfr.layout.control_layout()).to(device)
+    optimizer = torch.optim.Adadelta(rignet.parameters(), lr=settings.lr, rho=settings.rho,
+                                     eps=settings.eps)
+    state = run.load_checkpoint(device)
+    if state is None:
+        set_control_statistics(rignet, dfr, data, device)
+        step = 0
+    else:
+        rignet.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    objective = RigNetObjective(rignet, dfr, loss, settings)
+    G = _preview_generator(generator, data, device)
+    metadata = {"corpus": str(data.corpus.root), "dfr": str(settings.dfr),
+                "generator": str(data.corpus.manifest.get("generator")),
+                "face_model": face.name, "modes": ",".join(settings.modes)}
+
+    bar = Progress(settings.steps, "rignet", start=step, enabled=progress)
+    try:
+        while step < settings.steps:
+            pairs = Pairs(data, settings, step)
+            terms = objective(data.w(pairs.w_index, device), data.w(pairs.v_index, device),
+                              data.targets(pairs.w_index, size, device),
+                              data.targets(pairs.v_index, size, device), pairs.modes)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            step += 1
+            values = {k: float(v.detach()) for k, v in terms.items()}
+            bar.update(1, loss=values["loss"])
+            if due(step, settings.log_every, settings.steps):
+                run.log(step, values)
+            if due(step, settings.preview_every, settings.steps):
+                write_preview(run.preview_path(step), rignet, dfr, data, loss, settings, G,
+                              device)
+            if due(step, settings.checkpoint_every, settings.steps):
+                _checkpoint(run, step, rignet, optimizer, metadata)
+    except KeyboardInterrupt:
+        _checkpoint(run, step, rignet, optimizer, metadata)
+        raise
+    finally:
+        bar.close()
+    return rignet.eval()
+
+
+def _checkpoint(run: RunDir, step: int, rignet, optimizer, metadata) -> None:
+    run.save_checkpoint(step, rignet, optimizer)
+    save_rignet(rignet, run.path / "rignet.safetensors", {**metadata, "step": str(step)})
+
+
+def _preview_generator(path, data: TrainingData, device):
+    path = path or data.corpus.manifest.get("generator")
+    if path and Path(path).is_file():
+        return load_generator(path, device)
+    return None
+
+
+@torch.no_grad()
+def write_preview(path, rignet, dfr, data: TrainingData, loss: RenderLoss,
+                  settings: RigNetSettings, G, device, pairs: int = 4) -> None:
+    """One row per pair (w, v): I_w, I_v, then per mode the edit of w towards v - the
+    generator's image of w_hat when a generator is at hand, and F(w_hat) rendered over I_w."""
+    chosen = data.usable[: pairs + 1]
+    w_index, v_index = chosen[:-1], chosen[1:]
+    size, layout = loss.size, rignet.layout
+    w, v = data.w(w_index, device), data.w(v_index, device)
+    target_w = data.targets(w_index, size, device)
+    target_v = data.targets(v_index, size, device)
+    c_w, c_v = dfr(w).controls(layout), dfr(v).controls(layout)
+    rows = [[target_w.photo[i], target_v.photo[i]] for i in range(len(w_index))]
+    for mode in settings.modes:
+        w_hat = rignet(w, mix_controls(c_w, c_v, [mode] * len(w_index), layout))
+        buffers, _ = loss.renderer.render(dfr(w_hat), size)
+        images = (to_pipeline_images(G.synthesis(w_hat), size) if G is not None else None)
+        for i, row in enumerate(rows):
+            if images is not None:
+                row.append(images[i])
+            row.append(overlay(target_w.photo[i], buffers.rendered[i], buffers.mask[i]))
+    save_grid(rows, path)

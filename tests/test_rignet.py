@@ -1,0 +1,151 @@
+"""RigNet: the control-vector layout and its inverse, the per-layer architecture, files."""
+
+import pytest
+import torch
+
+from portrait_rig.params import Lighting, Pose, RigParams
+from server.models.rignet import (ControlLayout, RigNet, apply_controls, control_vector,
+                                  load_rignet, mix_controls, read_rignet_metadata, save_rignet,
+                                  split_controls)
+
+
+def random_params(seed: int, n_expression: int) -> RigParams:
+    g = torch.Generator().manual_seed(seed)
+
+    def vec(n, scale=0.3):
+        return [float(v) for v in torch.randn(n, generator=g) * scale]
+
+    return RigParams(shape=vec(5), expression=vec(n_expression),
+                     pose=Pose(global_=vec(3), neck=vec(3), jaw=vec(3), eye_left=vec(3)),
+                     lighting=Lighting(sh=[vec(3, 1.0) for _ in range(9)]))
+
+
+def test_layout_places_each_control():
+    layout = ControlLayout(4)
+    assert layout.dim == 3 + 3 + 4 + 27
+    p = random_params(0, 4)
+    c = control_vector(p, layout, dtype=torch.float64)
+    assert c.tolist() == [*p.pose.global_, *p.pose.jaw, *p.expression,
+                          *(v for row in p.lighting.sh for v in row)]
+    assert ControlLayout.for_model(100).n_expression == 50      # DECA's expression code
+    with pytest.raises(ValueError, match="n_expression"):
+        ControlLayout(51)
+
+
+def test_control_vector_round_trips_through_rig_params():
+    layout = ControlLayout(6)
+    original = random_params(1, 9)              # 3 components past the controlled ones
+    vector = control_vector(original, layout, dtype=torch.float64)
+    back = apply_controls(vector, layout, base=RigParams(shape=original.shape,
+                                                         expression=[0.0] * 9))
+    assert back.pose.global_ == original.pose.global_ and back.pose.jaw == original.pose.jaw
+    assert back.lighting.sh == original.lighting.sh
+    assert back.expression[:6] == original.expression[:6]
+    assert back.expression[6:] == [0.0] * 3     # not controls: kept from the base
+    assert back.shape == original.shape and back.pose.neck == [0.0] * 3
+
+    short = RigParams(expression=[0.5])         # zero-padded to the layout
+    assert control_vector(short, layout)[6:12].tolist() == [0.5, 0, 0, 0, 0, 0]
+
+
+def test_control_vector_of_batch_tensors_round_trips():
+    layout = ControlLayout(5)
+    g = torch.Generator().manual_seed(2)
+    batch = {"global_pose": torch.randn(3, 3, generator=g), "jaw": torch.randn(3, 3, generator=g),
+             "expression": torch.randn(3, 7, generator=g),
+             "sh": torch.randn(3, 9, 3, generator=g)}
+    vector = control_vector(batch, layout)
+    parts = split_controls(vector, layout)
+    for name in ("global_pose", "jaw", "sh"):
+        assert torch.equal(parts[name], batch[name])
+    assert torch.equal(parts["expression"], batch["expression"][:, :5])
+    rows = apply_controls(vector, layout)
+    assert torch.equal(control_vector(rows, layout), vector)
+    with pytest.raises(ValueError, match="sh"):
+        control_vector(dict(batch, sh=torch.zeros(3, 27)), layout)
+
+
+def test_mix_controls_swaps_exactly_the_modes_controls():
+    layout = ControlLayout(4)
+    target, source = torch.zeros(3, layout.dim), torch.ones(3, layout.dim)
+    mixed = mix_controls(target, source, ["pose", "expression", "lighting"], layout)
+    s = layout.slices
+    assert mixed[0].nonzero().flatten().tolist() == list(range(0, 3))
+    assert mixed[1].nonzero().flatten().tolist() == list(range(s["jaw"].start, s["jaw"].stop)) \
+        + list(range(s["expression"].start, s["expression"].stop))
+    assert mixed[2].nonzero().flatten().tolist() == list(range(s["sh"].start, s["sh"].stop))
+
+
+def randomised(net: RigNet, seed: int = 0) -> RigNet:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in net.parameters():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    return net
+
+
+def test_zero_decoder_is_the_identity():
+    net = RigNet(num_ws=6, w_dim=16, latent_dim=4, control_dim=10)
+    g = torch.Generator().manual_seed(3)
+    w, p = torch.randn(2, 6, 16, generator=g), torch.randn(2, 10, generator=g)
+    assert torch.equal(net(w, p), w)            # a fresh RigNet starts as the identity
+    randomised(net)
+    assert (net(w, p) - w).abs().max() > 1e-3
+    with torch.no_grad():
+        net.decoder.weight.zero_()
+        net.decoder.bias.zero_()
+    assert torch.equal(net(w, p), w)
+
+
+def test_layers_are_independent_and_the_decoder_linear_in_p():
+    net = randomised(RigNet(num_ws=5, w_dim=8, latent_dim=3, control_dim=4))
+    g = torch.Generator().manual_seed(4)
+    w, p, q = (torch.randn(1, 5, 8, generator=g), torch.randn(1, 4, generator=g),
+               torch.randn(1, 4, generator=g))
+    moved = w.clone()
+    moved[:, 2] += 1.0
+    changed = (net(moved, p) - net(w, p)).abs().amax(dim=2)[0]
+    assert changed[2] > 1e-3 and torch.equal(changed[[0, 1, 3, 4]], torch.zeros(4))
+    # d = D_l l + D_p p + b: the effect of a control change does not depend on w.
+    torch.testing.assert_close(net(w, p) - net(w, q), net(moved, p) - net(moved, q))
+
+
+def test_save_load_round_trip(tmp_path):
+    layout = ControlLayout(3)
+    net = randomised(RigNet(num_ws=4, w_dim=8, latent_dim=2, layout=layout))
+    net.set_control_statistics(torch.randn(20, layout.dim))
+    path = tmp_path / "rignet.safetensors"
+    save_rignet(net, path, {"generator": "ffhq.pkl"})
+    loaded = load_rignet(path)
+    assert loaded.config() == net.config() and loaded.layout == layout
+    assert read_rignet_metadata(path)["generator"] == "ffhq.pkl"
+    w, p = torch.randn(3, 4, 8), torch.randn(3, layout.dim)
+    assert torch.equal(loaded(w, p), net(w, p).detach())
+    assert not any(t.requires_grad for t in loaded.parameters())
+
+    with pytest.raises(ValueError, match="control_dim"):
+        RigNet(num_ws=4, w_dim=8, control_dim=5, layout=layout)
+    with pytest.raises(ValueError, match=r"p: expected \[3, 36\]"):
+        net(w, p[:, :-1])
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a RigNet"):
+        load_rignet(tmp_path / "other.safetensors")
+
+
+def test_control_statistics_standardise_p():
+    net = randomised(RigNet(num_ws=2, w_dim=4, latent_dim=2, control_dim=3))
+    controls = torch.tensor([[0.0, 10.0, -1.0], [2.0, 30.0, 1.0], [4.0, 20.0, 0.0]])
+    net.set_control_statistics(controls)
+    mean, std = controls.mean(0), controls.std(0)
+    assert torch.equal(net.control_mean, mean) and torch.equal(net.control_scale, std)
+    with torch.no_grad():
+        net.encoder.weight.zero_()
+        net.encoder.bias.zero_()
+    w = torch.randn(1, 2, 4)
+    # Latent 0 and the mean controls (standardised to 0): only the decoder bias remains.
+    torch.testing.assert_close(net(w, mean[None]) - w, net.decoder.bias[None])
+    # One standard deviation along control 1 adds the decoder's column for it.
+    step = mean + std * torch.tensor([0.0, 1.0, 0.0])
+    torch.testing.assert_close(net(w, step[None]) - net(w, mean[None]),
+                               net.decoder.weight[None, :, :, 2 + 1])

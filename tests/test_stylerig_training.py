@@ -1,0 +1,381 @@
+"""The StyleRig pipeline at tiny scale: corpus shards, landmarks, F (DFR), RigNet, evaluation.
+
+A random 32 px StyleGAN2 paints noise, so the training tests use the explicit synthetic
+landmarks and the small sphere head of ``tests/stylerig_fixtures.py``; the dlib stage is
+tested on renders of the demo head.
+"""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from portrait_rig.demo_head import demo_head
+from portrait_rig.params import default_sh
+from server.checkpoints.stylegan import load_generator
+from server.models.dfr import load_dfr
+from server.models.rignet import RigNet, load_rignet, save_rignet
+from server.renderer import BufferRenderer
+from server.renderer.srgb import linear_to_srgb
+from server.training.stylerig.corpus import (Corpus, CorpusSettings, build_corpus, sample_z,
+                                             to_pipeline_images)
+from server.training.stylerig.data import TrainingData, load_face
+from server.training.stylerig.evaluate import EvalSettings, evaluate, rotation_angle_deg
+from server.training.stylerig.face_render import FaceRenderer
+from server.training.stylerig.landmarks import detect_corpus_landmarks, framing_camera
+from server.training.stylerig.losses import RenderLoss, RenderLossWeights, Targets
+from server.training.stylerig.train_dfr import DFRSettings, train_dfr
+from server.training.stylerig.train_rignet import RigNetObjective, RigNetSettings, train_rignet
+from tests.stylerig_fixtures import write_generator, write_test_face
+
+CRASH_STEP = 13             # a simulated kill after this many steps (checkpoints every 8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny tensors: one thread avoids contention overhead on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Generator, sphere head, a 12-sample corpus (2 shards) with synthetic landmarks, and one
+    uninterrupted DFR run and RigNet run."""
+    root = tmp_path_factory.mktemp("stylerig")
+    generator = write_generator(root)
+    face, embedding = write_test_face(root)
+    build_corpus(root / "corpus", CorpusSettings(str(generator), count=12, shard_size=8,
+                                                 image_size=32), progress=False)
+    detect_corpus_landmarks(root / "corpus", source="synthetic", face_model=str(face),
+                            embedding=str(embedding), progress=False)
+    dfr = DFRSettings(face_model=str(face), embedding=str(embedding), steps=24, batch_size=4,
+                      hidden=64, lr=1e-3, log_every=1, checkpoint_every=8, preview_every=0)
+    train_dfr(root / "corpus", root / "dfr", dfr, progress=False)
+    rig = RigNetSettings(dfr=str(root / "dfr" / "dfr.safetensors"), face_model=str(face),
+                         embedding=str(embedding), steps=24, batch_size=4, log_every=1,
+                         checkpoint_every=8, preview_every=0)
+    train_rignet(root / "corpus", root / "rignet", rig, progress=False)
+    return {"root": root, "generator": generator, "face": face, "embedding": embedding,
+            "dfr": dfr, "rignet": rig}
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------
+# corpus
+
+def test_corpus_holds_the_generators_samples(setup):
+    corpus = Corpus(setup["root"] / "corpus")
+    assert [f.name for f in corpus.shards] == ["shard_00000", "shard_00001"] and corpus.n == 12
+    G = load_generator(setup["generator"])
+    indices = [0, 9, 11]                       # both shards, the short last one included
+    z = torch.from_numpy(np.stack([sample_z(0, i, G.z_dim) for i in indices]))
+    with torch.no_grad():
+        ws = G.mapping(z, truncation_psi=0.7)
+        expected = to_pipeline_images(G.synthesis(ws), 32)
+    torch.testing.assert_close(corpus.w(indices), ws)
+    assert np.abs(corpus.images(indices).astype(int) - expected).max() <= 1
+    assert corpus.images([0]).shape == (1, 32, 32, 3)
+    assert Image.open(setup["root"] / "corpus" / "preview.png").size[0] > 0
+
+
+def test_corpus_resumes_and_extends_without_redoing_shards(setup, tmp_path):
+    folder = tmp_path / "corpus"
+    settings = CorpusSettings(str(setup["generator"]), count=6, shard_size=4, image_size=32)
+    build_corpus(folder, settings, progress=False)
+    first = (folder / "shard_00000" / "w.npy").stat().st_mtime_ns
+    reference = np.load(folder / "shard_00001" / "images.npy")
+
+    # A kill while writing shard 1: the finished shard stays, the partial one is redone.
+    shutil.rmtree(folder / "shard_00001")
+    (folder / "shard_00001.partial").mkdir()
+    (folder / "shard_00001.partial" / "w.npy").write_bytes(b"truncated")
+    build_corpus(folder, settings, progress=False)
+    assert (folder / "shard_00000" / "w.npy").stat().st_mtime_ns == first
+    assert not (folder / "shard_00001.partial").exists()
+    assert np.array_equal(np.load(folder / "shard_00001" / "images.npy"), reference)
+
+    # More samples: the short last shard is completed, a new one added, shard 0 untouched.
+    build_corpus(folder, CorpusSettings(**{**settings.__dict__, "count": 10}), progress=False)
+    corpus = Corpus(folder)
+    assert corpus.n == 10 and (folder / "shard_00000" / "w.npy").stat().st_mtime_ns == first
+    assert np.array_equal(corpus.images([4, 5]), reference)
+    with pytest.raises(ValueError, match="truncation"):
+        build_corpus(folder, CorpusSettings(**{**settings.__dict__, "truncation": 0.5}),
+                     progress=False)
+    shutil.rmtree(folder / "shard_00002")
+    with pytest.raises(ValueError, match="shard_00002 is missing"):
+        Corpus(folder)
+
+
+# --------------------------------------------------------------------------------------------
+# landmarks
+
+def demo_render(size: int, turn: float) -> np.ndarray:
+    """The demo head, turned by ``turn`` radians about Y, on grey: a face dlib finds."""
+    data = demo_head()
+    c, s = math.cos(turn), math.sin(turn)
+    rotation = torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+    vertices = torch.as_tensor(data.v_template) @ rotation.T
+    buffers = BufferRenderer(data.faces).render(
+        vertices[None], torch.as_tensor(data.vertex_albedo), torch.tensor(default_sh()) * 0.3,
+        [framing_camera(data)], size, size)
+    mask = buffers.mask[0, ..., 0].numpy() > 0
+    rgb = np.where(mask[..., None], linear_to_srgb(buffers.rendered[0].numpy()), 0.5)
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def test_dlib_stage_flags_faceless_images_and_training_skips_them(setup, tmp_path):
+    folder = tmp_path / "corpus"
+    build_corpus(folder, CorpusSettings(str(setup["generator"]), count=3, shard_size=3,
+                                        image_size=128), progress=False)
+    images = np.load(folder / "shard_00000" / "images.npy")
+    images[0], images[2] = demo_render(128, 0.0), demo_render(128, 0.15)  # 1 stays noise
+    np.save(folder / "shard_00000" / "images.npy", images)
+
+    summary = detect_corpus_landmarks(folder, source="dlib", progress=False)
+    assert summary["found"] == 2 and summary["flagged_indices"] == [1]
+    landmarks, found, source = Corpus(folder).landmarks()
+    assert found.tolist() == [True, False, True] and source == "dlib-hog"
+    assert np.all(landmarks[0] > 0) and np.all(landmarks[0] < 128)
+    assert not landmarks[1].any()
+    data = TrainingData(folder)
+    assert data.usable.tolist() == [0, 2]
+    assert all(1 not in data.batch(0, step, 4) for step in range(50))
+    with pytest.raises(ValueError, match="holds dlib-hog landmarks"):
+        detect_corpus_landmarks(folder, source="synthetic", progress=False)
+
+
+def test_synthetic_landmarks_are_an_explicit_test_source(setup):
+    summary = json.loads((setup["root"] / "corpus" / "landmarks.json").read_text())
+    assert summary["source"] == "synthetic" and summary["flagged"] == 0
+    landmarks, _, _ = Corpus(setup["root"] / "corpus").landmarks()
+    assert landmarks.min() > 0 and landmarks.max() < 32          # the framed head
+    assert np.abs(landmarks[0] - landmarks[1]).max() > 0.5        # posed per sample
+
+
+# --------------------------------------------------------------------------------------------
+# DFR
+
+def test_dfr_training_lowers_its_loss_and_writes_its_outputs(setup):
+    run = setup["root"] / "dfr"
+    log = records(run)
+    assert [r["step"] for r in log] == list(range(1, 25))
+    assert {"loss", "photo", "landmarks", "prior_shape", "prior_expression",
+            "prior_albedo"} <= set(log[0])
+    first = np.mean([r["loss"] for r in log[:4]])
+    last = np.mean([r["loss"] for r in log[-4:]])
+    assert last < 0.7 * first
+    assert np.mean([r["landmarks"] for r in log[-4:]]) < np.mean([r["landmarks"]
+                                                                  for r in log[:4]])
+    assert len((run / "log.csv").read_text().splitlines()) == 25
+    assert Image.open(run / "previews" / "step_0000024.png").size[0] >= 3 * 128
+    net, meta = load_dfr(run / "dfr.safetensors")
+    assert meta["step"] == "24" and meta["landmarks"] == "synthetic"
+
+
+def crash_at(monkeypatch, step: int):
+    """Make training die (like a kill: no checkpoint on the way out) when it starts the batch
+    of step index ``step``."""
+    original = TrainingData.batch
+
+    def batch(self, seed, step_index, size, stream=0):
+        if step_index == step:
+            raise RuntimeError("simulated kill")
+        return original(self, seed, step_index, size, stream)
+
+    monkeypatch.setattr(TrainingData, "batch", batch)
+
+
+def assert_same_run(resumed, reference):
+    a = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    b = torch.load(reference / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 24
+    for key in b["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for index, state in b["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(a["optimizer"]["state"][index][name]),
+                               torch.as_tensor(value)), (index, name)
+    strip = [{k: v for k, v in r.items() if k != "time"} for r in records(reference)]
+    assert [{k: v for k, v in r.items() if k != "time"} for r in records(resumed)] == strip
+
+
+def test_dfr_resumes_after_a_kill_exactly(setup, tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        crash_at(patch, CRASH_STEP)
+        with pytest.raises(RuntimeError, match="simulated kill"):
+            train_dfr(setup["root"] / "corpus", tmp_path / "dfr", setup["dfr"], progress=False)
+    assert torch.load(tmp_path / "dfr" / "checkpoint.pt", weights_only=True)["step"] == 8
+    assert len(records(tmp_path / "dfr")) == CRASH_STEP
+    train_dfr(setup["root"] / "corpus", tmp_path / "dfr", setup["dfr"], progress=False)
+    assert_same_run(tmp_path / "dfr", setup["root"] / "dfr")
+    with pytest.raises(ValueError, match="hidden"):
+        train_dfr(setup["root"] / "corpus", tmp_path / "dfr",
+                  DFRSettings(**{**setup["dfr"].__dict__, "hidden": 32}), progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# RigNet
+
+def objective_on_fixed_pairs(setup, rignet: RigNet) -> dict[str, float]:
+    """The training objective on fixed pairs: every usable sample edited towards another in
+    every mode."""
+    data = TrainingData(setup["root"] / "corpus")
+    dfr, _ = load_dfr(setup["root"] / "dfr" / "dfr.safetensors")
+    face, embedding = load_face(str(setup["face"]), str(setup["embedding"]))
+    loss = RenderLoss(FaceRenderer(face, embedding, dfr.layout), 32, RenderLossWeights())
+    objective = RigNetObjective(rignet, dfr, loss, setup["rignet"])
+    w_index = np.repeat(data.usable[:6], 3)
+    v_index = np.roll(w_index, 3)
+    modes = ["pose", "expression", "lighting"] * 6
+    with torch.no_grad():
+        terms = objective(data.w(w_index, "cpu"), data.w(v_index, "cpu"),
+                          data.targets(w_index, 32, "cpu"), data.targets(v_index, 32, "cpu"),
+                          modes)
+    return {k: float(v) for k, v in terms.items()}
+
+
+def row(batch, i: int):
+    """Row i of FaceParams or Targets, as a batch of one."""
+    if isinstance(batch, Targets):
+        return Targets(batch.photo[i:i + 1], batch.landmarks[i:i + 1], batch.region[i:i + 1])
+    return batch.map(lambda t: t[i:i + 1])
+
+
+def test_rignet_objective_follows_the_paper(setup):
+    """L_rec, L_edit and L_consist of a random RigNet, written out from their definitions."""
+    data = TrainingData(setup["root"] / "corpus")
+    dfr, _ = load_dfr(setup["root"] / "dfr" / "dfr.safetensors")
+    face, embedding = load_face(str(setup["face"]), str(setup["embedding"]))
+    loss = RenderLoss(FaceRenderer(face, embedding, dfr.layout), 32, RenderLossWeights(50.0))
+    rignet = RigNet(8, 16, 4, layout=dfr.layout.control_layout())
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        rignet.decoder.weight.copy_(torch.randn(rignet.decoder.weight.shape, generator=g) * 0.3)
+    settings = RigNetSettings(dfr="unused", w_rec=2.0, w_edit=3.0, w_consist=5.0)
+    wi, vi, modes = data.usable[[0, 1, 2]], data.usable[[3, 4, 5]], ["pose", "expression",
+                                                                      "lighting"]
+    w, v = data.w(wi, "cpu"), data.w(vi, "cpu")
+    t_w, t_v = data.targets(wi, 32, "cpu"), data.targets(vi, 32, "cpu")
+    with torch.no_grad():
+        terms = RigNetObjective(rignet, dfr, loss, settings)(w, v, t_w, t_v, modes)
+        layout = rignet.layout
+        p_w, p_v = dfr(w), dfr(v)
+        c_w, c_v = p_w.controls(layout), p_v.controls(layout)
+        rec = (((rignet(w, c_w) - w) ** 2).mean() + ((rignet(v, c_v) - v) ** 2).mean()) / 2
+        edit, consist = [], []
+        for i, mode in enumerate(modes):
+            for a, b, p_a, p_b, c_a, c_b, t_a, t_b in ((w, v, p_w, p_v, c_w, c_v, t_w, t_v),
+                                                       (v, w, p_v, p_w, c_v, c_w, t_v, t_w)):
+                request = c_a[i:i + 1].clone()
+                for name in {"pose": ["global_pose"], "expression": ["jaw", "expression"],
+                             "lighting": ["sh"]}[mode]:
+                    request[:, layout.slices[name]] = c_b[i:i + 1, layout.slices[name]]
+                p_hat = dfr(rignet(a[i:i + 1], request))
+                p_edit = row(p_b, i).take(p_hat, [mode])       # b's face, the mode from p_hat
+                p_consist = p_hat.take(row(p_a, i), [mode])    # p_hat, the mode back from a
+                edit.append(loss.terms(p_edit, row(t_b, i))[0]["render"])
+                consist.append(loss.terms(p_consist, row(t_a, i))[0]["render"])
+        edit, consist = torch.cat(edit).mean(), torch.cat(consist).mean()
+    torch.testing.assert_close(terms["rec"], rec)
+    torch.testing.assert_close(terms["edit"], edit, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(terms["consist"], consist, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(terms["loss"], 2 * rec + 3 * edit + 5 * consist, rtol=1e-4,
+                               atol=1e-6)
+    assert rec > 0 and edit > 0 and consist > 0
+
+
+def test_rignet_training_lowers_its_losses(setup):
+    trained = load_rignet(setup["root"] / "rignet" / "rignet.safetensors")
+    untrained = load_rignet(setup["root"] / "rignet" / "rignet.safetensors")
+    with torch.no_grad():                       # step 0: the decoder starts at zero
+        untrained.decoder.weight.zero_()
+        untrained.decoder.bias.zero_()
+    before, after = objective_on_fixed_pairs(setup, untrained), \
+        objective_on_fixed_pairs(setup, trained)
+    assert before["rec"] == 0.0 < after["rec"]
+    assert after["edit"] < before["edit"]
+    assert after["loss"] < before["loss"]
+    log = records(setup["root"] / "rignet")
+    assert {"rec", "edit", "consist", "edit_photo", "edit_landmarks"} <= set(log[0])
+
+
+def test_rignet_resumes_after_a_kill_exactly(setup, tmp_path, monkeypatch):
+    corpus = setup["root"] / "corpus"
+    with monkeypatch.context() as patch:
+        crash_at(patch, CRASH_STEP)
+        with pytest.raises(RuntimeError, match="simulated kill"):
+            train_rignet(corpus, tmp_path / "rignet", setup["rignet"], progress=False)
+    train_rignet(corpus, tmp_path / "rignet", setup["rignet"], progress=False)
+    assert_same_run(tmp_path / "rignet", setup["root"] / "rignet")
+    # The preview shows the generator's edits: 2 images + (edit, render) per mode per row.
+    preview = Image.open(tmp_path / "rignet" / "previews" / "step_0000024.png")
+    assert preview.size[0] == (2 + 2 * 3) * 128
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation
+
+def test_evaluation_measures_the_distance_to_the_request(setup, tmp_path):
+    root = setup["root"]
+    dfr, _ = load_dfr(root / "dfr" / "dfr.safetensors")
+    identity = RigNet(8, 16, 4, layout=dfr.layout.control_layout())
+    save_rignet(identity, tmp_path / "identity.safetensors")
+    settings = EvalSettings(dfr=str(root / "dfr" / "dfr.safetensors"),
+                            rignet=str(tmp_path / "identity.safetensors"), edits=12)
+    summary = evaluate(root / "corpus", settings, out_dir=tmp_path / "eval", progress=False)
+
+    # An identity RigNet leaves every face as it was: each pose edit misses by the angle
+    # between the two faces' poses, and nothing else moves.
+    data = TrainingData(root / "corpus")
+    edits = [json.loads(line) for line in (tmp_path / "eval" / "edits.jsonl").read_text()
+             .splitlines()]
+    pose_edits = [e for e in edits if e["mode"] == "pose"]
+    with torch.no_grad():
+        pose_w = dfr(data.w([e["w"] for e in pose_edits], "cpu")).global_pose
+        pose_v = dfr(data.w([e["v"] for e in pose_edits], "cpu")).global_pose
+    expected = rotation_angle_deg(pose_w, pose_v)
+    assert expected.min() > 0.1
+    np.testing.assert_allclose([e["pose_deg"] for e in pose_edits], expected.numpy(), rtol=1e-4)
+    assert summary["modes"]["pose"]["expression_l2"]["mean"] < 1e-5
+    assert summary["modes"]["lighting"]["sh_l2"]["mean"] == pytest.approx(
+        summary["modes"]["lighting"]["sh_l2"]["before_mean"], rel=1e-5)
+
+    trained = evaluate(root / "corpus", EvalSettings(**{
+        **settings.__dict__, "rignet": str(root / "rignet" / "rignet.safetensors")}),
+        progress=False)
+    for entry in trained["modes"].values():
+        assert entry["edits"] == 4 and entry["failures"] == 0
+        assert all(math.isfinite(entry[k]["mean"]) for k in ("pose_deg", "sh_l2"))
+
+
+def test_rotation_angle_is_the_geodesic_distance():
+    a = torch.tensor([[0.0, 0.3, 0.0], [0.1, 0.0, 0.0]])
+    b = torch.tensor([[0.0, 0.1, 0.0], [0.1, 0.0, 0.0]])
+    torch.testing.assert_close(rotation_angle_deg(a, b), torch.tensor([math.degrees(0.2), 0.0]),
+                               atol=1e-4, rtol=0)
+
+
+def test_cli_runs_a_stage_and_reports_bad_input(setup, tmp_path, capsys):
+    from server.training.stylerig.cli import main
+
+    root = setup["root"]
+    common = ["--quiet", "evaluate", "--corpus", str(root / "corpus"),
+              "--dfr", str(root / "dfr" / "dfr.safetensors"), "--edits", "6"]
+    assert main(common + ["--rignet", str(root / "rignet" / "rignet.safetensors"),
+                          "--out", str(tmp_path / "eval")]) == 0
+    table = capsys.readouterr().out
+    assert all(mode in table for mode in ("pose", "expression", "lighting"))
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["edits"] == 6
+    assert main(common + ["--rignet", str(root / "dfr" / "dfr.safetensors")]) == 2
+    assert "not a RigNet" in capsys.readouterr().err
