@@ -95,7 +95,7 @@ def world_to_sh(world, R_world_to_frame) -> np.ndarray:
         if len(_world_cache) >= _CACHE_LIMIT:
             _world_cache.clear()
         _world_cache[key] = code
-    return rotate_sh(code, R_world_to_frame)
+    return sh.rotate(code, R_world_to_frame)
 
 
 def describe_world(world) -> str:
@@ -278,31 +278,6 @@ def downsample_equirect(pixels: np.ndarray, height: int, width: int) -> np.ndarr
     col_count = np.diff(np.append(col_start, w))
     weight = np.add.reduceat(row_weight, row_start)[:, None] * col_count[None, :]
     return summed / weight[..., None]
-
-
-# ----------------------------------------------------------------------------- rotation
-
-def _fit_directions() -> np.ndarray:
-    """26 well-spread unit directions (cube faces, edges and corners)."""
-    grid = np.array([(x, y, z) for x in (-1, 0, 1) for y in (-1, 0, 1) for z in (-1, 0, 1)
-                     if (x, y, z) != (0, 0, 0)], dtype=np.float64)
-    return grid / np.linalg.norm(grid, axis=1, keepdims=True)
-
-
-_FIT_DIRS = _fit_directions()
-_FIT_PINV = np.linalg.pinv(sh.basis(_FIT_DIRS) * sh.ORTHONORMAL)       # [9, 26]
-
-
-def rotate_sh(code: np.ndarray, rotation) -> np.ndarray:
-    """Light code [9, 3] of the same environment seen in a frame where direction d of the
-    original frame becomes ``rotation @ d``.
-
-    Each band of real SH is closed under rotation, so Y(R d) = Y(d) M for a block-diagonal
-    [9, 9] M, found exactly by least squares on 26 directions; then c' = M^T c. (The DECA
-    code scales each band by one constant, so it rotates like the plain coefficients.)
-    """
-    rotated = sh.basis(_FIT_DIRS @ np.asarray(rotation, dtype=np.float64).T) * sh.ORTHONORMAL
-    return (_FIT_PINV @ rotated).T @ code
 
 
 # ----------------------------------------------------------------------------- lamps

@@ -91,3 +91,26 @@ def equirect_directions(height: int, width: int) -> tuple[np.ndarray, np.ndarray
     band = (np.cos(edges[1:]) - np.cos(edges[:-1])) * 2 * math.pi / width
     solid = np.broadcast_to(np.abs(band)[:, None], (height, width))
     return dirs.reshape(-1, 3), solid.reshape(-1).copy()
+
+
+def _fit_directions(n: int = 64) -> np.ndarray:
+    """``n`` well-spread unit vectors (Fibonacci sphere)."""
+    i = np.arange(n) + 0.5
+    z = 1 - 2 * i / n
+    phi = math.pi * (3 - math.sqrt(5)) * i
+    rho = np.sqrt(1 - z * z)
+    return np.stack([rho * np.cos(phi), rho * np.sin(phi), z], axis=1)
+
+
+_FIT_DIRECTIONS = _fit_directions()
+_FIT = np.linalg.pinv(basis(_FIT_DIRECTIONS) * SH_CONSTANTS)                 # [9, 64]
+
+
+def rotate(code: np.ndarray, rotation) -> np.ndarray:
+    """Light code [9, 3] of the same lighting in a frame where direction d becomes
+    ``rotation @ d``: shade(rotation @ n; result) = shade(n; code) for every unit n.
+
+    Shading is a polynomial of degree <= 2 in n, a space closed under rotation, so a
+    least-squares fit on 64 directions recovers the rotated code exactly (to rounding)."""
+    original = _FIT_DIRECTIONS @ np.asarray(rotation, dtype=np.float64)      # rows R^T m
+    return _FIT @ ((basis(original) * SH_CONSTANTS) @ np.asarray(code, dtype=np.float64))

@@ -35,11 +35,11 @@ import torch
 
 from portrait_rig.face_data import FaceData
 from portrait_rig.params import RigParams
-from portrait_rig.sh import SH_CONSTANTS, basis
+from portrait_rig import sh
+from portrait_rig.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 from server.face_model import FaceModel
 from server.renderer import BufferRenderer, Buffers, CameraBatch, project, screen_space
 from server.renderer.buffers import barycentrics
-from server.renderer.cameras import axis_angle_matrix
 from server.renderer.srgb import linear_to_srgb
 from server.renderer.texture import FlameTexture, sample_albedo, uv_grid
 
@@ -98,56 +98,6 @@ class RigGeometry:
         return self.centroid_template + self.centroid_dirs @ coefficients
 
 
-def matrix_axis_angle(rotation: np.ndarray) -> np.ndarray:
-    """Rotation matrix [3, 3] -> axis-angle [3] with angle in [0, pi] (via a unit quaternion,
-    stable at every angle)."""
-    r = np.asarray(rotation, dtype=np.float64)
-    trace = np.trace(r)
-    # Shepperd: build the quaternion from its largest component.
-    candidates = [trace, r[0, 0], r[1, 1], r[2, 2]]
-    k = int(np.argmax(candidates))
-    if k == 0:
-        w = math.sqrt(max(1.0 + trace, 0.0)) / 2
-        xyz = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]]) / (4 * w)
-    else:
-        i, j, m = k - 1, k % 3, (k + 1) % 3
-        q = np.zeros(3)
-        q[i] = math.sqrt(max(1.0 + r[i, i] - r[j, j] - r[m, m], 0.0)) / 2
-        q[j] = (r[j, i] + r[i, j]) / (4 * q[i])
-        q[m] = (r[m, i] + r[i, m]) / (4 * q[i])
-        w = (r[m, j] - r[j, m]) / (4 * q[i])
-        xyz = q
-    if w < 0:
-        w, xyz = -w, -xyz
-    norm = float(np.linalg.norm(xyz))
-    if norm < 1e-12:
-        return np.zeros(3)
-    return xyz / norm * 2 * math.atan2(norm, w)
-
-
-def _sh_fit_directions() -> np.ndarray:
-    """64 well-spread unit vectors (Fibonacci sphere) for fitting rotated SH exactly."""
-    i = np.arange(64) + 0.5
-    z = 1 - 2 * i / 64
-    phi = math.pi * (3 - math.sqrt(5)) * i
-    rho = np.sqrt(1 - z * z)
-    return np.stack([rho * np.cos(phi), rho * np.sin(phi), z], axis=1)
-
-
-_SH_DIRECTIONS = _sh_fit_directions()
-_SH_FIT = np.linalg.pinv(basis(_SH_DIRECTIONS) * SH_CONSTANTS)                # [9, 64]
-
-
-def rotate_sh(sh: np.ndarray, rotation: np.ndarray) -> np.ndarray:
-    """Light code [9, 3] re-expressed in a frame whose axes are the columns of ``rotation``
-    (world from frame): shade(n; result) = shade(rotation @ n; sh) for every unit n.
-
-    Shading is a polynomial of degree <= 2 in n and that space is closed under rotation, so a
-    least-squares fit on 64 directions is exact (to rounding)."""
-    rotated = _SH_DIRECTIONS @ np.asarray(rotation, dtype=np.float64).T        # rotation @ n
-    return _SH_FIT @ ((basis(rotated) * SH_CONSTANTS) @ np.asarray(sh, dtype=np.float64))
-
-
 def deca_codes(params: list[RigParams], geometry: RigGeometry, width: int,
                height: int) -> DecaCodes:
     """DECA's codes for rendering each ``params`` into the square that covers a width x height
@@ -191,15 +141,15 @@ def deca_codes(params: list[RigParams], geometry: RigGeometry, width: int,
         deca_joints = geometry.joints(deca_coeffs)
 
         perspective = p.camera.type == "perspective"
-        r_cam = axis_angle_matrix(p.camera.rotation) if perspective else np.eye(3)
+        r_cam = axis_angle_to_matrix(p.camera.rotation) if perspective else np.eye(3)
         location = np.asarray(p.camera.location) if perspective else np.zeros(3)
-        r_global, r_neck = axis_angle_matrix(p.pose.global_), axis_angle_matrix(p.pose.neck)
+        r_global, r_neck = axis_angle_to_matrix(p.pose.global_), axis_angle_to_matrix(p.pose.neck)
         r_deca = r_cam.T @ r_global @ r_neck
         j0, j1 = rig_joints[0], rig_joints[1]
         offset = (r_cam.T @ (r_global @ (j1 - r_neck @ j1 - j0) + j0
                              + np.asarray(p.translation) - location)
                   + r_deca @ deca_joints[0] - deca_joints[0])
-        pose[b, :3], pose[b, 3:] = matrix_axis_angle(r_deca), p.pose.jaw
+        pose[b, :3], pose[b, 3:] = matrix_to_axis_angle(r_deca), p.pose.jaw
         if perspective:
             centre = (r_deca @ (geometry.centroid(deca_coeffs) - deca_joints[0])
                       + deca_joints[0] + offset)
@@ -212,7 +162,7 @@ def deca_codes(params: list[RigParams], geometry: RigGeometry, width: int,
         else:
             cam[b] = (p.camera.scale * height / side, p.camera.tx + offset[0],
                       p.camera.ty + offset[1])
-        light[b] = rotate_sh(p.lighting.sh, r_cam) if perspective else p.lighting.sh
+        light[b] = sh.rotate(p.lighting.sh, r_cam.T) if perspective else p.lighting.sh
 
     def t(array):
         return torch.from_numpy(array).float()

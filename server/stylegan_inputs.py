@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from portrait_rig.params import Camera, RigParams
-from server.renderer.cameras import CameraBatch, axis_angle_matrix, project
+from portrait_rig.rotations import axis_angle_to_matrix, matrix_to_axis_angle
+from server.renderer.cameras import CameraBatch, project
 
 
 # ------------------------------------------------------------------------------ identity
@@ -147,7 +148,7 @@ def rig_views(params: list[RigParams], width: int, height: int) -> list[RigView]
     side = max(width, height)
     views = []
     for p, (x, y), z in zip(params, ndc[:, 0].tolist(), depth[:, 0].tolist()):
-        relative = _camera_rotation(p.camera).T @ axis_angle_matrix(p.pose.global_)
+        relative = _camera_rotation(p.camera).T @ axis_angle_to_matrix(p.pose.global_)
         # Swing-twist split about the viewing axis z: the twist angle is 2 atan2(q_z, q_w) of
         # the rotation's quaternion, which is this atan2 of matrix entries.
         roll = math.atan2(relative[1, 0] - relative[0, 1], relative[0, 0] + relative[1, 1])
@@ -162,37 +163,9 @@ def _camera_rotation(camera: Camera) -> np.ndarray:
     """Camera-to-model rotation; DECA's orthographic camera looks down -Z unrotated."""
     if camera.type == "orthographic":
         return np.eye(3)
-    return axis_angle_matrix(camera.rotation)
+    return axis_angle_to_matrix(camera.rotation)
 
 
 def _rotation_z(angle: float) -> np.ndarray:
     c, s = math.cos(angle), math.sin(angle)
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-
-
-def matrix_to_axis_angle(matrix: np.ndarray) -> np.ndarray:
-    """Rotation matrix [3, 3] -> axis-angle [3] (radians, angle in [0, pi]), through the
-    unit quaternion (Shepperd's method: divide by the largest of its four components)."""
-    m = np.asarray(matrix, dtype=np.float64)
-    trace = np.trace(m)
-    candidates = [trace, m[0, 0], m[1, 1], m[2, 2]]
-    k = int(np.argmax(candidates))
-    if k == 0:
-        w = math.sqrt(max(1.0 + trace, 0.0)) / 2
-        q = np.array([w, (m[2, 1] - m[1, 2]) / (4 * w), (m[0, 2] - m[2, 0]) / (4 * w),
-                      (m[1, 0] - m[0, 1]) / (4 * w)])
-    else:
-        i, j, l = k - 1, k % 3, (k + 1) % 3
-        v = math.sqrt(max(1.0 + m[i, i] - m[j, j] - m[l, l], 0.0)) / 2
-        q = np.empty(4)
-        q[0] = (m[l, j] - m[j, l]) / (4 * v)
-        q[1 + i] = v
-        q[1 + j] = (m[j, i] + m[i, j]) / (4 * v)
-        q[1 + l] = (m[l, i] + m[i, l]) / (4 * v)
-    if q[0] < 0:
-        q = -q
-    sin_half = float(np.linalg.norm(q[1:]))
-    if sin_half < 1e-12:
-        return np.zeros(3)
-    angle = 2 * math.atan2(sin_half, q[0])
-    return q[1:] / sin_half * angle

@@ -12,10 +12,11 @@ import torch
 from portrait_rig import sh
 from portrait_rig.face_source import load_face_data
 from portrait_rig.params import RigParams
-from server.deca_buffers import DecaBufferRenderer, matrix_axis_angle, rotate_sh
+from portrait_rig.rotations import axis_angle_to_matrix, matrix_to_axis_angle
+from portrait_rig.sh import rotate
+from server.deca_buffers import DecaBufferRenderer
 from server.face_model import FaceModel
 from server.renderer import CameraBatch, project
-from server.renderer.cameras import axis_angle_matrix
 from server.renderer.texture import FlameTexture, TextureError
 
 SIZE = 64
@@ -120,8 +121,8 @@ def test_neck_rotation_is_folded_into_the_global_rotation(deca, demo):
 def test_global_and_neck_compose(deca):
     g, n = [0.1, 0.5, -0.2], [0.3, -0.1, 0.2]
     codes = deca.codes([params(pose={"global": g, "neck": n}, camera=ORTHO)], SIZE, SIZE)
-    want = axis_angle_matrix(g) @ axis_angle_matrix(n)
-    np.testing.assert_allclose(axis_angle_matrix(codes.pose[0, :3].double().numpy()), want,
+    want = axis_angle_to_matrix(g) @ axis_angle_to_matrix(n)
+    np.testing.assert_allclose(axis_angle_to_matrix(codes.pose[0, :3].double().numpy()), want,
                                atol=1e-6)
 
 
@@ -156,7 +157,7 @@ def test_light_follows_a_rotated_camera(deca):
     codes = deca.codes([rig], SIZE, SIZE)
     normals = np.random.default_rng(1).normal(size=(50, 3))
     normals /= np.linalg.norm(normals, axis=1, keepdims=True)
-    world = normals @ axis_angle_matrix(rotation).T           # camera-frame normals in the world
+    world = normals @ axis_angle_to_matrix(rotation).T           # camera-frame normals in the world
     np.testing.assert_allclose(sh.shade(normals, codes.light[0].double().numpy()),
                                sh.shade(world, light), atol=1e-5)
     ortho = deca.codes([params(camera={**ORTHO, "rotation": rotation},
@@ -166,13 +167,13 @@ def test_light_follows_a_rotated_camera(deca):
 
 def test_rotate_sh_and_axis_angle_round_trips():
     light = np.random.default_rng(2).normal(size=(9, 3))
-    np.testing.assert_allclose(rotate_sh(light, np.eye(3)), light, atol=1e-12)
-    r = axis_angle_matrix([0.3, -1.0, 0.4])
-    np.testing.assert_allclose(rotate_sh(rotate_sh(light, r), r.T), light, atol=1e-10)
+    np.testing.assert_allclose(rotate(light, np.eye(3)), light, atol=1e-12)
+    r = axis_angle_to_matrix([0.3, -1.0, 0.4])
+    np.testing.assert_allclose(rotate(rotate(light, r), r.T), light, atol=1e-10)
     for vector in ([0.0, 0.0, 0.0], [1e-9, 0, 0], [0.3, -1.0, 0.4], [0.0, math.pi - 1e-7, 0.0],
                    [math.pi / math.sqrt(2), 0.0, -math.pi / math.sqrt(2)]):
-        back = axis_angle_matrix(matrix_axis_angle(axis_angle_matrix(vector)))
-        np.testing.assert_allclose(back, axis_angle_matrix(vector), atol=1e-9)
+        back = axis_angle_to_matrix(matrix_to_axis_angle(axis_angle_to_matrix(vector)))
+        np.testing.assert_allclose(back, axis_angle_to_matrix(vector), atol=1e-9)
 
 
 # ---------------------------------------------------------------------------- texture space

@@ -142,15 +142,29 @@ def test_passes_are_the_conditioning_buffers(client, home):
     assert 0 <= albedo.min() and albedo.max() <= 1
 
 
-def test_batched_requests_share_one_network_batch(client, home):
-    alone = [pixels(client.render(rig(home, seed=s), W, H)).astype(int) for s in (5, 6)]
-    client.send_render(rig(home, seed=7), W, H)            # keeps the worker busy meanwhile
-    ids = [client.send_render(rig(home, seed=s), W, H) for s in (5, 6)]
-    replies = [client.receive() for _ in range(3)]
-    grouped = [r for r in replies if r.id in ids]
-    assert len(grouped) == 2 and all(r.header["batch_size"] >= 2 for r in grouped)
-    for reply, own in zip(grouped, alone):
-        assert np.abs(pixels(reply) - own).max() <= 2       # batched float maths, same frame
+@pytest.mark.usefixtures("single_thread")
+def test_batched_requests_share_one_network_batch(home, small_face):
+    """The scheduler hands a backend several requests at once (tests/test_server.py checks the
+    grouping); the backend must run them as one UNet batch, each as it would render alone."""
+    from portrait_rig.params import RigParams
+    from server.backends import RenderRequest, create_backend
+
+    backend = create_backend("diffusionrig", small_face, steps=str(STEPS),
+                             resolution=str(RESOLUTION),
+                             checkpoint=str(home / "diffusionrig" / "model.safetensors"))
+    requests = [RenderRequest(RigParams.from_dict(rig(home, seed=s)), W, H) for s in (5, 6)]
+    alone = [backend.render([r])[0].image.astype(int) for r in requests]
+    batch_sizes = []
+    hook = backend._model(None).denoisingUNet.register_forward_hook(
+        lambda module, args, out: batch_sizes.append(out.shape[0]))
+    try:
+        together = backend.render(requests)
+    finally:
+        hook.remove()
+    assert batch_sizes == [2] * STEPS
+    for result, own in zip(together, alone):
+        assert np.abs(result.image.astype(int) - own).max() <= 2   # batched float maths
+    assert np.abs(alone[0] - alone[1]).mean() > 5                  # and the frames differ
 
 
 # ---------------------------------------------------------------------------- previews

@@ -18,8 +18,8 @@ from server.backends.preview import PreviewBackend
 from server.face_model import FaceModel
 from server.models.rignet import ControlLayout, RigNet, control_vector, save_rignet
 from server.models.stylegan3 import set_transform
-from server.renderer.cameras import axis_angle_matrix
-from server.stylegan_inputs import matrix_to_axis_angle, rig_views, seed_z
+from portrait_rig.rotations import axis_angle_to_matrix, matrix_to_axis_angle
+from server.stylegan_inputs import rig_views, seed_z
 from server.temporal import Shot, smooth_latents
 from server_process import ServerProcess
 from stylegan_fixtures import SMALL_SG3_R, TINY_SG2, random_generator, write_nvidia_pickle
@@ -183,19 +183,19 @@ def test_rignet_sees_the_head_relative_to_the_camera_without_roll(rigged):
 def test_rig_views_split_roll_from_swing_and_place_the_head():
     params = rig(yaw=0.3, roll=0.0)
     params.pose.global_ = list(matrix_to_axis_angle(
-        axis_angle_matrix([0, 0, 0.4]) @ axis_angle_matrix([0.2, 0.3, 0.0])))
+        axis_angle_to_matrix([0, 0, 0.4]) @ axis_angle_to_matrix([0.2, 0.3, 0.0])))
     params.translation = [0.05, 0.0, 0.0]
     view, = rig_views([params], 64, 32)
     assert view.roll == pytest.approx(0.4)
-    np.testing.assert_allclose(axis_angle_matrix(view.pose),
-                               axis_angle_matrix([0.2, 0.3, 0.0]), atol=1e-12)
+    np.testing.assert_allclose(axis_angle_to_matrix(view.pose),
+                               axis_angle_to_matrix([0.2, 0.3, 0.0]), atol=1e-12)
     # 5 cm right at 1.2 m with a 14 degree vertical field: x_ndc = f * 0.05 / 1.2 * 32 / 64.
     focal = 1 / math.tan(math.radians(14) / 2)
     assert view.shift == pytest.approx((focal * 0.05 / 1.2 * 0.5 * 32 / 64, 0.0))
     for angle in (0.0, 1.0, math.pi - 1e-3, 3.0):
         vec = np.array([0.6, -0.8, 0.0]) * angle
-        np.testing.assert_allclose(axis_angle_matrix(matrix_to_axis_angle(
-            axis_angle_matrix(vec))), axis_angle_matrix(vec), atol=1e-9)
+        np.testing.assert_allclose(axis_angle_to_matrix(matrix_to_axis_angle(
+            axis_angle_to_matrix(vec))), axis_angle_to_matrix(vec), atol=1e-9)
 
 
 # ---------------------------------------------------------------------------- StyleGAN3

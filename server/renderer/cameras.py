@@ -23,17 +23,7 @@ import numpy as np
 import torch
 
 from portrait_rig.params import Camera
-
-
-def axis_angle_matrix(rotation) -> np.ndarray:
-    """Rodrigues: axis-angle [3] (radians) -> rotation matrix [3, 3] float64."""
-    vec = np.asarray(rotation, dtype=np.float64)
-    angle = float(np.linalg.norm(vec))
-    if angle < 1e-12:
-        return np.eye(3)
-    k = vec / angle
-    cross = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
-    return np.eye(3) + math.sin(angle) * cross + (1.0 - math.cos(angle)) * cross @ cross
+from portrait_rig.rotations import axis_angle_to_matrix
 
 
 @dataclass
@@ -69,7 +59,7 @@ class CameraBatch:
                                  f"got {cam.type!r}")
         table = np.array([[cam.fov_y, cam.near, cam.far, cam.scale, cam.tx, cam.ty,
                            *cam.location] for cam in cameras], dtype=np.float64)
-        rotation = np.stack([axis_angle_matrix(cam.rotation) for cam in cameras])
+        rotation = np.stack([axis_angle_to_matrix(cam.rotation) for cam in cameras])
 
         def t(array):
             return torch.as_tensor(array, dtype=dtype).to(device)
