@@ -127,6 +127,8 @@ class LinkWorker(threading.Thread):
         self.status = LinkStatus()
         self._stopping = threading.Event()
         self._last_job: RenderJob | None = None
+        self._progressive: set = set()
+        self._default_backend = None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -152,6 +154,11 @@ class LinkWorker(threading.Thread):
                 continue
             backoff = BACKOFF_MIN_S
             self.status.set(CONNECTED, "", hello=hello)
+            # Progressive backends (diffusion) stream x0 previews of a live frame, so the
+            # artist sees the edit after one sampler step instead of after all of them.
+            self._progressive = {b.get("name") for b in hello.get("backends", [])
+                                 if isinstance(b, dict) and b.get("previews")}
+            self._default_backend = hello.get("default_backend")
             if self._last_job is not None and self.slot.take() is None:
                 self.slot.put(self._last_job)               # re-render after a reconnect
             try:
@@ -170,8 +177,10 @@ class LinkWorker(threading.Thread):
         sent = failed = 0              # send order of the newest request, of the last failure
         while not self.stopping:
             if len(in_flight) < MAX_IN_FLIGHT and (job := self.slot.take()) is not None:
+                backend = job.backend or self._default_backend
                 rid = client.send_render(job.params, job.width, job.height, backend=job.backend,
-                                         format=FRAME_FORMAT, mode="live")
+                                         format=FRAME_FORMAT, mode="live",
+                                         previews=backend in self._progressive)
                 sent += 1
                 in_flight[rid] = (sent, time.perf_counter())
                 self._last_job = job
@@ -191,6 +200,10 @@ class LinkWorker(threading.Thread):
                     raise                                   # about the connection itself
                 failed = in_flight.pop(exc.id)[0]
                 self.status.set(CONNECTED, _describe(exc, self.host, self.port))
+                continue
+            if isinstance(reply, wire.Preview):
+                if reply.id in in_flight:                   # the request's frame follows
+                    self.frames.put((reply, (time.perf_counter() - in_flight[reply.id][1]) * 1e3))
                 continue
             order, start = in_flight.pop(getattr(reply, "id", None), (0, 0.0))
             if isinstance(reply, wire.Frame) and order:

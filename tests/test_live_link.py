@@ -259,3 +259,33 @@ def test_identity_edits_move_the_joints_on_a_timer(extension, render_server):
     assert bpy.app.timers.is_registered(live_link.apply_joint_updates)
     assert live_link.apply_joint_updates(force=True) is None
     assert (rig.data.bones["eye_L"].head_local - before).length > 1e-3
+
+
+def test_a_progressive_backend_streams_previews_into_the_image(extension, tmp_path):
+    """With a diffusion backend the artist sees the model's x0 estimate after the first
+    sampler step: the link asks for previews (the hello says the backend streams them), shows
+    them, and the request's frame still follows."""
+    from diffusionrig_fixtures import write_checkpoint
+    from server_process import ServerProcess
+    live_link = extension.module("blender_rig.live_link")
+    write_checkpoint(tmp_path / "diffusionrig" / "model.safetensors")
+    latent = tmp_path / "latent.npy"
+    np.save(latent, np.random.default_rng(0).normal(size=64).astype(np.float32))
+    with ServerProcess("--model", "demo", "--backend", "diffusionrig", "--quiet",
+                       "--option", "diffusionrig.resolution=16",
+                       "--option", "diffusionrig.steps=4",
+                       env={"PORTRAIT_RIG_HOME": str(tmp_path)}) as server:
+        rig = go_live(extension, server)
+        received = []
+        frames = live_link._session.worker.frames
+        put = frames.put
+        frames.put = lambda item, *args, **kw: (received.append(item[0]), put(item, *args, **kw))
+        rig.portrait_rig.latent_file = str(latent)            # the appearance: a new request
+        bpy.context.view_layer.update()
+        finals = lambda: [r for r in received if type(r).__name__ == "Frame"]  # noqa: E731
+        pump(live_link.drain_frames, finals, timeout=60)
+        request = finals()[0].id
+        steps = [r.step for r in received if type(r).__name__ == "Preview" and r.id == request]
+        assert steps == [1, 2, 3]
+        assert live_link.status()["frames"] >= 1
+        live_link.stop()

@@ -26,6 +26,10 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
                  "RigNet weights)"),
 }
 
+# Backends that refine a frame over sampler steps and stream ``preview`` messages for live
+# requests that ask for them (clients learn it from the hello's ``backends[*].previews``).
+_PROGRESSIVE = {"diffusionrig"}
+
 # name -> cheap check of the files a backend needs, (**options) -> problem or None; run at
 # server start so a missing model file is reported before anyone asks for that backend.
 _PREFLIGHT = {"diffusionrig": paths.diffusionrig_problem,
@@ -35,8 +39,9 @@ BACKEND_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
 def describe_backends() -> list[dict[str, str]]:
-    """[{name, description}] for every registered backend (imports nothing)."""
-    return [{"name": name, "description": entry[2]} for name, entry in _REGISTRY.items()]
+    """[{name, description, previews}] for every registered backend (imports nothing)."""
+    return [{"name": name, "description": entry[2], "previews": name in _PROGRESSIVE}
+            for name, entry in _REGISTRY.items()]
 
 
 def backend_problem(name: str, **options) -> str | None:
