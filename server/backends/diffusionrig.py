@@ -47,6 +47,7 @@ from server.diffusion import NoiseSchedule, ddim_sample, dpm_solver_pp_sample, i
 from server.face_model import FaceModel
 from server.models.diffusionrig import DiffusionRig, load_diffusionrig
 from server.renderer.buffers import CHANNELS
+from server.renderer.texture import choose_texture
 
 from .base import Backend, RenderCancelled, RenderRequest, RenderResult, StageTimer, check_request
 
@@ -132,24 +133,12 @@ class DiffusionRigBackend(Backend):
 
         if face_model.device != self.torch_device:
             face_model = FaceModel(face_model.data, self.torch_device)
-        self.buffers = DecaBufferRenderer(face_model, self._texture(texture, face_model))
+        self.buffers = DecaBufferRenderer(
+            face_model, choose_texture(texture, face_model.faces.shape[0], self.torch_device))
         self._latents: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._noise: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     # ------------------------------------------------------------------------ setup
-    def _texture(self, texture: str, face_model: FaceModel):
-        from server.renderer.texture import FlameTexture
-
-        if texture == "none":
-            return None
-        if texture == "auto":
-            path = paths.flame_texture()
-            if not path.is_file():
-                return None
-            loaded = FlameTexture(path, self.torch_device)
-            return loaded if loaded.n_faces == face_model.faces.shape[0] else None
-        return FlameTexture(Path(texture).expanduser(), self.torch_device)   # faces: checked later
-
     def _model(self, name: str | None) -> DiffusionRig:
         """The stage-1 model (None) or personal model ``name``, loaded on first use and kept
         in a small LRU (the stage-1 model is never evicted)."""

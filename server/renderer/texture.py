@@ -102,6 +102,25 @@ class FlameTexture:
         return self.directions[..., :n]
 
 
+def choose_texture(texture: str, n_faces: int, device="cpu") -> "FlameTexture | None":
+    """The albedo source named by a ``texture`` option, as the ``diffusionrig`` backend and
+    its training both choose it (so training and inference render the same albedo): "auto"
+    (``server.paths.flame_texture()`` when it exists and fits a mesh of ``n_faces``
+    triangles, else None: the face model's vertex albedo), "none", or a FLAME_texture.npz
+    path (its layout is checked against the mesh when it is used)."""
+    from server import paths
+
+    if texture == "none":
+        return None
+    if texture == "auto":
+        path = paths.flame_texture()
+        if not path.is_file():
+            return None
+        loaded = FlameTexture(path, device)
+        return loaded if loaded.n_faces == n_faces else None
+    return FlameTexture(Path(texture).expanduser(), device)
+
+
 def _bgr_to_chw(array: torch.Tensor) -> torch.Tensor:
     """[H, W, 3, ...] BGR -> [3, H, W, ...] RGB."""
     return array.flip(2).movedim(2, 0).contiguous()

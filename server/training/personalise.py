@@ -30,28 +30,12 @@ import torch
 
 from server import paths
 from server.models.diffusionrig import load_diffusionrig
+from server.renderer.texture import choose_texture
 
 from .album import PHOTO_SUFFIXES, album_data, fit_photos, list_photos, mean_shape
 from .diffusionrig_trainer import Trainer, TrainConfig
 
 ALBUM_DIR, ALBUM_FILE = "album", "album.json"
-
-
-def load_texture(texture: str, face_model, device="cpu"):
-    """"auto" (``paths.flame_texture()`` when it exists and fits the face model), "none", or
-    a FLAME_texture.npz path - the choice the ``diffusionrig`` backend offers, so training
-    and inference render the same albedo."""
-    from server.renderer.texture import FlameTexture
-
-    if texture == "none":
-        return None
-    if texture == "auto":
-        path = paths.flame_texture()
-        if not path.is_file():
-            return None
-        loaded = FlameTexture(path, device)
-        return loaded if loaded.n_faces == face_model.faces.shape[0] else None
-    return FlameTexture(Path(texture).expanduser(), device)
 
 
 def make_fitter(face_model, deca_model=None, embedding=None, method="auto", fit_size=256,
@@ -86,7 +70,8 @@ def personalise(photos, checkpoint, out_dir, config: TrainConfig = TrainConfig()
     log(f"album: {len(fitted)} photos ({stats['fitted']} fitted, {stats['cached']} from the "
         f"cache, {len(stats['skipped'])} skipped)")
     shape = mean_shape(fitted)
-    data = album_data(fitted, face_model, image_size, load_texture(texture, face_model))
+    texture = choose_texture(texture, face_model.faces.shape[0])
+    data = album_data(fitted, face_model, image_size, texture)
     (out_dir / ALBUM_FILE).write_text(json.dumps({
         "mean_shape": shape, "skipped": stats["skipped"],
         "photos": [{"source": p.source, "method": p.method, "landmark_error": p.landmark_error,

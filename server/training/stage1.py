@@ -24,11 +24,12 @@ import torch
 
 from server.models.diffusionrig import DiffusionRig, load_diffusionrig
 from server.models.diffusionrig_unet import UNetConfig
+from server.renderer.texture import choose_texture
 
 from .album import FolderData, fit_photos, list_photos, write_dataset
 from .diffusionrig_trainer import Trainer, TrainConfig
 from .personalise import (add_fitting_options, add_training_options, face_model_and_fitter,
-                          load_texture, train_config)
+                          train_config)
 
 STAGE1_DEFAULTS = TrainConfig(steps=50000, batch_size=32, lr=1e-4, save_every=5000)
 
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
         from server.face_model import FaceModel
         face_model = FaceModel(load_face_data(args.face_model))
         data = FolderData(args.data, face_model, args.image_size,
-                          load_texture(args.texture, face_model))
+                          choose_texture(args.texture, face_model.faces.shape[0]))
         train(data, args.out, train_config(args, train_encoder=True), args.checkpoint,
               UNetConfig(image_size=args.image_size), args.device, resume=not args.restart)
     except (ValueError, FileNotFoundError) as exc:
