@@ -33,7 +33,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,15 +58,6 @@ ENCODER_LATENT = 64
 DDIM_X0_STEPS = (0, 1, 10, 19)
 DPM_TIMESTEPS = (999, 888, 777, 666, 555, 444, 333, 222, 111, 0)
 
-
-@pytest.fixture
-def single_thread():
-    """Run a test on one intra-op thread: on 16x16 tensors thread hand-offs cost more than
-    they save, and on a loaded machine they cost ten times more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _pattern(n: int, phase: float) -> np.ndarray:

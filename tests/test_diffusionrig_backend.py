@@ -16,7 +16,6 @@ from PIL import Image
 
 from diffusionrig_fixtures import BACKEND_TINY, CHECKPOINT_KEYS, random_checkpoint_state, \
     write_checkpoint
-from diffusionrig_fixtures import single_thread  # noqa: F401  (fixture)
 from portrait_rig import protocol
 from portrait_rig.client import Client, Frame, Preview, ServerError, Superseded
 from server.models.diffusionrig import UNetConfig, infer_config

@@ -10,7 +10,6 @@ import torch
 
 from diffusionrig_fixtures import (CHECKPOINT_KEYS, TINY, load_fixture,
                                    official_checkpoint_state, patterned_encoder_state)
-from diffusionrig_fixtures import single_thread  # noqa: F401  (fixture)
 from server.models.diffusionrig import (CheckpointMismatch, DiffusionRig, check_state_dict,
                                         load_diffusionrig)
 from server.models.diffusionrig_unet import UNetConfig, timestep_embedding

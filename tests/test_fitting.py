@@ -33,14 +33,7 @@ QUICK = FitSettings(rigid_steps=60, shape_steps=120, light_steps=60, refine_step
                     render_size=96)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: these tensors are small, and on a shared CPU thread hand-offs
-    cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 @pytest.fixture(scope="module")

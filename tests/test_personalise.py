@@ -33,12 +33,7 @@ TINY = UNetConfig(image_size=SIZE, model_channels=32, channel_mult=(1, 2), num_r
 FIT = FitSettings(rigid_steps=40, shape_steps=60, light_steps=30, refine_steps=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 @pytest.fixture(scope="module")

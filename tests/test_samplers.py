@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from diffusionrig_fixtures import DDIM_X0_STEPS, DPM_TIMESTEPS, TINY, load_fixture
-from diffusionrig_fixtures import single_thread  # noqa: F401  (fixture)
 from server.diffusion import (NoiseSchedule, ddim_sample, dpm_solver_pp_sample, initial_noise,
                               linear_betas, space_timesteps)
 from server.models.diffusionrig_unet import DiffusionRigUNet

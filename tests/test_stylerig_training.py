@@ -35,13 +35,7 @@ from tests.stylerig_fixtures import write_generator, write_test_face
 CRASH_STEP = 13             # a simulated kill after this many steps (checkpoints every 8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: one thread avoids contention overhead on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_module")
 
 
 @pytest.fixture(scope="module")
