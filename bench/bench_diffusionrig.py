@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from server.diffusion import (NoiseSchedule, ddim_sample, dpm_solver_pp_sample,  # noqa: E402
                               initial_noise)
-from server.models.diffusionrig import DiffusionRig, load_diffusionrig  # noqa: E402
+from server.models.diffusionrig import DiffusionRig  # noqa: E402
+from server.checkpoints.diffusionrig import load_diffusionrig  # noqa: E402
 
 TARGETS = {"ddim": 1.0, "fast": 0.4, "preview": 0.15}
 

@@ -78,7 +78,7 @@ def main() -> None:
     import torch
 
     from server.backends import create_backend
-    from server.face_model import FaceModel
+    from server.renderer.face_model import FaceModel
 
     torch.set_num_threads(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))

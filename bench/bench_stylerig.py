@@ -34,11 +34,12 @@ from portrait_rig.params import RigParams  # noqa: E402
 from server.backends.base import RenderRequest  # noqa: E402
 from server.backends.stylerig import StyleRigBackend  # noqa: E402
 from server.checkpoints.stylegan import save_generator  # noqa: E402
-from server.face_model import FaceModel  # noqa: E402
+from server.renderer.face_model import FaceModel  # noqa: E402
 from server.models import (StyleGAN2Config, StyleGAN2Generator, StyleGAN3Config,  # noqa: E402
                            StyleGAN3Generator)
-from server.models.rignet import ControlLayout, RigNet, save_rignet  # noqa: E402
-from server.temporal import Shot  # noqa: E402
+from server.models.rignet import ControlLayout, RigNet  # noqa: E402
+from server.checkpoints.stylerig import save_rignet  # noqa: E402
+from server.backends.shots import Shot  # noqa: E402
 
 TARGETS = {"live_1024_fps": 30.0, "sequence_256_fps": 100.0}
 

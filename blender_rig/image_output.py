@@ -22,15 +22,12 @@ from __future__ import annotations
 import bpy
 import numpy as np
 
+from ..portrait_rig.colour import srgb_to_linear
+
 IMAGE_NAME = "Portrait Rig"
 COLORSPACE = "Linear Rec.709"
 
 _CHANNELS = {"rgb8": 3, "rgba8": 4}
-
-
-def srgb_to_linear(values: np.ndarray) -> np.ndarray:
-    """IEC 61966-2-1 sRGB decoding of values in [0, 1] (float64 in, float64 out)."""
-    return np.where(values <= 0.04045, values / 12.92, ((values + 0.055) / 1.055) ** 2.4)
 
 
 # uint8 sRGB code -> linear float32.

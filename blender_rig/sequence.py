@@ -59,10 +59,10 @@ from bpy.app.handlers import persistent
 
 from ..portrait_rig import client as wire
 from ..portrait_rig.params import Lighting, RigParams
+from ..portrait_rig.protocol import SHOT_RADIUS
 from . import preferences, properties, rig_builder, scene_reader
 
 ENGINE_ID = "PORTRAIT_RIG"           # the RenderEngine's bl_idname
-SMOOTHING_RADIUS = 2                 # neighbours on each side (server.temporal.RADIUS)
 POLL_S = 0.05                        # Esc (test_break) is checked this often while waiting
 STALL_S = 30.0                       # a reply that started arriving must finish within this
 CONNECT_TIMEOUT_S = 5.0
@@ -197,12 +197,12 @@ def output_exists(scene, frame: int) -> bool:
 
 
 def neighbour_frames(scene, frame: int) -> list[int]:
-    """Up to SMOOTHING_RADIUS frames of the scene's sequence on each side of ``frame``."""
+    """Up to SHOT_RADIUS frames of the scene's sequence on each side of ``frame``."""
     frames = sequence_frames(scene)
     if frame not in frames:
         return []
     index = frames.index(frame)
-    lo, hi = max(index - SMOOTHING_RADIUS, 0), min(index + SMOOTHING_RADIUS + 1, len(frames))
+    lo, hi = max(index - SHOT_RADIUS, 0), min(index + SHOT_RADIUS + 1, len(frames))
     return [frames[i] for i in range(lo, hi) if i != index]
 
 

@@ -50,6 +50,7 @@ import bpy
 import numpy as np
 
 from ..portrait_rig import sh
+from ..portrait_rig.colour import srgb_to_linear
 
 SAMPLE_HEIGHT = 32       # environment texels after box filtering (rows, latitude)
 SAMPLE_WIDTH = 64        # (columns, longitude)
@@ -97,13 +98,6 @@ def world_to_sh(world, R_world_to_frame) -> np.ndarray:
         _world_cache[key] = code
     return sh.rotate(code, R_world_to_frame)
 
-
-def describe_world(world) -> str:
-    """One line saying how the World is turned into lighting."""
-    return parse_world(world).note
-
-
-# ----------------------------------------------------------------------------- world parsing
 
 def parse_world(world) -> WorldLight:
     """Reduce a World's node tree to a ``WorldLight`` (see the module notes)."""
@@ -232,7 +226,7 @@ def _project_world(light: WorldLight) -> np.ndarray:
     """Light code [9, 3] of a ``WorldLight`` in Blender's world frame."""
     if light.image is None:
         return sh.uniform(light.radiance)
-    texels = downsample_equirect(_image_pixels(light.image), SAMPLE_HEIGHT, SAMPLE_WIDTH)
+    texels = sh.downsample_equirect(_image_pixels(light.image), SAMPLE_HEIGHT, SAMPLE_WIDTH)
     height, width = texels.shape[:2]
     lookup_dirs, solid = sh.equirect_directions(height, width)
     # Each texel is seen from the world direction B e (B = lookup^-1), renormalised; its solid
@@ -257,27 +251,6 @@ def _image_pixels(image) -> np.ndarray:
     if not image.is_float and image.colorspace_settings.name.lower().startswith("srgb"):
         rgb = srgb_to_linear(rgb)
     return np.ascontiguousarray(rgb, dtype=np.float32)
-
-
-def srgb_to_linear(values: np.ndarray) -> np.ndarray:
-    """The sRGB transfer function inverted (IEC 61966-2-1)."""
-    return np.where(values <= 0.04045, values / 12.92, ((values + 0.055) / 1.055) ** 2.4)
-
-
-def downsample_equirect(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Box-filter an equirectangular image [h, w, C] (bottom row first) to at most
-    [height, width, C], weighting source rows by their solid angle (sin of the polar angle)
-    so that each texel holds the mean radiance over its patch of sphere."""
-    h, w = pixels.shape[:2]
-    height, width = min(height, h), min(width, w)
-    row_weight = np.sin((1.0 - (np.arange(h) + 0.5) / h) * math.pi)
-    row_start = np.searchsorted((np.arange(h) * height) // h, np.arange(height))
-    col_start = np.searchsorted((np.arange(w) * width) // w, np.arange(width))
-    weighted = np.add.reduceat(pixels * row_weight[:, None, None], row_start, axis=0)
-    summed = np.add.reduceat(weighted, col_start, axis=1)
-    col_count = np.diff(np.append(col_start, w))
-    weight = np.add.reduceat(row_weight, row_start)[:, None] * col_count[None, :]
-    return summed / weight[..., None]
 
 
 # ----------------------------------------------------------------------------- lamps

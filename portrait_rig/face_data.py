@@ -1,7 +1,7 @@
 """The face model's arrays: one container for the Blender rig and the server.
 
 A ``FaceData`` holds a FLAME-layout linear face model in numpy (no torch, importable in
-Blender). The server wraps it for skinning on CPU/CUDA (``server/face_model.py``); the add-on
+Blender). The server wraps it for skinning on CPU/CUDA (``server/renderer/face_model.py``); the add-on
 builds its mesh, shape keys, armature and vertex groups from the same arrays, received with the
 ``model`` message or loaded from a local file.
 

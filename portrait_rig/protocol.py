@@ -7,7 +7,7 @@ See docs/protocol.md for the full specification. A message on the wire is
 The header is a JSON object with a ``type``; ``payload_bytes`` is present (and > 0) only when
 raw bytes follow. This module holds what both sides share: the constants and the pure
 encode/decode of one frame's header. Socket handling lives in ``portrait_rig/client.py``
-(blocking, stdlib) and ``server/connection.py`` (asyncio).
+(blocking, stdlib) and ``server/service/connection.py`` (asyncio).
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ PASSES = {"normal": 3, "albedo": 3, "shading": 3, "rendered": 3, "mask": 1, "dep
 
 # Request modes: "live" requests are latest-wins per connection, "batch" requests are queued.
 MODES = ("live", "batch")
+
+# A shot request carries at most this many neighbouring frames on each side (docs/protocol.md
+# "Shots"): the add-on sends that many, the server smooths over them.
+SHOT_RADIUS = 2
 
 # Error codes sent in ``error`` messages.
 E_BAD_MESSAGE = "bad_message"        # framing or JSON broken, unknown type, missing fields

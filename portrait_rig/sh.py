@@ -114,3 +114,19 @@ def rotate(code: np.ndarray, rotation) -> np.ndarray:
     least-squares fit on 64 directions recovers the rotated code exactly (to rounding)."""
     original = _FIT_DIRECTIONS @ np.asarray(rotation, dtype=np.float64)      # rows R^T m
     return _FIT @ ((basis(original) * SH_CONSTANTS) @ np.asarray(code, dtype=np.float64))
+
+
+def downsample_equirect(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Box-filter an equirectangular image [h, w, C] (bottom row first) to at most
+    [height, width, C], weighting source rows by their solid angle (sin of the polar angle)
+    so that each texel holds the mean radiance over its patch of sphere."""
+    h, w = pixels.shape[:2]
+    height, width = min(height, h), min(width, w)
+    row_weight = np.sin((1.0 - (np.arange(h) + 0.5) / h) * math.pi)
+    row_start = np.searchsorted((np.arange(h) * height) // h, np.arange(height))
+    col_start = np.searchsorted((np.arange(w) * width) // w, np.arange(width))
+    weighted = np.add.reduceat(pixels * row_weight[:, None, None], row_start, axis=0)
+    summed = np.add.reduceat(weighted, col_start, axis=1)
+    col_count = np.diff(np.append(col_start, w))
+    weight = np.add.reduceat(row_weight, row_start)[:, None] * col_count[None, :]
+    return summed / weight[..., None]

@@ -18,7 +18,7 @@ import traceback
 
 from portrait_rig import protocol
 
-from .app import ServerConfig, build_server
+from server.service.app import ServerConfig, build_server
 
 TOKEN_ENV = "PORTRAIT_RIG_TOKEN"
 

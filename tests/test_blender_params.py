@@ -39,7 +39,7 @@ def root_in_world(arm) -> np.ndarray:
 
 def test_server_skinning_of_read_params_matches_blenders_mesh(rig):
     torch = pytest.importorskip("torch")
-    from server.face_model import FaceModel
+    from server.renderer.face_model import FaceModel
 
     face = demo_face()
     arm = rig.rig_builder.build_rig(bpy.context, face)
@@ -77,7 +77,7 @@ def test_expression_shift_of_the_root_joint_is_compensated(rig):
     """FLAME regresses joints from the mesh with expression; the bones sit at the identity's
     joints. The root's pivot difference must be absorbed exactly by the translation."""
     torch = pytest.importorskip("torch")
-    from server.face_model import FaceModel
+    from server.renderer.face_model import FaceModel
 
     face = small_face()
     shape, expression = [0.5, -1.0, 1.5, 0.3], [3.0, -2.0, 1.0]

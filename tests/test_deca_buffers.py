@@ -14,8 +14,8 @@ from portrait_rig.face_source import load_face_data
 from portrait_rig.params import RigParams
 from portrait_rig.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 from portrait_rig.sh import rotate
-from server.deca_buffers import DecaBufferRenderer
-from server.face_model import FaceModel
+from server.renderer.deca import DecaBufferRenderer
+from server.renderer.face_model import FaceModel
 from server.renderer import CameraBatch, project
 from server.renderer.texture import FlameTexture, TextureError
 

@@ -17,7 +17,7 @@ from scipy.spatial import cKDTree
 from portrait_rig import demo_head as demo
 from portrait_rig.face_data import FaceData
 from portrait_rig.params import RigParams
-from server.face_model import FaceModel
+from server.renderer.face_model import FaceModel
 
 # sha256 of v_template rounded to 1e-6 m (float64) followed by faces (int32). A change here means
 # the shipped head changed: update it deliberately (and bump demo_head.VERSION), never to make

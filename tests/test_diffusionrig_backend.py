@@ -18,7 +18,8 @@ from diffusionrig_fixtures import BACKEND_TINY, CHECKPOINT_KEYS, random_checkpoi
     write_checkpoint
 from portrait_rig import protocol
 from portrait_rig.client import Client, Frame, Preview, ServerError, Superseded
-from server.models.diffusionrig import UNetConfig, infer_config
+from server.models.diffusionrig import UNetConfig
+from server.checkpoints.diffusionrig import infer_config
 from server_process import ServerProcess
 
 RESOLUTION = 16                    # the tiny UNet is convolutional: it samples at any size
@@ -267,13 +268,13 @@ def test_photos_that_are_not_aligned_crops_go_through_face_alignment(home, tmp_p
 
     calls = []
 
-    def align_face(image, size=256):                          # server.faces.align's API
+    def align_face(image, size=256):                          # server.photo.align's API
         calls.append((image.shape, size))
         return np.full((size, size, 3), 255, np.uint8), None
 
-    module = types.ModuleType("server.faces.align")
+    module = types.ModuleType("server.photo.align")
     module.align_face = align_face
-    monkeypatch.setitem(sys.modules, "server.faces.align", module)
+    monkeypatch.setitem(sys.modules, "server.photo.align", module)
     aligned = load_aligned_photo(home / "photo.png", RESOLUTION)
     assert aligned.shape == (1, 3, RESOLUTION, RESOLUTION) and not calls
     assert -1 <= aligned.min() and aligned.max() <= 1
@@ -286,7 +287,7 @@ def test_photos_that_are_not_aligned_crops_go_through_face_alignment(home, tmp_p
 
 @pytest.fixture(scope="module")
 def small_face():
-    from server.face_model import FaceModel
+    from server.renderer.face_model import FaceModel
     from synthetic_face import synthetic_face
 
     return FaceModel(synthetic_face())

@@ -10,8 +10,8 @@ import torch
 
 from diffusionrig_fixtures import (CHECKPOINT_KEYS, TINY, load_fixture,
                                    official_checkpoint_state, patterned_encoder_state)
-from server.models.diffusionrig import (CheckpointMismatch, DiffusionRig, check_state_dict,
-                                        load_diffusionrig)
+from server.models.diffusionrig import DiffusionRig
+from server.checkpoints.diffusionrig import CheckpointMismatch, check_state_dict, load_diffusionrig
 from server.models.diffusionrig_unet import UNetConfig, timestep_embedding
 from server.models.global_encoder import GlobalEncoder
 

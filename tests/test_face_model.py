@@ -9,7 +9,7 @@ import torch
 import flame_fixture as ff
 from portrait_rig.face_data import FaceData, FaceDataError
 from portrait_rig.flame_file import load_flame
-from server.face_model import FaceModel
+from server.renderer.face_model import FaceModel
 
 smplx = pytest.importorskip("smplx")
 

@@ -1,4 +1,4 @@
-"""Faces in photos: dlib detection and landmarks, FFHQ alignment (server/faces)."""
+"""Faces in photos: dlib detection and landmarks, FFHQ alignment (server/photo)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
 
-from server.faces import (FaceAlignment, FaceDetector, NoFaceFound, align_face,  # noqa: E402
+from server.photo import (FaceAlignment, FaceDetector, NoFaceFound, align_face,  # noqa: E402
                           decode_photo, ffhq_square, to_rgb)
-from server.faces.landmarks import EYE_LEFT, EYE_RIGHT  # noqa: E402
+from server.photo.landmarks import EYE_LEFT, EYE_RIGHT  # noqa: E402
 
 SIZE = 256
 

@@ -19,11 +19,12 @@ from flame_fixture import pickle_calling, write_flame_fixture  # noqa: E402
 from portrait_rig.demo_head import demo_head  # noqa: E402
 from portrait_rig.face_source import load_face_data  # noqa: E402
 from portrait_rig.params import Camera  # noqa: E402
-from server.face_model import FaceModel  # noqa: E402
-from server.fitting import FitSettings, PhotoFitter, fit_aligned  # noqa: E402
-from server.fitting.deca_encoder import (CODE_SIZES, DecaCrop, DecaModelError,  # noqa: E402
-                                         camera_in_image, load_deca_encoder)
-from server.fitting.embedding import (EmbeddingError, LandmarkModel,  # noqa: E402
+from server.renderer.face_model import FaceModel  # noqa: E402
+from server.photo import FitSettings, PhotoFitter, fit_aligned  # noqa: E402
+from server.checkpoints.deca import DecaModelError, load_deca_encoder  # noqa: E402
+from server.models.deca_encoder import CODE_SIZES  # noqa: E402
+from server.photo.deca import DecaCrop, camera_in_image  # noqa: E402
+from server.photo.embedding import (EmbeddingError, LandmarkModel,  # noqa: E402
                                       detect_embedding, load_flame_embedding)
 from server.renderer import BufferRenderer, CameraBatch, project, screen_space  # noqa: E402
 from server.renderer.srgb import linear_to_srgb  # noqa: E402
@@ -338,7 +339,7 @@ def test_photo_fitter_takes_deca_codes_into_the_rig(deca_model, tmp_path):
 
 
 def test_command_line_fit_reports_a_photo_without_a_face(tmp_path, capsys):
-    from server.fitting.cli import main
+    from server.photo.cli import main
 
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((80, 80, 3), 128, np.uint8)).save(blank)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from portrait_rig.colour import srgb_to_linear
+
 from blender_env import (blender, bpy, draw, extension, extension_repository,  # noqa: F401
                          pump, render_server)
 
@@ -221,7 +223,7 @@ def test_frames_keep_their_colours_and_orientation(extension, tmp_path):
     assert not image.use_view_as_render
 
     top_row = image_pixels()[-1, :, :3]                     # Blender stores bottom-up
-    np.testing.assert_allclose(top_row, image_output.srgb_to_linear(rgb[0] / 255.0), atol=1e-6)
+    np.testing.assert_allclose(top_row, srgb_to_linear(rgb[0] / 255.0), atol=1e-6)
 
     scene = bpy.context.scene
     scene.display_settings.display_device = "sRGB"

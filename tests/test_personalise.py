@@ -15,17 +15,18 @@ from PIL import Image  # noqa: E402
 
 from portrait_rig.demo_head import demo_head  # noqa: E402
 from portrait_rig.params import Camera, RigParams  # noqa: E402
-from server.face_model import FaceModel  # noqa: E402
-from server.fitting import FitSettings  # noqa: E402
-from server.models.diffusionrig import DiffusionRig, load_diffusionrig  # noqa: E402
+from server.renderer.face_model import FaceModel  # noqa: E402
+from server.photo import FitSettings  # noqa: E402
+from server.models.diffusionrig import DiffusionRig  # noqa: E402
+from server.checkpoints.diffusionrig import load_diffusionrig  # noqa: E402
 from server.models.diffusionrig_unet import UNetConfig  # noqa: E402
 from server.renderer import BufferRenderer  # noqa: E402
 from server.renderer.srgb import linear_to_srgb  # noqa: E402
-from server.training import diffusionrig_trainer as trainer_module  # noqa: E402
-from server.training.album import FolderData, fit_photos, list_photos  # noqa: E402
-from server.training.diffusionrig_trainer import TrainConfig, read_log  # noqa: E402
-from server.training.personalise import make_fitter, personalise  # noqa: E402
-from server.training.stage1 import official_initialisation, prepare, train  # noqa: E402
+from server.training.diffusionrig import trainer as trainer_module  # noqa: E402
+from server.training.diffusionrig.album import FolderData, fit_photos, list_photos  # noqa: E402
+from server.training.diffusionrig.trainer import TrainConfig, read_log  # noqa: E402
+from server.training.diffusionrig.personalise import make_fitter, personalise  # noqa: E402
+from server.training.diffusionrig.stage1 import official_initialisation, prepare, train  # noqa: E402
 
 SIZE = 32                                       # the tiny model's image size
 TINY = UNetConfig(image_size=SIZE, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -184,8 +185,8 @@ def test_stage1_trains_unet_and_encoder_from_a_dataset_folder(personal, album, f
 
 def test_p2_weighting_and_the_albums_mean_shape():
     from server.diffusion import NoiseSchedule
-    from server.training.album import FittedPhoto, mean_shape
-    from server.training.diffusionrig_trainer import TensorData, Trainer, p2_weights
+    from server.training.diffusionrig.album import FittedPhoto, mean_shape
+    from server.training.diffusionrig.trainer import TensorData, Trainer, p2_weights
 
     schedule = NoiseSchedule.linear()
     weights = p2_weights(schedule)

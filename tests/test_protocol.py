@@ -13,7 +13,7 @@ import pytest
 
 from portrait_rig import protocol
 from portrait_rig.client import Client
-from server import frame_codec
+from server.service import frame_codec
 
 from server_process import ServerProcess
 

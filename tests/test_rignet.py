@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from portrait_rig.params import Lighting, Pose, RigParams
-from server.models.rignet import (ControlLayout, RigNet, apply_controls, control_vector,
-                                  load_rignet, mix_controls, read_rignet_metadata, save_rignet,
-                                  split_controls)
+from server.models.rignet import ControlLayout, RigNet, apply_controls, control_vector, mix_controls, split_controls
+from server.checkpoints.stylerig import load_rignet, read_rignet_metadata, save_rignet
 
 
 def random_params(seed: int, n_expression: int) -> RigParams:

@@ -137,7 +137,7 @@ def test_model_arrays_equal_face_source(client, demo):
 
 
 def test_vertices_equal_local_face_model(client, demo):
-    from server.face_model import FaceModel
+    from server.renderer.face_model import FaceModel
 
     params = RigParams.from_dict(smile())
     reply = client.vertices(params)
@@ -429,7 +429,7 @@ def run_worker(jobs, max_batch=8):
     RecordingBackend; returns the backend and {job id: (buffers, error)} once all are done."""
     from synthetic_face import synthetic_face
 
-    from server.scheduler import RenderWorker
+    from server.service.scheduler import RenderWorker
 
     backend = RecordingBackend()
     worker = RenderWorker(synthetic_face(), "cpu", "rec", lambda *_: backend,
@@ -460,7 +460,7 @@ def run_worker(jobs, max_batch=8):
 
 
 def job(rid, seed, owner="a", size=8, mode="batch"):
-    from server.jobs import Job
+    from server.service.jobs import Job
 
     params = RigParams.from_dict({"appearance": {"seed": seed}})
     return Job("render", rid, params, owner=owner, width=size, height=size,

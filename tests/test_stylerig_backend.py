@@ -11,16 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from portrait_rig.client import Client
+from portrait_rig import sh
 from portrait_rig.params import RigParams
 from server.backends import backend_problem, create_backend
 from server.backends.base import RenderRequest
 from server.backends.preview import PreviewBackend
-from server.face_model import FaceModel
-from server.models.rignet import ControlLayout, RigNet, control_vector, save_rignet
+from server.renderer.face_model import FaceModel
+from server.models.rignet import ControlLayout, RigNet, control_vector
+from server.checkpoints.stylerig import save_rignet
 from server.models.stylegan3 import set_transform
 from portrait_rig.rotations import axis_angle_to_matrix, matrix_to_axis_angle
-from server.stylegan_inputs import rig_views, seed_z
-from server.temporal import Shot, smooth_latents
+from server.backends.latents import seed_z
+from server.renderer.head_view import head_views
+from server.backends.shots import Shot, smooth_latents
 from server_process import ServerProcess
 from stylegan_fixtures import SMALL_SG3_R, TINY_SG2, random_generator, write_nvidia_pickle
 from synthetic_face import synthetic_face
@@ -170,24 +173,27 @@ def test_rignet_moves_the_latent_to_the_rig(rigged, files):
 
 
 def test_rignet_sees_the_head_relative_to_the_camera_without_roll(rigged):
-    """Turning the camera with the head leaves the portrait as it was; roll is not RigNet's."""
+    """Turning the camera and the light with the head leaves the portrait as it was; roll is
+    not RigNet's."""
     base = render(rigged, rig(seed=3)).image
     turned = rig(seed=3, yaw=0.5)
     turned.camera.rotation = [0.0, 0.5, 0.0]
     turned.camera.location = [1.2 * math.sin(0.5), 0.0, 1.2 * math.cos(0.5)]
+    turned.lighting.sh = sh.rotate(np.array(turned.lighting.sh),
+                                   axis_angle_to_matrix([0.0, 0.5, 0.0])).tolist()
     assert differ(render(rigged, turned).image, base) <= 1
     assert differ(render(rigged, rig(seed=3, roll=0.7)).image, base) <= 1
     assert differ(render(rigged, rig(seed=3, yaw=0.5)).image, base) > 5
 
 
-def test_rig_views_split_roll_from_swing_and_place_the_head():
+def test_head_views_split_roll_from_swing_and_place_the_head():
     params = rig(yaw=0.3, roll=0.0)
     params.pose.global_ = list(matrix_to_axis_angle(
         axis_angle_to_matrix([0, 0, 0.4]) @ axis_angle_to_matrix([0.2, 0.3, 0.0])))
     params.translation = [0.05, 0.0, 0.0]
-    view, = rig_views([params], 64, 32)
+    view, = head_views([params], 64, 32)
     assert view.roll == pytest.approx(0.4)
-    np.testing.assert_allclose(axis_angle_to_matrix(view.pose),
+    np.testing.assert_allclose(axis_angle_to_matrix(view.swing),
                                axis_angle_to_matrix([0.2, 0.3, 0.0]), atol=1e-12)
     # 5 cm right at 1.2 m with a 14 degree vertical field: x_ndc = f * 0.05 / 1.2 * 32 / 64.
     focal = 1 / math.tan(math.radians(14) / 2)
@@ -210,7 +216,7 @@ def test_stylegan3_rolls_and_shifts_through_the_input_transform(sg3, files):
     assert differ(quarter, np.rot90(base, 1, axes=(0, 1))) <= 1
     assert differ(quarter, np.rot90(base, -1, axes=(0, 1))) > 10
     params = rig(seed=2, roll=0.3, translation=(0.02, -0.01, 0.0))
-    view, = rig_views([params], S3, S3)
+    view, = head_views([params], S3, S3)
     try:
         set_transform(G, view.roll, *view.shift)
         expected = to_uint8(G.synthesis(ws))[0]
@@ -327,3 +333,13 @@ def test_bad_options_are_named(files, face_model, tmp_path):
     assert "StyleGAN generator not found" in backend_problem("stylerig", generator=missing)
     with pytest.raises(FileNotFoundError, match="generator not found"):
         make(generator=str(missing))
+
+
+def test_a_neck_turn_moves_the_portrait_like_a_global_turn(rigged):
+    """RigNet sees everything above the neck as one head (``server.renderer.head_view``)."""
+    base = render(rigged, rig(seed=3)).image
+    turned = render(rigged, rig(seed=3, yaw=0.4)).image
+    neck = rig(seed=3)
+    neck.pose.neck = [0.0, 0.4, 0.0]
+    assert differ(render(rigged, neck).image, turned) <= 1
+    assert differ(turned, base) > 5

@@ -17,8 +17,9 @@ from PIL import Image
 from portrait_rig.demo_head import demo_head
 from portrait_rig.params import default_sh
 from server.checkpoints.stylegan import load_generator
-from server.models.dfr import load_dfr
-from server.models.rignet import RigNet, load_rignet, save_rignet
+from server.checkpoints.stylerig import load_dfr
+from server.models.rignet import RigNet
+from server.checkpoints.stylerig import load_rignet, save_rignet
 from server.renderer import BufferRenderer
 from server.renderer.srgb import linear_to_srgb
 from server.training.stylerig.corpus import (Corpus, CorpusSettings, build_corpus, sample_z,

@@ -8,10 +8,10 @@ import pytest
 
 from portrait_rig import protocol
 from portrait_rig.params import ParamError, RigParams
-from server import temporal
+from server.backends import shots as temporal
 from server.backends.base import Backend, RenderResult
-from server.jobs import RequestError, parse_render
-from server.temporal import Shot, ShotError, parse_shot, smooth, smooth_latents
+from server.service.jobs import RequestError, parse_render
+from server.backends.shots import Shot, ShotError, parse_shot, smooth, smooth_latents
 
 REFERENCE = np.array([0.25, 0.75, 1.0, 0.75, 0.25])
 
@@ -167,7 +167,7 @@ class RecordingBackend(Backend):
 
 
 def test_backends_receive_the_shot_of_each_request():
-    from server.scheduler import RenderWorker
+    from server.service.scheduler import RenderWorker
 
     backend = RecordingBackend()
     worker = RenderWorker(None, "cpu", "recording", lambda *a: backend)

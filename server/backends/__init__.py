@@ -10,7 +10,7 @@ import importlib
 
 from server import paths
 
-from .base import Backend, RenderCancelled, RenderRequest, RenderResult
+from server.backends.base import Backend, RenderCancelled, RenderRequest, RenderResult
 
 # name -> (module under server.backends, class name, one-line description for clients)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
@@ -52,7 +52,7 @@ def backend_problem(name: str, **options) -> str | None:
 
 
 def create_backend(name: str, face_model, device: str = "cpu", **options) -> Backend:
-    """Build backend ``name`` for ``face_model`` (a ``server.face_model.FaceModel``) on
+    """Build backend ``name`` for ``face_model`` (a ``server.renderer.face_model.FaceModel``) on
     ``device``; ``options`` go to the backend's constructor."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r} (available: {', '.join(BACKEND_NAMES)})")

@@ -11,14 +11,14 @@ import torch
 
 from portrait_rig.params import RigParams
 from portrait_rig.protocol import MAX_FRAME_SIDE, PASSES
-from server.temporal import Shot
+from server.backends.shots import Shot
 
 
 @dataclass
 class RenderRequest:
     """One frame to render. ``passes`` names extra buffers (portrait_rig.protocol.PASSES).
     ``shot`` (None for a lone frame) places it in a sequence: fixed noise per shot, latent
-    smoothing over neighbouring frames (``server.temporal``).
+    smoothing over neighbouring frames (``server.backends.shots``).
 
     Progressive backends (diffusion samplers) may report intermediate images while they
     render: ``on_preview(step, steps, result)``, when set, takes a preview ``RenderResult``

@@ -1,7 +1,7 @@
 """The DiffusionRig backend: photoreal portraits of the rig through DiffusionRig's UNet.
 
 Per batch of requests: map each request's rig parameters to DECA's codes and render the
-physical buffers in DECA's conventions (``server.deca_buffers``), look up each request's global
+physical buffers in DECA's conventions (``server.renderer.deca``), look up each request's global
 latent z, draw its fixed initial noise, and run one sampler over the whole batch with the
 UNet conditioned on both. The model generates a square of ``resolution`` pixels covering the
 requested frame (side max(width, height)); it is resized to that side and centre-cropped.
@@ -13,7 +13,7 @@ Appearance (``params.appearance``):
 * ``reference_photo``: a photo whose appearance the portrait takes, encoded once per photo
   file (cached by path, size and modification time). A ``resolution``-sized square image
   is taken as already FFHQ-aligned (the form DiffusionRig's data tools write); any other is
-  aligned with ``server.faces.align.align_face`` (dlib's 68 landmarks, FFHQ's recipe).
+  aligned with ``server.photo.align.align_face`` (dlib's 68 landmarks, FFHQ's recipe).
 * ``personal_model``: the name of a personalised checkpoint, ``<personal_dir>/<name>/model.pt``
   (``server.paths``); without it the stage-1 checkpoint renders.
 
@@ -42,14 +42,15 @@ import torch.nn.functional as F
 
 from portrait_rig.params import Appearance, RigParams
 from server import paths
-from server.deca_buffers import DecaBufferRenderer, DecaCodes
+from server.renderer.deca import DecaBufferRenderer, DecaCodes
 from server.diffusion import NoiseSchedule, ddim_sample, dpm_solver_pp_sample, initial_noise
-from server.face_model import FaceModel
-from server.models.diffusionrig import DiffusionRig, load_diffusionrig
+from server.renderer.face_model import FaceModel
+from server.models.diffusionrig import DiffusionRig
+from server.checkpoints.diffusionrig import load_diffusionrig
 from server.renderer.buffers import CHANNELS
 from server.renderer.texture import choose_texture
 
-from .base import Backend, RenderCancelled, RenderRequest, RenderResult, StageTimer, check_request
+from server.backends.base import Backend, RenderCancelled, RenderRequest, RenderResult, StageTimer, check_request
 
 SAMPLERS = {"ddim": 20, "dpm++": 10}              # name -> default number of steps
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -340,7 +341,7 @@ def load_latent(path: str | Path) -> torch.Tensor:
 def load_aligned_photo(path: str | Path, size: int) -> torch.Tensor:
     """The encoder's input [1, 3, size, size] in [-1, 1] from a photo file: a size x size
     image is taken as an FFHQ-aligned crop; any other is aligned with
-    ``server.faces.align.align_face`` (dlib's landmarks, FFHQ's recipe) at ``size``."""
+    ``server.photo.align.align_face`` (dlib's landmarks, FFHQ's recipe) at ``size``."""
     from PIL import Image
 
     try:
@@ -350,7 +351,7 @@ def load_aligned_photo(path: str | Path, size: int) -> torch.Tensor:
         raise ValueError(f"appearance.reference_photo: cannot read {path}: {exc}") from None
     if image.shape[:2] != (size, size):
         try:
-            from server.faces.align import align_face
+            from server.photo.align import align_face
             image, _ = align_face(image, size)
         except (ImportError, ValueError, RuntimeError) as exc:   # no dlib, no face found
             raise ValueError(f"appearance.reference_photo: {path} is {image.shape[1]}x"

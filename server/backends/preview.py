@@ -22,12 +22,12 @@ import torch
 
 from portrait_rig.params import RigParams
 from portrait_rig.protocol import PASSES
-from server.face_model import FaceModel
+from server.renderer.face_model import FaceModel
 from server.renderer import BufferRenderer, Buffers, CameraBatch, project, screen_space
 from server.renderer.buffers import CHANNELS, N_CHANNELS
 from server.renderer.srgb import encode_torch
 
-from .base import Backend, RenderRequest, RenderResult, StageTimer, check_request
+from server.backends.base import Backend, RenderRequest, RenderResult, StageTimer, check_request
 
 
 

@@ -3,12 +3,13 @@
 Per batch of requests:
 
 1. Identity: every request's W+ latent [num_ws, w_dim] from ``appearance.seed`` or
-   ``appearance.latent_file`` (``server.stylegan_inputs``), mapped with the generator's mapping
+   ``appearance.latent_file`` (``server.backends.latents``), mapped with the generator's mapping
    network and truncation ``appearance.truncation`` when it is a z; kept in an LRU cache.
 2. Rig: RigNet (``server.models.rignet``) moves the latent to the rig's controls, w_hat =
-   RigNet(w, p), with p = ``control_vector(params)`` whose global pose is replaced by the
-   head's rotation relative to the camera, roll removed (``stylegan_inputs.rig_views``; RigNet
-   models no roll). One RigNet call covers the batch and the frames smoothing needs.
+   RigNet(w, p), with p = ``control_vector(params)`` whose global pose and light are the
+   camera-relative head's (``server.renderer.head_view``: neck folded in, roll removed - RigNet
+   models no roll - and the SH light in the camera frame, where DFR estimated it during
+   training). One RigNet call covers the batch and the frames smoothing needs.
 3. StyleGAN3 only: the head's roll about the viewing axis and its position in the frame
    become the generator's input transform (``make_transform(roll, tx, ty)``). The transform is
    a single buffer of the input layer, so frames with different transforms compute their
@@ -27,7 +28,7 @@ on the server log when it starts and in ``description``; such frames have no ``r
 
 Temporal smoothing (batch requests of a shot with ``smooth``, docs/protocol.md "Shots"): the
 request carries its neighbours' parameters (up to two frames either side, ``Shot.window``);
-their latents go through steps 1-3 with the frame's own, ``server.temporal.smooth_latents``
+their latents go through steps 1-3 with the frame's own, ``server.backends.shots.smooth_latents``
 (fine layers averaged, then the 5-tap kernel renormalised over the frames present) and
 ``smooth_transforms`` are applied over that window, and the frame keeps its own row. So the
 smoothing window is exactly what the request carries; a frame without neighbours (a lone
@@ -56,13 +57,15 @@ import torch.nn.functional as F
 from portrait_rig.params import Appearance, RigParams
 from server import paths
 from server.checkpoints.stylegan import load_generator
-from server.face_model import FaceModel
-from server.models.rignet import ControlLayout, control_vector, load_rignet
+from server.renderer.face_model import FaceModel
+from server.models.rignet import ControlLayout, control_vector
+from server.checkpoints.stylerig import load_rignet
 from server.models.stylegan3 import StyleGAN3Generator, make_transform
-from server.stylegan_inputs import load_latent_file, rig_views, seed_z
-from server.temporal import smooth_latents, smooth_transforms
+from server.renderer.head_view import head_views
+from server.backends.latents import load_latent_file, seed_z
+from server.backends.shots import smooth_latents, smooth_transforms
 
-from .base import Backend, RenderRequest, RenderResult, StageTimer, check_request
+from server.backends.base import Backend, RenderRequest, RenderResult, StageTimer, check_request
 
 PRECISIONS = ("auto", "fp32", "fp16", "native")
 FP16_CONV_CLAMP = 256.0           # what NVIDIA's code clamps float16 layers to
@@ -185,14 +188,16 @@ class StyleRigBackend(Backend):
             windows.append((len(params), len(window), centre))
             params += window
             if self.rignet is not None or self.is_stylegan3:
-                views += rig_views(window, request.width, request.height)
+                views += head_views(window, request.width, request.height)
 
         w = torch.stack([self._identity(p.appearance) for p in params])
         lap("identity")
         if self.rignet is not None:
             controls = control_vector(params, self.layout, device=self.torch_device)
-            pose = torch.tensor(np.stack([v.pose for v in views]), dtype=torch.float32)
+            pose = torch.tensor(np.stack([v.swing for v in views]), dtype=torch.float32)
+            light = torch.tensor(np.stack([v.light for v in views]), dtype=torch.float32)
             controls[:, self.layout.slices["global_pose"]] = pose.to(self.torch_device)
+            controls[:, self.layout.slices["sh"]] = light.flatten(1).to(self.torch_device)
             w = self.rignet(w, controls)
             lap("rignet")
         transforms = None
@@ -270,7 +275,7 @@ class StyleRigBackend(Backend):
 
     def _add_passes(self, requests: list[RenderRequest], results: list[RenderResult]) -> None:
         """The requested buffers of the face model, from the preview backend's renderer."""
-        from .preview import PreviewBackend
+        from server.backends.preview import PreviewBackend
 
         if self._buffers is None:
             self._buffers = PreviewBackend(self.face_model, self.device)

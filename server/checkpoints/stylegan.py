@@ -27,7 +27,7 @@ from server.models.ops import setup_filter
 from server.models.stylegan2 import StyleGAN2Config, StyleGAN2Generator
 from server.models.stylegan3 import StyleGAN3Config, StyleGAN3Generator
 
-from .nvidia_pickle import PersistentObject, load_network_pickle, module_state_dict, submodule
+from server.checkpoints.nvidia_pickle import PersistentObject, load_network_pickle, module_state_dict, submodule
 
 Config = StyleGAN2Config | StyleGAN3Config
 Generator = StyleGAN2Generator | StyleGAN3Generator

@@ -1,8 +1,8 @@
 """Discrete-time diffusion: the DDPM noise schedule with DiffusionRig's respacing, and
 deterministic samplers (DDIM, DPM-Solver++(2M)) with fixed initial noise and x0 previews."""
 
-from .samplers import Denoiser, X0Callback, ddim_sample, dpm_solver_pp_sample, initial_noise
-from .schedule import NUM_TRAIN_STEPS, NoiseSchedule, linear_betas, space_timesteps
+from server.diffusion.samplers import Denoiser, X0Callback, ddim_sample, dpm_solver_pp_sample, initial_noise
+from server.diffusion.schedule import NUM_TRAIN_STEPS, NoiseSchedule, linear_betas, space_timesteps
 
 __all__ = ["Denoiser", "X0Callback", "ddim_sample", "dpm_solver_pp_sample", "initial_noise",
            "NUM_TRAIN_STEPS", "NoiseSchedule", "linear_betas", "space_timesteps"]

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .schedule import NoiseSchedule
+from server.diffusion.schedule import NoiseSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 X0Callback = Callable[[int, torch.Tensor], None]

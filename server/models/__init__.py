@@ -5,8 +5,8 @@
 ``server.checkpoints.stylegan.load_generator``.
 """
 
-from .stylegan2 import StyleGAN2Config, StyleGAN2Generator
-from .stylegan3 import StyleGAN3Config, StyleGAN3Generator, make_transform, set_transform
+from server.models.stylegan2 import StyleGAN2Config, StyleGAN2Generator
+from server.models.stylegan3 import StyleGAN3Config, StyleGAN3Generator, make_transform, set_transform
 
 __all__ = ["StyleGAN2Config", "StyleGAN2Generator", "StyleGAN3Config", "StyleGAN3Generator",
            "make_transform", "set_transform"]

@@ -30,10 +30,8 @@ Files: ``save_dfr`` / ``load_dfr`` (safetensors, config as JSON metadata).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from os import PathLike
 
 import numpy as np
 import torch
@@ -42,11 +40,10 @@ from torch import nn
 from portrait_rig.face_data import FaceData
 from portrait_rig.params import Camera, Lighting, Pose, RigParams
 
-from .rignet import MODES, ControlLayout, control_vector
+from server.models.deca_encoder import N_EXPRESSION as DECA_EXPRESSION, N_SHAPE as DECA_SHAPE
+from server.models.rignet import MODES, ControlLayout, control_vector
 
-DECA_SHAPE, DECA_EXPRESSION = 100, 50
 ALBEDO_TERMS = (1, 4)                     # constant; constant + linear ramps in x, y, z
-SAFETENSORS_FORMAT = "portrait-rig.stylerig-dfr"
 
 
 @dataclass(frozen=True)
@@ -224,36 +221,3 @@ class FaceReconstructionNet(nn.Module):
         self.w_scale.fill_(float(w_scale))
         self.camera_anchor.copy_(torch.as_tensor(camera, dtype=torch.float32))
         self.sh_anchor.copy_(sh)
-
-
-def save_dfr(net: FaceReconstructionNet, path: str | PathLike,
-             metadata: Mapping[str, str] | None = None) -> None:
-    """Write F's tensors with its config (and string ``metadata``, e.g. the face model's
-    name) as safetensors metadata."""
-    from safetensors.torch import save_file
-
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta.update(format=SAFETENSORS_FORMAT, config=json.dumps(net.config()))
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(tensors, str(path), metadata=meta)
-
-
-def load_dfr(path: str | PathLike, device: str | torch.device = "cpu"
-             ) -> tuple[FaceReconstructionNet, dict[str, str]]:
-    """A ``save_dfr`` file -> (F on ``device`` in eval mode without gradients, metadata)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-    if meta.get("format") != SAFETENSORS_FORMAT or "config" not in meta:
-        raise ValueError(f"{path}: not a face reconstruction network written by save_dfr "
-                         f"(metadata {meta})")
-    config = json.loads(meta["config"])
-    net = FaceReconstructionNet(config["num_ws"], config["w_dim"],
-                                FaceParamLayout(**config["layout"]), config["hidden"])
-    try:
-        net.load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: tensors do not fit {config}:\n{exc}") from None
-    return net.to(device).eval().requires_grad_(False), meta

@@ -24,21 +24,19 @@ as JSON metadata; ``load_rignet`` reads them back.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from os import PathLike
 
 import torch
 from torch import nn
 
 from portrait_rig.params import Lighting, RigParams
+from server.models.deca_encoder import N_EXPRESSION
 
-MAX_CONTROLLED_EXPRESSION = 50          # DECA's expression code size
+MAX_CONTROLLED_EXPRESSION = N_EXPRESSION  # DECA's expression code size
 CONTROL_FIELDS = ("global_pose", "jaw", "expression", "sh")
 MODES = {"pose": ("global_pose",), "expression": ("expression", "jaw"), "lighting": ("sh",)}
-SAFETENSORS_FORMAT = "portrait-rig.rignet"
 
 
 @dataclass(frozen=True)
@@ -260,43 +258,3 @@ class RigNet(nn.Module):
                              f"got {list(controls.shape)}")
         self.control_mean.copy_(controls.mean(0))
         self.control_scale.copy_(controls.std(0).clamp_min(min_scale))
-
-
-def save_rignet(net: RigNet, path: str | PathLike, metadata: Mapping[str, str] | None = None
-                ) -> None:
-    """Write ``net``'s tensors (float32) with its config, its layout (if any) and the string
-    entries of ``metadata`` (e.g. the generator it was trained for) as safetensors metadata."""
-    from safetensors.torch import save_file
-
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta.update(format=SAFETENSORS_FORMAT, config=json.dumps(net.config()))
-    if net.layout is not None:
-        meta["control_layout"] = json.dumps(net.layout.to_dict())
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(tensors, str(path), metadata=meta)
-
-
-def read_rignet_metadata(path: str | PathLike) -> dict[str, str]:
-    """The metadata of a ``save_rignet`` file (raises ValueError for other files)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-    if meta.get("format") != SAFETENSORS_FORMAT or "config" not in meta:
-        raise ValueError(f"{path}: not a RigNet written by save_rignet (metadata {meta})")
-    return meta
-
-
-def load_rignet(path: str | PathLike, device: str | torch.device = "cpu") -> RigNet:
-    """A ``save_rignet`` file -> RigNet on ``device``, eval mode, no parameter gradients."""
-    from safetensors.torch import load_file
-
-    meta = read_rignet_metadata(path)
-    layout = (ControlLayout.from_dict(json.loads(meta["control_layout"]))
-              if "control_layout" in meta else None)
-    net = RigNet(**json.loads(meta["config"]), layout=layout)
-    try:
-        net.load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: tensors do not fit RigNet {net.config()}:\n{exc}") from None
-    return net.to(device).eval().requires_grad_(False)

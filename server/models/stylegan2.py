@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import (SQRT2, FullyConnectedLayer, bias_act, normalize_2nd_moment, setup_filter,
+from server.models.ops import (SQRT2, FullyConnectedLayer, bias_act, normalize_2nd_moment, setup_filter,
                   upfirdn2d, upsample2d)
 
 NOISE_MODES = ("const", "random", "none")

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import SQRT2, FullyConnectedLayer, filtered_lrelu, kaiser_lowpass
-from .stylegan2 import NOISE_MODES, MappingNetwork
+from server.models.ops import SQRT2, FullyConnectedLayer, filtered_lrelu, kaiser_lowpass
+from server.models.stylegan2 import NOISE_MODES, MappingNetwork
 
 
 @dataclass(frozen=True)

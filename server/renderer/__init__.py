@@ -7,8 +7,8 @@ differentiably. ``BufferRenderer`` ties them together. Kernels load lazily: impo
 package does not compile anything.
 """
 
-from .buffers import Buffers, BufferRenderer, sh_basis, vertex_normals
-from .cameras import CameraBatch, project, screen_space
+from server.renderer.buffers import Buffers, BufferRenderer, sh_basis, vertex_normals
+from server.renderer.cameras import CameraBatch, project, screen_space
 
 __all__ = ["Buffers", "BufferRenderer", "CameraBatch", "project", "screen_space", "sh_basis",
            "vertex_normals"]

@@ -30,7 +30,7 @@ import torch
 
 from portrait_rig.sh import SH_CONSTANTS
 
-from .cameras import CameraBatch, project, screen_space
+from server.renderer.cameras import CameraBatch, project, screen_space
 
 # Channel layout of the packed frame every buffer is a view of.
 CHANNELS = {"mask": (0, 1), "depth": (1, 2), "normal": (2, 5), "albedo": (5, 8),
@@ -143,10 +143,10 @@ class BufferRenderer:
                    height: int) -> torch.Tensor:
         """Triangle ids [B, H, W] int32 on the renderer's device (-1 background)."""
         if self.rasterizer == "torch":
-            from .raster_torch import rasterize_torch
+            from server.renderer.raster_torch import rasterize_torch
             return rasterize_torch(pixel_xy, z_key, self.faces, width, height)
         if self._numba is None:
-            from .raster_cpu import NumbaRasterizer
+            from server.renderer.raster_cpu import NumbaRasterizer
             self._numba = NumbaRasterizer(self.faces)
         return torch.from_numpy(self._numba(pixel_xy, z_key, width, height))
 

@@ -15,8 +15,8 @@ from numba import njit, prange
 
 from portrait_rig.sh import SH_CONSTANTS
 
-from .buffers import N_CHANNELS
-from .srgb import LUT, THRESHOLDS
+from server.renderer.buffers import N_CHANNELS
+from server.renderer.srgb import LUT, THRESHOLDS
 
 _SH_CONSTANTS = SH_CONSTANTS.astype(np.float32)
 _THRESHOLDS_PADDED = np.append(THRESHOLDS, np.float32(np.inf))

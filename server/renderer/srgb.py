@@ -11,17 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def srgb_to_linear(v: np.ndarray) -> np.ndarray:
-    """sRGB-encoded values in [0, 1] -> linear (float64)."""
-    v = np.asarray(v, dtype=np.float64)
-    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
-
-
-def linear_to_srgb(v: np.ndarray) -> np.ndarray:
-    """Linear values -> sRGB encoding in [0, 1] (float64; clamps)."""
-    v = np.clip(np.asarray(v, dtype=np.float64), 0.0, 1.0)
-    return np.where(v <= 0.0031308, v * 12.92, 1.055 * v ** (1 / 2.4) - 0.055)
+from portrait_rig.colour import linear_to_srgb, srgb_to_linear  # noqa: F401 - re-exported
 
 
 # THRESHOLDS[k - 1]: the smallest linear value (float32) that encodes to code value k.

@@ -14,7 +14,7 @@ import sys
 
 from server.models.rignet import MODES
 
-from .corpus import CorpusSettings
+from server.training.stylerig.corpus import CorpusSettings
 
 
 def _fields(cls, args, exclude=()) -> dict:
@@ -55,9 +55,9 @@ def _add_training_options(p, defaults) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluate import ESTIMATORS
-    from .train_dfr import DFRSettings
-    from .train_rignet import RigNetSettings
+    from server.training.stylerig.evaluate import ESTIMATORS
+    from server.training.stylerig.train_dfr import DFRSettings
+    from server.training.stylerig.train_rignet import RigNetSettings
 
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -155,26 +155,26 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         if args.stage == "corpus":
-            from .corpus import build_corpus
+            from server.training.stylerig.corpus import build_corpus
             build_corpus(args.out, CorpusSettings(**_fields(CorpusSettings, args)), args.device,
                          args.batch_size, progress)
         elif args.stage == "landmarks":
-            from .landmarks import detect_corpus_landmarks
+            from server.training.stylerig.landmarks import detect_corpus_landmarks
             summary = detect_corpus_landmarks(args.corpus, args.source, args.detector,
                                               args.upsample, args.workers, args.face_model,
                                               args.embedding, progress)
             print(f"landmarks ({summary['source']}): {summary['found']} faces, "
                   f"{summary['flagged']} images flagged as faceless")
         elif args.stage == "dfr":
-            from .train_dfr import DFRSettings, train_dfr
+            from server.training.stylerig.train_dfr import DFRSettings, train_dfr
             train_dfr(args.corpus, args.run, DFRSettings(**_fields(DFRSettings, args)),
                       args.device, progress)
         elif args.stage == "rignet":
-            from .train_rignet import RigNetSettings, train_rignet
+            from server.training.stylerig.train_rignet import RigNetSettings, train_rignet
             train_rignet(args.corpus, args.run, RigNetSettings(**_fields(RigNetSettings, args)),
                          args.device, args.generator, progress)
         else:
-            from .evaluate import EvalSettings, evaluate, format_summary
+            from server.training.stylerig.evaluate import EvalSettings, evaluate, format_summary
             summary = evaluate(args.corpus, EvalSettings(**_fields(EvalSettings, args)),
                                args.device, args.out, progress)
             print(format_summary(summary))

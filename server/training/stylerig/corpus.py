@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 from server.checkpoints.stylegan import load_generator
 
-from .preview import save_grid
-from .progress import Progress
+from server.training.stylerig.preview import save_grid
+from server.training.stylerig.progress import Progress
 
 FORMAT = "portrait-rig.stylerig-corpus"
 MANIFEST = "corpus.json"

@@ -13,10 +13,10 @@ import torch
 
 from portrait_rig.face_data import FaceData
 from portrait_rig.face_source import load_face_data
-from server.fitting.embedding import LandmarkEmbedding, embedding_for
+from server.photo.embedding import LandmarkEmbedding, embedding_for
 
-from .corpus import Corpus
-from .losses import Targets, make_targets
+from server.training.stylerig.corpus import Corpus
+from server.training.stylerig.losses import Targets, make_targets
 
 
 BATCH_STREAM, PARTNER_STREAM, MODE_STREAM, STATISTICS_STREAM = 0, 1, 2, 3

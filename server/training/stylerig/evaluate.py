@@ -7,7 +7,7 @@ parameters of the edited face are re-estimated and compared with c:
 * ``--estimator latent``: p = F(w_hat), the reconstruction network that supervised training
   (fast; measures how well RigNet learnt to satisfy F).
 * ``--estimator image``: the generator renders w_hat; dlib's landmarks and the optimisation
-  fit of ``server.fitting`` (landmarks + photometric, on our renderer) estimate the face in
+  fit of ``server.photo`` (landmarks + photometric, on our renderer) estimate the face in
   the image, independently of F (slow; the honest measure of control). Images in which no
   face is found count as failures. The fit splits brightness between albedo and light
   differently from F, so compare its lighting errors with its own 'before' figures.
@@ -32,14 +32,14 @@ import torch
 from smplx.lbs import batch_rodrigues
 
 from server.checkpoints.stylegan import load_generator
-from server.models.dfr import load_dfr
-from server.models.rignet import ControlLayout, control_vector, load_rignet, mix_controls, \
-    split_controls
+from server.checkpoints.stylerig import load_dfr
+from server.models.rignet import ControlLayout, control_vector, mix_controls, split_controls
+from server.checkpoints.stylerig import load_rignet
 from server.renderer import sh_basis
 
-from .corpus import to_pipeline_images
-from .data import MODE_STREAM, PARTNER_STREAM, TrainingData, load_face, step_rng
-from .progress import Progress
+from server.training.stylerig.corpus import to_pipeline_images
+from server.training.stylerig.data import MODE_STREAM, PARTNER_STREAM, TrainingData, load_face, step_rng
+from server.training.stylerig.progress import Progress
 
 ESTIMATORS = ("latent", "image")
 METRICS = ("pose_deg", "jaw_deg", "expression_l2", "sh_l2", "shading_rmse")
@@ -105,9 +105,9 @@ class ImageEstimator:
     """Controls of faces in images: dlib landmarks + the optimisation fit."""
 
     def __init__(self, face, embedding, layout: ControlLayout, device):
-        from server.face_model import FaceModel
-        from server.faces.landmarks import FaceDetector
-        from server.fitting.optimise import FitSettings
+        from server.renderer.face_model import FaceModel
+        from server.photo.landmarks import FaceDetector
+        from server.photo.optimise import FitSettings
 
         self.model = FaceModel(face, device)
         self.embedding, self.layout = embedding, layout
@@ -117,7 +117,7 @@ class ImageEstimator:
     def __call__(self, images: np.ndarray, landmarks: np.ndarray | None = None) -> torch.Tensor:
         """[B, dim] controls (NaN rows where no face is found) of uint8 images [B, S, S, 3];
         ``landmarks`` [B, 68, 2], when known, skip detection."""
-        from server.fitting.optimise import fit_aligned
+        from server.photo.optimise import fit_aligned
 
         rows = []
         for i, image in enumerate(images):

@@ -1,7 +1,7 @@
 """Face parameters -> rendered face and projected landmarks, differentiably (torch).
 
 The rendering layer R of StyleRig on our buffer renderer: FLAME-layout skinning
-(``server.face_model``), DECA's orthographic camera, the model's vertex albedo tinted by the
+(``server.renderer.face_model``), DECA's orthographic camera, the model's vertex albedo tinted by the
 albedo field of ``server.models.dfr``, DECA SH shading. Gradients reach every face parameter
 (visibility itself is not differentiable, as in any rasteriser).
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from portrait_rig.face_data import FaceData
-from server.face_model import FaceModel
-from server.fitting.embedding import LandmarkEmbedding
+from server.renderer.face_model import FaceModel
+from server.photo.embedding import LandmarkEmbedding
 from server.models.dfr import FaceParamLayout, FaceParams, albedo_basis
 from server.renderer import BufferRenderer, Buffers, CameraBatch, project, screen_space
 

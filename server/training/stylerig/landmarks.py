@@ -1,7 +1,7 @@
 """Landmark stage: 68 2D landmarks for every corpus image, written per shard.
 
 Source 'dlib' (the real one): dlib's HOG face detector and its 68-point shape predictor
-(``server.faces.landmarks``). Why dlib: its weights come from a registry package
+(``server.photo.landmarks``). Why dlib: its weights come from a registry package
 (face-recognition-models), so nothing is downloaded at run time; the predictor is the one
 FFHQ itself was aligned with, so its points mean the same thing on FFHQ-trained generators as
 on the alignment the generator learnt; and it runs in milliseconds per image on a CPU, so the
@@ -33,13 +33,13 @@ import torch
 from portrait_rig.face_data import FaceData
 from portrait_rig.face_source import load_face_data
 from portrait_rig.params import Camera
-from server.face_model import FaceModel
-from server.faces.landmarks import N_LANDMARKS, FaceDetector
-from server.fitting.embedding import embedding_for
+from server.renderer.face_model import FaceModel
+from server.photo.landmarks import N_LANDMARKS, FaceDetector
+from server.photo.embedding import embedding_for
 from server.renderer import CameraBatch, project, screen_space
 
-from .corpus import Corpus
-from .progress import Progress
+from server.training.stylerig.corpus import Corpus
+from server.training.stylerig.progress import Progress
 
 SOURCES = ("dlib", "synthetic")
 

@@ -4,7 +4,7 @@ L_render(I, p) = L_photo + lambda_land * L_land  (Tewari et al. 2020, eq. 2-4), 
 
 * L_photo: mean over the photometric region of |I - R(p)|^2 (RGB). The region is the rendered
   face mask M (the paper's) intersected with the face outline of the image's landmarks (jaw
-  line and raised brows, ``server.fitting.optimise.face_outline_mask``): FLAME and the demo
+  line and raised brows, ``server.photo.optimise.face_outline_mask``): FLAME and the demo
   head model the whole head, but the generator paints hair over the scalp and background
   around the ears. Convention as DECA's: image code values in [0, 1] against albedo x shading.
 * L_land: the mean of w_i |l_i(p) - t_i|^2 / size^2 over the 68 landmarks (w = 0.5 on the jaw
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server.fitting.optimise import face_outline_mask, landmark_weights
+from server.photo.optimise import face_outline_mask, landmark_weights
 from server.models.dfr import FaceParams
 
-from .corpus import resize_square
-from .face_render import FaceRenderer
+from server.training.stylerig.corpus import resize_square
+from server.training.stylerig.face_render import FaceRenderer
 
 
 @dataclass

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server.models.dfr import FaceParamLayout, FaceReconstructionNet, save_dfr
+from server.models.dfr import FaceParamLayout, FaceReconstructionNet
+from server.checkpoints.stylerig import save_dfr
 
-from .data import TrainingData, load_face
-from .face_render import FaceRenderer
-from .losses import RenderLoss, RenderLossWeights, prior_terms
-from .preview import overlay, save_grid, with_points
-from .progress import Progress
-from .run import RunDir, due
+from server.training.stylerig.data import TrainingData, load_face
+from server.training.stylerig.face_render import FaceRenderer
+from server.training.stylerig.losses import RenderLoss, RenderLossWeights, prior_terms
+from server.training.stylerig.preview import overlay, save_grid, with_points
+from server.training.stylerig.progress import Progress
+from server.training.stylerig.run import RunDir, due
 
 STATISTICS_SAMPLES = 4096
 

@@ -34,16 +34,18 @@ import numpy as np
 import torch
 
 from server.checkpoints.stylegan import load_generator
-from server.models.dfr import FaceParams, load_dfr
-from server.models.rignet import MODES, RigNet, mix_controls, save_rignet
+from server.models.dfr import FaceParams
+from server.checkpoints.stylerig import load_dfr
+from server.models.rignet import MODES, RigNet, mix_controls
+from server.checkpoints.stylerig import save_rignet
 
-from .corpus import to_pipeline_images
-from .data import MODE_STREAM, PARTNER_STREAM, TrainingData, load_face, step_rng
-from .face_render import FaceRenderer
-from .losses import RenderLoss, RenderLossWeights, Targets
-from .preview import overlay, save_grid
-from .progress import Progress
-from .run import RunDir, due
+from server.training.stylerig.corpus import to_pipeline_images
+from server.training.stylerig.data import MODE_STREAM, PARTNER_STREAM, TrainingData, load_face, step_rng
+from server.training.stylerig.face_render import FaceRenderer
+from server.training.stylerig.losses import RenderLoss, RenderLossWeights, Targets
+from server.training.stylerig.preview import overlay, save_grid
+from server.training.stylerig.progress import Progress
+from server.training.stylerig.run import RunDir, due
 
 STATISTICS_SAMPLES = 4096
 

@@ -35,16 +35,15 @@ import torch
 
 from portrait_rig.face_data import FaceData
 from portrait_rig.params import RigParams
-from portrait_rig import sh
 from portrait_rig.rotations import axis_angle_to_matrix, matrix_to_axis_angle
-from server.face_model import FaceModel
+from server.models.deca_encoder import N_EXPRESSION, N_SHAPE
+from server.renderer.face_model import FaceModel
+from server.renderer.head_view import camera_light, camera_rotation, head_rotation
 from server.renderer import BufferRenderer, Buffers, CameraBatch, project, screen_space
 from server.renderer.buffers import barycentrics
 from server.renderer.srgb import linear_to_srgb
 from server.renderer.texture import FlameTexture, sample_albedo, uv_grid
 
-N_SHAPE = 100         # DECA's identity components (the first 100 of FLAME's 300)
-N_EXPRESSION = 50     # DECA's expression components (the first 50 of FLAME's 100)
 
 
 @dataclass
@@ -123,7 +122,7 @@ def deca_codes(params: list[RigParams], geometry: RigGeometry, width: int,
       Points at depth depth(p) + dz are off by a factor dz / depth(p) (+-8 % at the nose and
       ears for a head 1.2 m away); long lenses make it negligible.
     * Light: DECA shades camera-frame normals, the rig's SH is given in the model frame, so it
-      is rotated by R_c (a pass-through for an unrotated camera).
+      is rotated into the camera frame (``head_view.camera_light``).
     """
     side = max(width, height)
     batch = len(params)
@@ -141,10 +140,10 @@ def deca_codes(params: list[RigParams], geometry: RigGeometry, width: int,
         deca_joints = geometry.joints(deca_coeffs)
 
         perspective = p.camera.type == "perspective"
-        r_cam = axis_angle_to_matrix(p.camera.rotation) if perspective else np.eye(3)
+        r_cam = camera_rotation(p.camera)
         location = np.asarray(p.camera.location) if perspective else np.zeros(3)
         r_global, r_neck = axis_angle_to_matrix(p.pose.global_), axis_angle_to_matrix(p.pose.neck)
-        r_deca = r_cam.T @ r_global @ r_neck
+        r_deca = head_rotation(p)
         j0, j1 = rig_joints[0], rig_joints[1]
         offset = (r_cam.T @ (r_global @ (j1 - r_neck @ j1 - j0) + j0
                              + np.asarray(p.translation) - location)
@@ -162,7 +161,7 @@ def deca_codes(params: list[RigParams], geometry: RigGeometry, width: int,
         else:
             cam[b] = (p.camera.scale * height / side, p.camera.tx + offset[0],
                       p.camera.ty + offset[1])
-        light[b] = sh.rotate(p.lighting.sh, r_cam.T) if perspective else p.lighting.sh
+        light[b] = camera_light(p)
 
     def t(array):
         return torch.from_numpy(array).float()

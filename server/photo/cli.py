@@ -1,4 +1,4 @@
-"""``python -m server.fitting.cli PHOTO``: fit the rig to a photo from the command line.
+"""``python -m server.photo.cli PHOTO``: fit the rig to a photo from the command line.
 
 Prints the fitted rig parameters (JSON, as the ``fit`` message's ``params``) to stdout or
 ``--out``; ``--aligned`` saves the FFHQ-aligned crop, ``--overlay`` the crop with the fitted
@@ -42,7 +42,7 @@ def overlay(fit, face_model) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.fitting.cli",
+    parser = argparse.ArgumentParser(prog="python -m server.photo.cli",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("photo", help="a portrait photo (PNG, JPEG ...)")
     parser.add_argument("--face-model", default="demo",
@@ -60,10 +60,10 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from portrait_rig.face_source import load_face_data
-    from server.face_model import FaceModel
-    from server.faces import NoFaceFound
+    from server.renderer.face_model import FaceModel
+    from server.photo import NoFaceFound
 
-    from .photo import PhotoFitter
+    from server.photo.fit import PhotoFitter
 
     try:
         model = FaceModel(load_face_data(args.face_model))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .landmarks import EYE_LEFT, EYE_RIGHT, N_LANDMARKS, FaceDetector, to_rgb
+from server.photo.landmarks import EYE_LEFT, EYE_RIGHT, N_LANDMARKS, FaceDetector, to_rgb
 
 
 def _perp(v: np.ndarray) -> np.ndarray:

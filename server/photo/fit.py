@@ -1,5 +1,5 @@
 """``PhotoFitter``: a photo -> detection, FFHQ alignment, then DECA's encoder or optimisation
-(see ``server.fitting``)."""
+(see ``server.photo``)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server.face_model import FaceModel
-from server.faces import Face, FaceAlignment, FaceDetector, align_face, decode_photo, to_rgb
+from server.renderer.face_model import FaceModel
+from server.photo import Face, FaceAlignment, FaceDetector, align_face, decode_photo, to_rgb
 
-from .deca_encoder import (DecaCodes, DecaEncoder, camera_in_image, encode_photo,
-                           load_deca_encoder)
-from .embedding import LandmarkEmbedding, LandmarkModel, embedding_for
-from .optimise import FitResult, FitSettings, fit_aligned
+from server.checkpoints.deca import load_deca_encoder
+from server.models.deca_encoder import DecaEncoder
+from server.photo.deca import PhotoCodes, camera_in_image, encode_photo
+from server.photo.embedding import LandmarkEmbedding, LandmarkModel, embedding_for
+from server.photo.optimise import FitResult, FitSettings, fit_aligned
 
 FLAME_VERTICES = 5023
 METHODS = ("auto", "deca", "optimisation")
@@ -31,7 +32,7 @@ class PhotoFit:
 
 
 class PhotoFitter:
-    """Fits photos to ``model`` (a ``server.face_model.FaceModel``).
+    """Fits photos to ``model`` (a ``server.renderer.face_model.FaceModel``).
 
     ``deca_model``: path of DECA's ``deca_model.tar`` (used for FLAME models); ``embedding``:
     a FLAME landmark embedding file (else one is detected on a render of the model);
@@ -58,7 +59,7 @@ class PhotoFitter:
 
     def fit(self, photo) -> PhotoFit:
         """``photo``: encoded image bytes (PNG, JPEG...), a PIL image or an RGB array.
-        Raises ``server.faces.NoFaceFound`` when no face is found."""
+        Raises ``server.photo.NoFaceFound`` when no face is found."""
         rgb = decode_photo(photo) if isinstance(photo, (bytes, bytearray, memoryview)) \
             else to_rgb(photo)
         face = self.detector(rgb)
@@ -82,9 +83,9 @@ class PhotoFitter:
                          extras={"tex": codes.tex.tolist()})
 
 
-def rig_from_deca(codes: DecaCodes, model: FaceModel, camera: tuple[float, float, float]):
+def rig_from_deca(codes: PhotoCodes, model: FaceModel, camera: tuple[float, float, float]):
     """Rig parameters from DECA codes for a FLAME ``model`` and an image camera
-    (scale, tx, ty) (``deca_encoder.camera_in_image``)."""
+    (scale, tx, ty) (``server.photo.deca.camera_in_image``)."""
     from portrait_rig.params import Camera, Lighting, Pose, RigParams
 
     def floats(values):

@@ -14,8 +14,8 @@ from typing import Any, Callable
 from portrait_rig import protocol
 from portrait_rig.params import ParamError, RigParams
 
-from .frame_codec import DEFAULT_JPEG_QUALITY
-from .temporal import Shot, ShotError, parse_shot
+from server.service.frame_codec import DEFAULT_JPEG_QUALITY
+from server.backends.shots import Shot, ShotError, parse_shot
 
 MAX_ID_LENGTH = 128
 

@@ -1,6 +1,6 @@
 """Fit the rig to a portrait by optimisation: landmarks plus the differentiable renderer.
 
-Input: an aligned crop (``server.faces.align_face``) and its 68 landmarks. Output: the face
+Input: an aligned crop (``server.photo.align_face``) and its 68 landmarks. Output: the face
 model's identity and expression coefficients, the global and jaw rotations, DECA's
 orthographic camera for the crop (NDC = scale * (X + [tx, ty]), +Y up, the crop spanning
 [-1, 1]), a DECA SH light and an albedo estimate (the model's albedo tinted by an RGB gain).
@@ -23,7 +23,7 @@ Energy, minimised with Adam in four stages:
    a fifth of the geometry step sizes since it starts close.
 
 Photometric convention (DECA's, which DiffusionRig's buffers follow, see
-``server.deca_buffers``): the photo's code values in [0, 1] are compared directly with
+``server.renderer.deca``): the photo's code values in [0, 1] are compared directly with
 albedo x shading, the albedo being the model's linear albedo sRGB-encoded (display-referred,
 like DECA's texture), no linearisation. Light and albedo are
 ambiguous up to a per-channel factor; the light is kept white (band 0 equal across RGB) by
@@ -41,14 +41,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from portrait_rig.params import Camera, Lighting, Pose, RigParams
-from server.face_model import FaceModel
-from server.faces.landmarks import BROW_LEFT, BROW_RIGHT, JAW, N_LANDMARKS
+from server.models.deca_encoder import N_EXPRESSION as DECA_EXPRESSION, N_SHAPE as DECA_SHAPE
+from server.renderer.face_model import FaceModel
+from server.photo.landmarks import BROW_LEFT, BROW_RIGHT, JAW, N_LANDMARKS
 from server.renderer import BufferRenderer, CameraBatch, project, screen_space, sh_basis
 from server.renderer.srgb import linear_to_srgb, srgb_to_linear
 
-from .embedding import LandmarkEmbedding, LandmarkModel
+from server.photo.embedding import LandmarkEmbedding, LandmarkModel
 
-DECA_SHAPE, DECA_EXPRESSION = 100, 50      # DECA's code sizes; larger models are cut there
 
 
 @dataclass
@@ -226,7 +226,7 @@ class _Fit:
             sh0 = torch.as_tensor(np.asarray(sh_start, dtype=np.float32).reshape(9, 3))
         self.var = _Variables(model, settings.n_shape, settings.n_expression, sh0)
         # DECA's albedo is display-referred (texture code values), the model's is linear:
-        # encode it as ``server.deca_buffers`` does, so the light is the one its buffers use.
+        # encode it as ``server.renderer.deca`` does, so the light is the one its buffers use.
         self.albedo = torch.as_tensor(linear_to_srgb(model.data.vertex_albedo),
                                       dtype=torch.float32, device=model.device)
         self.history: list[dict] = []

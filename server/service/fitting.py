@@ -51,8 +51,8 @@ class FitService:
 
     def _get_fitter(self):
         if self._fitter is None:
-            from server.face_model import FaceModel
-            from server.fitting import FLAME_VERTICES, PhotoFitter
+            from server.renderer.face_model import FaceModel
+            from server.photo import FLAME_VERTICES, PhotoFitter
 
             flame = self.face_data.n_vertices == FLAME_VERTICES
             deca = self.deca_model or (default_deca_model() if flame else None)
@@ -66,7 +66,7 @@ class FitService:
         ``FitError``."""
         from PIL import Image
 
-        from server.faces import FaceModelsMissing, NoFaceFound, decode_photo
+        from server.photo import FaceModelsMissing, NoFaceFound, decode_photo
 
         started = time.perf_counter()
         try:

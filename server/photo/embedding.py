@@ -29,7 +29,7 @@ import torch
 
 from portrait_rig.face_data import FaceData
 from portrait_rig.params import Camera, default_sh
-from server.faces.landmarks import FaceDetector, NoFaceFound
+from server.photo.landmarks import FaceDetector, NoFaceFound
 from server.renderer import BufferRenderer, CameraBatch, project, screen_space
 from server.renderer.srgb import linear_to_srgb
 

@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 
 from portrait_rig.params import ParamError, RigParams
+from portrait_rig.protocol import SHOT_RADIUS as RADIUS
 
 KERNEL = (0.25, 0.75, 1.0, 0.75, 0.25)   # weights of frames t-2 .. t+2 (sum 3)
-RADIUS = len(KERNEL) // 2
+assert len(KERNEL) == 2 * RADIUS + 1
 FINE_LAYER_START = 9                     # W+ layers from here on are "fine" (stylegan3-editing)
 
 MAX_SHOT_ID = 128

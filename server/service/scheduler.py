@@ -31,8 +31,8 @@ import numpy as np
 
 from portrait_rig import protocol
 
-from . import frame_codec
-from .jobs import Job, RequestError
+from server.service import frame_codec
+from server.service.jobs import Job, RequestError
 
 
 class QueueFull(Exception):
@@ -53,7 +53,7 @@ class RenderWorker:
     """Queues for every connection plus the thread that renders them on ``device``.
 
     ``backend_factory(name, face_model, device)`` builds a backend; ``face_model`` is the
-    torch ``server.face_model.FaceModel`` created on the worker thread for ``device``.
+    torch ``server.renderer.face_model.FaceModel`` created on the worker thread for ``device``.
     """
 
     def __init__(self, face_data, device: str, default_backend: str, backend_factory,
@@ -153,7 +153,7 @@ class RenderWorker:
     # ------------------------------------------------------------------ worker side
     def _run(self) -> None:
         try:
-            from .face_model import FaceModel   # torch: imported on the worker's thread
+            from server.renderer.face_model import FaceModel   # torch: imported on the worker's thread
             self.face_model = FaceModel(self.face_data, self.device)
             backend = self._backend(self.default_backend)
             backend.warmup()
@@ -240,7 +240,7 @@ class RenderWorker:
                 job.done(job, reply, None)
 
     def _render(self, group: list[Job]) -> list:
-        from .backends.base import RenderCancelled, RenderRequest
+        from server.backends.base import RenderCancelled, RenderRequest
 
         try:
             backend = self._backend(group[0].backend)

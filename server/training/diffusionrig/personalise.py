@@ -1,14 +1,14 @@
 """DiffusionRig stage 2: personalise the stage-1 model on a small album of one person.
 
-    python -m server.training.personalise --photos DIR --name alice \\
+    python -m server.training.diffusionrig.personalise --photos DIR --name alice \\
         [--checkpoint model.pt] [--steps 5000 --batch 4 --lr 1e-5] [--device cuda]
 
-1. Every photo is fitted once (``server.training.album.fit_photos``; cached in
+1. Every photo is fitted once (``server.training.diffusionrig.album.fit_photos``; cached in
    ``<out>/album/``): DECA's encoder with ``--deca-model`` on a FLAME face model, otherwise
    optimisation against landmarks and the photo.
 2. Each photo's identity is replaced by the album's mean shape and its buffers are rendered
-   as the ``diffusionrig`` backend renders them (``server.deca_buffers``).
-3. The UNet is fine-tuned with the encoder frozen (``server.training.diffusionrig_trainer``:
+   as the ``diffusionrig`` backend renders them (``server.renderer.deca``).
+3. The UNet is fine-tuned with the encoder frozen (``server.training.diffusionrig.trainer``:
    P2-weighted eps loss, Adam, checkpoints every ``--save-every`` steps; a killed run resumes
    where it stopped when started again with the same arguments; ``--restart`` starts over).
 
@@ -29,18 +29,18 @@ from pathlib import Path
 import torch
 
 from server import paths
-from server.models.diffusionrig import load_diffusionrig
+from server.checkpoints.diffusionrig import load_diffusionrig
 from server.renderer.texture import choose_texture
 
-from .album import PHOTO_SUFFIXES, album_data, fit_photos, list_photos, mean_shape
-from .diffusionrig_trainer import Trainer, TrainConfig
+from server.training.diffusionrig.album import PHOTO_SUFFIXES, album_data, fit_photos, list_photos, mean_shape
+from server.training.diffusionrig.trainer import Trainer, TrainConfig
 
 ALBUM_DIR, ALBUM_FILE = "album", "album.json"
 
 
 def make_fitter(face_model, deca_model=None, embedding=None, method="auto", fit_size=256,
                 detector="hog", fit_settings=None):
-    from server.fitting import PhotoFitter
+    from server.photo import PhotoFitter
     return PhotoFitter(face_model, deca_model=deca_model, embedding=embedding, method=method,
                        size=fit_size, detector=detector, settings=fit_settings)
 
@@ -53,9 +53,9 @@ def personalise(photos, checkpoint, out_dir, config: TrainConfig = TrainConfig()
     (fixed examples, timesteps and noise) and the model path.
 
     ``face_model``: a ``FaceModel`` (default: the demo head); ``fitter``: a
-    ``server.fitting.PhotoFitter`` for it (default: ``make_fitter(face_model)``)."""
+    ``server.photo.PhotoFitter`` for it (default: ``make_fitter(face_model)``)."""
     from portrait_rig.face_source import load_face_data
-    from server.face_model import FaceModel
+    from server.renderer.face_model import FaceModel
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
@@ -129,7 +129,7 @@ def train_config(args, train_encoder: bool) -> TrainConfig:
 
 def face_model_and_fitter(args):
     from portrait_rig.face_source import load_face_data
-    from server.face_model import FaceModel
+    from server.renderer.face_model import FaceModel
 
     face_model = FaceModel(load_face_data(args.face_model))
     fitter = make_fitter(face_model, args.deca_model, args.embedding, args.fit_method,
@@ -139,7 +139,7 @@ def face_model_and_fitter(args):
 
 def main(argv=None) -> int:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m server.training.personalise",
+    parser = argparse.ArgumentParser(prog="python -m server.training.diffusionrig.personalise",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", required=True, help="folder of photos of one person")
     parser.add_argument("--name", help="personal model name (a plain folder name)")

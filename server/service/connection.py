@@ -1,7 +1,7 @@
 """One client connection: read and validate messages, answer them, log one line per request.
 
 Runs on the event loop. Rendering, vertex posing and encoding happen on the render worker
-(``server/scheduler.py``); this side only parses headers, queues jobs and writes the finished
+(``server/service/scheduler.py``); this side only parses headers, queues jobs and writes the finished
 buffers. Error policy (docs/protocol.md, "Errors"): a broken length prefix or a failed
 handshake closes the connection; anything else is answered with an ``error`` and the
 connection keeps going.
@@ -18,9 +18,9 @@ import traceback
 
 from portrait_rig import protocol
 
-from .fitting.service import FitError
-from .jobs import RequestError, parse_render, parse_vertices, request_id
-from .scheduler import QueueFull
+from server.service.fitting import FitError
+from server.service.jobs import RequestError, parse_render, parse_vertices, request_id
+from server.service.scheduler import QueueFull
 
 HELLO_TIMEOUT = 10.0
 DISCARD_CHUNK = 1 << 16

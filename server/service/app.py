@@ -2,7 +2,7 @@
 
 ``RenderServer`` ties together the face model arrays (``FaceData``, shared with the Blender
 rig through the ``model`` message), one ``RenderWorker`` per device and the connections. The
-event loop only parses, frames and writes; see ``server/scheduler.py`` for the queues.
+event loop only parses, frames and writes; see ``server/service/scheduler.py`` for the queues.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from portrait_rig import __version__, protocol
 
-from .connection import Connection
-from .fitting.service import FitService
-from .jobs import RequestError
-from .scheduler import RenderWorker
+from server.service.connection import Connection
+from server.service.fitting import FitService
+from server.service.jobs import RequestError
+from server.service.scheduler import RenderWorker
 
 
 @dataclass
@@ -115,7 +115,7 @@ def build_server(config: ServerConfig) -> RenderServer:
     Blocks until the worker is ready; raises what prevented it."""
     from portrait_rig.face_source import load_face_data
 
-    from .backends import BACKEND_NAMES, backend_problem, create_backend, describe_backends
+    from server.backends import BACKEND_NAMES, backend_problem, create_backend, describe_backends
 
     for name in (config.backend, *config.backend_options):
         if name not in BACKEND_NAMES:

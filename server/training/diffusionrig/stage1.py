@@ -1,13 +1,13 @@
 """DiffusionRig stage 1: learn the generic face prior from a large set of aligned faces.
 
-    python -m server.training.stage1 prepare --photos RAW --data DATA [fitting options]
-    python -m server.training.stage1 train --data DATA --out RUN \\
+    python -m server.training.diffusionrig.stage1 prepare --photos RAW --data DATA [fitting options]
+    python -m server.training.diffusionrig.stage1 train --data DATA --out RUN \\
         [--steps 50000 --batch 32 --lr 1e-4] [--checkpoint init.pt] [--device cuda]
 
 ``prepare`` fits every photo of RAW (FFHQ images or any portraits; cached, see
-``server.training.album``) and writes the dataset folder: the aligned crop ``<stem>.png`` and
+``server.training.diffusionrig.album``) and writes the dataset folder: the aligned crop ``<stem>.png`` and
 its rig parameters ``<stem>.json`` per photo. ``train`` trains UNet and encoder together
-(``server.training.diffusionrig_trainer``; buffers rendered per batch in DECA's conventions),
+(``server.training.diffusionrig.trainer``; buffers rendered per batch in DECA's conventions),
 from the official initialisation or from ``--checkpoint``, with the same checkpoints,
 resuming and logs as stage 2. The paper trained 50000 steps at batch 32 on each of 8 GPUs
 (lr 1e-4); this entry point runs on one device.
@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from server.models.diffusionrig import DiffusionRig, load_diffusionrig
+from server.models.diffusionrig import DiffusionRig
+from server.checkpoints.diffusionrig import load_diffusionrig
 from server.models.diffusionrig_unet import UNetConfig
 from server.renderer.texture import choose_texture
 
-from .album import FolderData, fit_photos, list_photos, write_dataset
-from .diffusionrig_trainer import Trainer, TrainConfig
-from .personalise import (add_fitting_options, add_training_options, face_model_and_fitter,
+from server.training.diffusionrig.album import FolderData, fit_photos, list_photos, write_dataset
+from server.training.diffusionrig.trainer import Trainer, TrainConfig
+from server.training.diffusionrig.personalise import (add_fitting_options, add_training_options, face_model_and_fitter,
                           train_config)
 
 STAGE1_DEFAULTS = TrainConfig(steps=50000, batch_size=32, lr=1e-4, save_every=5000)
@@ -68,7 +69,7 @@ def train(data, out_dir, config: TrainConfig = STAGE1_DEFAULTS, checkpoint=None,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.training.stage1",
+    parser = argparse.ArgumentParser(prog="python -m server.training.diffusionrig.stage1",
                                      description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="fit photos into a dataset folder")
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
             prepare(args.photos, args.data, fitter)
             return 0
         from portrait_rig.face_source import load_face_data
-        from server.face_model import FaceModel
+        from server.renderer.face_model import FaceModel
         face_model = FaceModel(load_face_data(args.face_model))
         data = FolderData(args.data, face_model, args.image_size,
                           choose_texture(args.texture, face_model.faces.shape[0]))

@@ -1,13 +1,13 @@
 """Training data for DiffusionRig: photos fitted once, then aligned images plus DECA buffers.
 
-* ``fit_photos``: every photo of a folder through ``server.fitting.PhotoFitter`` (face
+* ``fit_photos``: every photo of a folder through ``server.photo.PhotoFitter`` (face
   detection, FFHQ alignment, DECA's encoder or optimisation), each result cached in
   ``cache_dir`` under the photo's content hash and the fitter's settings, so a second run
   (a resumed training, another model name) fits nothing again. Photos without a face are
   reported and skipped.
 * ``album_data``: a personal album in memory, as DiffusionRig's stage 2 trains on it: every
   photo's identity replaced by the album's mean shape (``create_data.py --use_meanshape``),
-  buffers rendered in DECA's conventions (``server.deca_buffers``, exactly as the
+  buffers rendered in DECA's conventions (``server.renderer.deca``, exactly as the
   ``diffusionrig`` backend renders them at inference), images in [-1, 1].
 * ``FolderData``: a stage-1 dataset folder (``<stem>.png`` aligned crops with their
   ``<stem>.json`` rig parameters, as ``write_dataset`` writes them), read lazily and rendered
@@ -28,10 +28,10 @@ import torch
 from PIL import Image
 
 from portrait_rig.params import RigParams
-from server.deca_buffers import DecaBufferRenderer
-from server.face_model import FaceModel
+from server.renderer.deca import DecaBufferRenderer
+from server.renderer.face_model import FaceModel
 
-from .diffusionrig_trainer import TensorData
+from server.training.diffusionrig.trainer import TensorData
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -82,7 +82,7 @@ def _from_json_array(array: np.ndarray):
 def fit_photos(photos: list[Path], fitter, cache_dir, log=None) -> tuple[list[FittedPhoto], dict]:
     """Fit (or read back from the cache) every photo; returns the fitted photos in order
     and counts {"fitted", "cached", "skipped": [(name, reason)]}."""
-    from server.faces import NoFaceFound
+    from server.photo import NoFaceFound
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     cache_dir = Path(cache_dir)
