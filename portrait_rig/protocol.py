@@ -52,6 +52,7 @@ E_TOO_LARGE = "too_large"            # header, payload or frame size over the li
 E_RATE_LIMITED = "rate_limited"
 E_QUEUE_FULL = "queue_full"          # too many batch requests waiting on this connection
 E_RENDER_FAILED = "render_failed"    # the backend raised; the server keeps serving
+E_BACKEND_UNAVAILABLE = "backend_unavailable"  # its files or options are missing or wrong
 E_SHUTTING_DOWN = "shutting_down"
 E_INTERNAL = "internal_error"        # the server failed handling the request; it keeps serving
 E_NO_FACE = "no_face"                # fit: no face found in the photo

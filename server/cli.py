@@ -34,11 +34,27 @@ def is_loopback(host: str) -> bool:
     return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
-def parse_args(argv=None) -> ServerConfig:
+def backends_help() -> str:
+    """The backends and their options, for ``--help`` (from the registry; imports nothing)."""
+    from server.backends import SPECS
+
+    lines = ["backends and their options (--option BACKEND.KEY=VALUE):"]
+    for spec in SPECS.values():
+        lines.append(f"  {spec.name}: {spec.description}")
+        for option in spec.options:
+            default = "" if option.default is None else f" (default {option.default})"
+            lines.append(f"      {spec.name}.{option.name}: {option.help}{default}")
+    lines.append("model files live under $PORTRAIT_RIG_HOME (default ~/.portrait_rig); "
+                 "--check lists what each backend found there")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> tuple[ServerConfig, argparse.Namespace]:
     defaults = ServerConfig()
     ap = argparse.ArgumentParser(
         prog="portrait-rig-server",
-        description="Portrait Rig render server (wire protocol v1, see docs/protocol.md).")
+        description="Portrait Rig render server (wire protocol v1, see docs/protocol.md).",
+        epilog=backends_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default=defaults.host,
                     help="address to bind (default %(default)s: this machine only)")
     ap.add_argument("--port", type=int, default=defaults.port,
@@ -73,6 +89,10 @@ def parse_args(argv=None) -> ServerConfig:
                          "or smplx's flame_static_embedding.pkl; default: "
                          "$PORTRAIT_RIG_HOME/flame/landmark_embedding.npy when present)")
     ap.add_argument("--quiet", action="store_true", help="no per-request log lines")
+    ap.add_argument("--check", action="store_true",
+                    help="list every backend, the files it looked for and where, what it found "
+                         "and what to do about the rest, and the device; exit status 0 when "
+                         "the chosen --backend can run, 1 otherwise (starts no server)")
     args = ap.parse_args(argv)
 
     if not 0 <= args.port <= 65535:
@@ -94,11 +114,78 @@ def parse_args(argv=None) -> ServerConfig:
         if not (sep and dot and backend and key.isidentifier()):
             ap.error(f"--option {option!r}: expected BACKEND.KEY=VALUE")
         backend_options.setdefault(backend, {})[key] = value
-    return ServerConfig(host=args.host, port=args.port, backend=args.backend, model=args.model,
-                        device=args.device, token=args.token, rate=args.rate, burst=args.burst,
-                        max_queued_batch=args.max_queued_batch, max_batch=args.max_batch,
-                        log_requests=not args.quiet, backend_options=backend_options,
-                        deca_model=args.deca_model, landmark_embedding=args.landmark_embedding)
+    config = ServerConfig(host=args.host, port=args.port, backend=args.backend,
+                          model=args.model, device=args.device, token=args.token,
+                          rate=args.rate, burst=args.burst,
+                          max_queued_batch=args.max_queued_batch, max_batch=args.max_batch,
+                          log_requests=not args.quiet, backend_options=backend_options,
+                          deca_model=args.deca_model,
+                          landmark_embedding=args.landmark_embedding)
+    return config, args
+
+
+def check_device(device: str) -> str | None:
+    """Why torch cannot use ``device``, or None."""
+    from server.backends.base import torch_device
+
+    try:
+        torch_device(device)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def run_check(config: ServerConfig, out=sys.stdout) -> int:
+    """``--check``: what every backend found, what to do about the rest; 0 when the chosen
+    backend can run."""
+    from server.backends import BACKEND_NAMES, spec
+    from server.backends.check import check_backend, shown
+    from server.paths import HOME_ENV, home
+
+    def say(text=""):
+        print(text, file=out)
+
+    say(f"model folder: {home()} (${HOME_ENV})")
+    device_problem = check_device(config.device)
+    say(f"device: {config.device}: " + (device_problem or "available"))
+    try:
+        from portrait_rig.face_source import load_face_data
+        face = load_face_data(config.model)
+        say(f"face model: {face.name} ({face.n_vertices} vertices)")
+        face_ok = True
+    except Exception as exc:  # noqa: BLE001 - reported, with the reason
+        say(f"face model: {config.model}: cannot load: {exc}")
+        face_ok = False
+    unknown = [name for name in config.backend_options if name not in BACKEND_NAMES]
+    for name in unknown:
+        say(f"--option {name}.*: unknown backend (available: {', '.join(BACKEND_NAMES)})")
+    states = {}
+    for name in BACKEND_NAMES:
+        state = states[name] = check_backend(name, config.backend_options.get(name, {}))
+        chosen = " (chosen with --backend)" if name == config.backend else ""
+        say()
+        say(f"{name}{chosen}: {state.state}" + (f": {state.reason}" if state.reason else ""))
+        say(f"  {spec(name).description}")
+        for report in state.files:
+            need = report.need
+            if report.found and report.problem is None:
+                status = "found"
+            elif report.found:
+                status = "WRONG KIND"
+            else:
+                status = "missing" if need.required else "not present (optional)"
+            say(f"  - {need.role}: {shown(need.path)}: {status}")
+            if report.found and report.problem:
+                say(f"      {report.problem}")
+            if not report.found and need.source:
+                say(f"      where to get it: {need.source}; moved with --option "
+                    f"{need.option}=FILE")
+    chosen = states.get(config.backend)
+    ok = (chosen is not None and chosen.state == "ready" and device_problem is None and face_ok
+          and not unknown)
+    say()
+    say(f"backend {config.backend!r} " + ("can run" if ok else "cannot run"))
+    return 0 if ok else 1
 
 
 async def _serve(server) -> None:
@@ -118,7 +205,13 @@ async def _serve(server) -> None:
 
 
 def main(argv=None) -> int:
-    config = parse_args(argv)
+    config, args = parse_args(argv)
+    if args.check:
+        return run_check(config)
+    device_problem = check_device(config.device)
+    if device_problem:
+        print(f"portrait-rig-server: cannot start: {device_problem}", file=sys.stderr)
+        return 1
     try:
         server = build_server(config)
     except Exception as exc:  # noqa: BLE001 - startup failures end the process with a message

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 HOME_ENV = "PORTRAIT_RIG_HOME"
 CHECKPOINT_SUFFIXES = (".pt", ".safetensors")
@@ -44,16 +46,6 @@ def diffusionrig_checkpoint() -> Path:
     return _checkpoint_in(home() / "diffusionrig")
 
 
-def diffusionrig_problem(checkpoint=None, **_) -> str | None:
-    """Why the ``diffusionrig`` backend cannot start with these options (its checkpoint is
-    missing), or None. Cheap, loads nothing: the server reports it at start."""
-    path = Path(checkpoint).expanduser() if checkpoint else diffusionrig_checkpoint()
-    if not path.is_file():
-        return (f"DiffusionRig checkpoint not found: {path} (pass --option "
-                f"diffusionrig.checkpoint=FILE, or place the official model*.pt there)")
-    return None
-
-
 def stylegan_generator() -> Path:
     """Default StyleGAN generator: the first of ``stylegan/generator.pkl``, ``.pt``,
     ``.safetensors`` that exists (``generator.pkl`` when none does)."""
@@ -67,16 +59,6 @@ def stylegan_generator() -> Path:
 def stylerig_rignet() -> Path:
     """Default RigNet weights of the stylerig backend: ``stylerig/rignet.safetensors``."""
     return home() / "stylerig" / "rignet.safetensors"
-
-
-def stylerig_problem(generator=None, **_) -> str | None:
-    """Why the ``stylerig`` backend cannot start with these options (its generator file is
-    missing), or None. RigNet weights are optional. Cheap, loads nothing."""
-    path = Path(generator).expanduser() if generator else stylegan_generator()
-    if not path.is_file():
-        return (f"StyleGAN generator not found: {path} (pass --option stylerig.generator=FILE, "
-                f"or place an NVIDIA network pickle there)")
-    return None
 
 
 def flame_texture() -> Path:
@@ -113,3 +95,64 @@ def _checkpoint_in(folder: Path) -> Path:
         if (folder / f"model{suffix}").is_file():
             return folder / f"model{suffix}"
     return folder / "model.pt"
+
+
+# ------------------------------------------------------------------------------ what each backend needs
+
+# Where to get each file (the README's table, in one line each).
+SOURCES = {
+    "stylegan-generator": "NVIDIA's StyleGAN2-ADA / StyleGAN3 releases (e.g. ffhq.pkl; NVIDIA "
+                          "Source Code License-NC) or a rosinality stylegan2-pytorch checkpoint",
+    "rignet": "train one for your generator: python -m server.training.stylerig "
+              "(docs/stylerig_training.md)",
+    "diffusionrig": "DiffusionRig's stage-1 model (adobe-research/diffusion-rig releases, "
+                    "research licence), renamed model.pt",
+    "flame-texture": "FLAME_texture.npz from the FLAME website (flame.is.tue.mpg.de, "
+                     "registration; FLAME licence)",
+}
+
+
+@dataclass(frozen=True)
+class FileNeed:
+    """A file a backend reads: ``role`` in words, where it is looked for, whether the backend
+    cannot run without it, the ``server.checkpoints.identify`` kind it must be, the option
+    that moves it, and where to get it."""
+    role: str
+    path: Path
+    required: bool
+    kind: str
+    option: str
+
+    @property
+    def source(self) -> str:
+        return SOURCES.get(self.kind, "")
+
+
+def _chosen(value, default: Path) -> Path:
+    return Path(value).expanduser() if value not in (None, "auto") else default
+
+
+def stylerig_files(options: Mapping[str, Any]) -> list[FileNeed]:
+    """The stylerig backend's generator (required) and RigNet (optional unless named)."""
+    needs = [FileNeed("StyleGAN generator", _chosen(options.get("generator"),
+                                                    stylegan_generator()),
+                      True, "stylegan-generator", "stylerig.generator")]
+    rignet = options.get("rignet", "auto")
+    if rignet != "none":
+        needs.append(FileNeed("RigNet (pose, expression and light control)",
+                              _chosen(rignet, stylerig_rignet()), rignet != "auto", "rignet",
+                              "stylerig.rignet"))
+    return needs
+
+
+def diffusionrig_files(options: Mapping[str, Any]) -> list[FileNeed]:
+    """The diffusionrig backend's stage-1 checkpoint (required) and FLAME texture space
+    (optional unless named)."""
+    needs = [FileNeed("DiffusionRig stage-1 checkpoint",
+                      _chosen(options.get("checkpoint"), diffusionrig_checkpoint()), True,
+                      "diffusionrig", "diffusionrig.checkpoint")]
+    texture = options.get("texture", "auto")
+    if texture != "none":
+        needs.append(FileNeed("FLAME texture space (albedo)", _chosen(texture, flame_texture()),
+                              texture != "auto", "flame-texture", "diffusionrig.texture"))
+    return needs

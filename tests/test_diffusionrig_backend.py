@@ -217,23 +217,30 @@ def test_a_newer_live_request_stops_the_sampling_of_the_old_one(server, client, 
 # ---------------------------------------------------------------------------- start-up
 
 def test_missing_checkpoint_stops_a_server_that_defaults_to_it(tmp_path):
-    with pytest.raises(RuntimeError, match="DiffusionRig checkpoint not found") as err:
+    with pytest.raises(RuntimeError, match="DiffusionRig stage-1 checkpoint not found") as err:
         ServerProcess("--backend", "diffusionrig", "--model", "demo",
                       env={"PORTRAIT_RIG_HOME": str(tmp_path)}).start()
-    assert str(tmp_path / "diffusionrig" / "model.pt") in str(err.value)
+    assert "$PORTRAIT_RIG_HOME/diffusionrig/model.pt" in str(err.value)
+    assert "adobe-research/diffusion-rig" in str(err.value)         # where to get it
 
 
 def test_missing_checkpoint_leaves_other_backends_serving(tmp_path):
     with ServerProcess("--backend", "preview", "--model", "demo",
                        env={"PORTRAIT_RIG_HOME": str(tmp_path)}) as proc:
-        assert "backend diffusionrig is not available: DiffusionRig checkpoint not found" \
-            in proc.log()
+        assert ("backend diffusionrig: unavailable: DiffusionRig stage-1 checkpoint not found"
+                in proc.log())
         with Client(proc.host, proc.port, timeout=60.0) as c:
-            with pytest.raises(ServerError) as err:
-                c.render({}, W, H, backend="diffusionrig")
-            assert err.value.code == protocol.E_RENDER_FAILED
-            assert "checkpoint not found" in err.value.message
+            state = {b["name"]: b for b in c.hello["backends"]}
+            assert state["preview"]["state"] == "ready"
+            assert state["diffusionrig"]["state"] == "unavailable"
+            assert "checkpoint not found" in state["diffusionrig"]["reason"]
+            for _ in range(2):          # answered from the stored state, no rebuild, no trace
+                with pytest.raises(ServerError) as err:
+                    c.render({}, W, H, backend="diffusionrig")
+                assert err.value.code == protocol.E_BACKEND_UNAVAILABLE
+                assert "checkpoint not found" in err.value.message
             assert c.render({}, W, H).width == W
+        assert "Traceback" not in proc.log()
 
 
 # ---------------------------------------------------------------------------- in process
@@ -303,7 +310,7 @@ def test_backend_options_are_checked(home, small_face):
         create_backend("diffusionrig", small_face, checkpoint=checkpoint, sampler="euler")
     with pytest.raises(ValueError, match="steps: expected an integer"):
         create_backend("diffusionrig", small_face, checkpoint=checkpoint, steps="many")
-    with pytest.raises(ValueError, match="fp16 autocast needs a CUDA device"):
+    with pytest.raises(ValueError, match="float16 needs a CUDA device"):
         create_backend("diffusionrig", small_face, checkpoint=checkpoint, precision="fp16")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         create_backend("diffusionrig", small_face, checkpoint=str(home / "none.pt"))

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from portrait_rig.client import Client
 from portrait_rig import sh
 from portrait_rig.params import RigParams
-from server.backends import backend_problem, create_backend
+from server.backends import create_backend
+from server.backends.check import check_backend
 from server.backends.base import RenderRequest
 from server.backends.preview import PreviewBackend
 from server.renderer.face_model import FaceModel
@@ -149,7 +150,7 @@ def test_same_seed_same_frame_other_seed_other_face(rigged):
 def test_without_rignet_only_identity_changes_the_image(plain, capsys, files, face_model):
     create_backend("stylerig", face_model, "cpu", generator=str(files["sg2"]), rignet="none")
     assert "no RigNet weights" in capsys.readouterr().err
-    assert "Identity only" in plain.description
+    assert "identity only" in plain.summary()
     base = render(plain, rig(seed=1))
     assert "rignet" not in base.timings
     for changed in (rig(seed=1, yaw=0.4), rig(seed=1, jaw=0.3), rig(seed=1, expression=[2.0]),
@@ -330,7 +331,7 @@ def test_bad_options_are_named(files, face_model, tmp_path):
     with pytest.raises(ValueError, match=r"edits latents \[8, 16\].*has \[8, 8\]"):
         make(generator=str(files["sg3"]), rignet=str(files["rignet"]))
     missing = tmp_path / "generator.pkl"
-    assert "StyleGAN generator not found" in backend_problem("stylerig", generator=missing)
+    assert "StyleGAN generator not found" in check_backend("stylerig", {"generator": missing}).reason
     with pytest.raises(FileNotFoundError, match="generator not found"):
         make(generator=str(missing))
 

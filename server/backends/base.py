@@ -1,13 +1,18 @@
-"""What every backend implements: a batch of render requests in, frames and passes out."""
+"""What every backend implements (a batch of render requests in, frames and passes out) and
+the parts backends share: typed options, device and precision setup, a file-stamped LRU cache,
+and fitting a generator's square image to the requested frame."""
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from portrait_rig.params import RigParams
 from portrait_rig.protocol import MAX_FRAME_SIDE, PASSES
@@ -83,9 +88,178 @@ class StageTimer:
         self.last = now
 
 
+class BackendUnavailable(RuntimeError):
+    """A backend that cannot be built (files missing or of the wrong kind, bad options):
+    the message says why and what to do; no traceback is worth showing."""
+
+
 class RenderCancelled(Exception):
     """Raised by ``Backend.render`` when it stopped early because every request of the batch
     was cancelled (``RenderRequest.cancelled``)."""
+
+
+def stop_if_cancelled(requests: list[RenderRequest]) -> None:
+    """Raise ``RenderCancelled`` when nobody wants any frame of the batch any more."""
+    if all(r.cancelled() for r in requests):
+        raise RenderCancelled(f"all {len(requests)} request(s) of the batch were cancelled")
+
+
+# ------------------------------------------------------------------------------ options
+# Options arrive as strings from the command line (``--option BACKEND.KEY=VALUE``) or as
+# values from Python. Each backend declares them once (``Option``); the registry parses and
+# validates them before the backend is built, so a typo fails at start, not at the first frame.
+
+@dataclass(frozen=True)
+class Option:
+    """One backend option: ``parse(value)`` returns the typed value or raises ValueError
+    with the reason (the caller prefixes ``backend.name``)."""
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[Any], Any] = lambda value: value
+
+
+def integer(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value) -> int:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected an integer, got {value!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"must lie in {low}..{high}, got {number}")
+        return number
+    return parse
+
+
+def choice(*values: str) -> Callable[[Any], str]:
+    def parse(value) -> str:
+        if value not in values:
+            raise ValueError(f"expected one of {', '.join(values)}, got {value!r}")
+        return value
+    return parse
+
+
+def optional_integer(low: int, high: int) -> Callable[[Any], int | None]:
+    """An integer, or None / "auto" for the backend's own default."""
+    whole = integer(low, high)
+    return lambda value: None if value in (None, "auto") else whole(value)
+
+
+def file_or(*keywords: str) -> Callable[[Any], str | None]:
+    """A keyword (e.g. "auto", "none") or a file path, kept as a string (None stays None:
+    the default place)."""
+    def parse(value) -> str | None:
+        if value is None or value in keywords:
+            return value
+        if not isinstance(value, (str, Path)) or not str(value):
+            words = [repr(k) for k in keywords] + ["a file path"]
+            raise ValueError(f"expected {' or '.join(words)}, got {value!r}")
+        return str(value)
+    return parse
+
+
+def colour(value) -> tuple[float, float, float]:
+    """Three sRGB values in [0, 1], as a sequence or a comma-separated string."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        rgb = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected 3 sRGB values in [0, 1], got {value!r}") from None
+    if len(rgb) != 3 or not all(0.0 <= v <= 1.0 for v in rgb):
+        raise ValueError(f"expected 3 sRGB values in [0, 1], got {value!r}")
+    return rgb
+
+
+def parse_options(backend: str, options: tuple[Option, ...], given: Mapping[str, Any]
+                  ) -> dict[str, Any]:
+    """Typed values of every option of ``backend`` (defaults filled in). Raises ValueError
+    naming ``backend.key`` for an unknown option or a bad value."""
+    known = {option.name: option for option in options}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {backend} option(s): {', '.join(unknown)} "
+                         f"(known: {', '.join(known) or 'none'})")
+    values = {}
+    for name, option in known.items():
+        value = given.get(name, option.default)
+        try:
+            values[name] = option.parse(value) if name in given else value
+        except ValueError as exc:
+            raise ValueError(f"{backend}.{name}: {exc}") from None
+    return values
+
+
+# ------------------------------------------------------------------------------ devices
+
+def torch_device(device: str) -> torch.device:
+    """The torch device for ``device``; refuses CUDA when torch sees none."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: {device!r} is not a torch device (cpu, cuda, cuda:1 ...)") \
+            from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: CUDA was requested but torch sees no CUDA device (is this "
+                         "the CUDA build of torch, and is a GPU visible?); use --device cpu")
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "fp16" on CUDA, "fp32" elsewhere; float16 is refused off CUDA."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision in ("fp16", "native") and device.type != "cuda":
+        raise ValueError(f"precision {precision!r}: float16 needs a CUDA device (use fp32)")
+    return precision
+
+
+# ------------------------------------------------------------------------------ caches
+
+def file_stamp(path: Path) -> tuple[str, int, int]:
+    """(resolved path, size, modification time): a cache key that changes with the file."""
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+class LRU(OrderedDict):
+    """A small least-recently-used cache: ``get`` refreshes, ``put`` evicts the oldest
+    beyond ``capacity``."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def get(self, key, default=None):
+        if key not in self:
+            return default
+        self.move_to_end(key)
+        return self[key]
+
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+        return value
+
+
+# ------------------------------------------------------------------------------ frames
+
+def cover_frame(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Square images [B, C, S, S] -> [B, C, height, width]: resized (bicubic, antialiased
+    when shrinking) to the square covering the frame, side max(width, height), then
+    centre-cropped - how every generator's square portrait fills a frame of any shape."""
+    side, native = max(width, height), images.shape[-1]
+    if side != native:
+        images = F.interpolate(images, size=(side, side), mode="bicubic", align_corners=False,
+                               antialias=side < native)
+    top, left = (side - height) // 2, (side - width) // 2
+    return images[:, :, top: top + height, left: left + width]
+
+
+def opaque_rgba(rgb: torch.Tensor) -> np.ndarray:
+    """uint8 RGB [B, H, W, 3] (any device) -> host RGBA [B, H, W, 4] with alpha 255."""
+    return torch.cat([rgb, torch.full_like(rgb[..., :1], 255)], dim=-1).cpu().numpy()
 
 
 class Backend:
@@ -109,3 +283,7 @@ class Backend:
 
     def warmup(self) -> None:
         """Compile kernels / fill caches before the first client request (optional)."""
+
+    def summary(self) -> str:
+        """One log line: what was loaded (files, kind, resolution, device, precision)."""
+        return f"on {self.device}"

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from portrait_rig.params import Appearance, RigParams
 from server import paths
@@ -50,7 +49,10 @@ from server.checkpoints.diffusionrig import load_diffusionrig
 from server.renderer.buffers import CHANNELS
 from server.renderer.texture import choose_texture
 
-from server.backends.base import Backend, RenderCancelled, RenderRequest, RenderResult, StageTimer, check_request
+from server.backends.base import (LRU, Backend, RenderCancelled, RenderRequest, RenderResult,
+                                  StageTimer, check_request, cover_frame, file_stamp,
+                                  opaque_rgba, resolve_precision, stop_if_cancelled,
+                                  torch_device)
 
 SAMPLERS = {"ddim": 20, "dpm++": 10}              # name -> default number of steps
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -58,74 +60,35 @@ LATENT_DIM = 64
 _CACHE_ENTRIES = 64                               # latents and noise tensors kept
 
 
-def _int_option(name: str, value, low: int, high: int) -> int:
-    """An integer option (CLI options arrive as strings) in [low, high]."""
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected an integer, got {value!r}") from None
-    if not low <= number <= high:
-        raise ValueError(f"{name}: must lie in {low}..{high}, got {number}")
-    return number
-
-
-def _choice(name: str, value, options) -> str:
-    if value not in options:
-        raise ValueError(f"{name}: expected one of {', '.join(options)}, got {value!r}")
-    return value
-
-
 class DiffusionRigBackend(Backend):
-    """DiffusionRig on "cpu" or "cuda" (CPU only makes sense for tests).
-
-    Options (CLI strings accepted): ``checkpoint`` stage-1 file (default
-    ``server.paths.diffusionrig_checkpoint()``); ``sampler`` "ddim" (the official deterministic
-    DDIM on the respaced grid) or "dpm++" (DPM-Solver++(2M)); ``steps`` (default 20 for DDIM,
-    10 for DPM-Solver++); ``precision`` "auto" (fp16 autocast on CUDA, fp32 elsewhere),
-    "fp32", "fp16" or "bf16"; ``texture`` "auto" (``server.paths.flame_texture()`` when it
-    exists and fits the face model), "none" (the face model's vertex albedo) or a
-    FLAME_texture.npz path; ``resolution`` the size the model samples at (256 for the
-    official model; the architecture itself is read from the checkpoint); ``personal_dir``
-    folder of personal models; ``max_models`` checkpoints kept loaded, the stage-1 model
-    included (it is never evicted, and the personal model in use always stays).
-    """
+    """DiffusionRig on "cpu" or "cuda" (CPU only makes sense for tests). Options (typed,
+    documented and validated in the registry, ``server.backends.SPECS``): ``checkpoint``,
+    ``sampler`` ("ddim": the official deterministic DDIM on the respaced grid; "dpm++":
+    DPM-Solver++(2M)), ``steps``, ``precision``, ``texture`` ("auto" uses the FLAME texture
+    space when it fits the face model), ``resolution`` (the architecture itself is read from
+    the checkpoint), ``personal_dir`` and ``max_models`` (the stage-1 model is never evicted,
+    and the personal model in use always stays)."""
 
     name = "diffusionrig"
-    description = ("DiffusionRig: photoreal portraits conditioned on the rig's DECA buffers and "
-                   "a reference photo's appearance (needs its checkpoint; CUDA)")
 
     def __init__(self, face_model: FaceModel, device: str = "cpu", checkpoint=None,
                  sampler: str = "ddim", steps=None, precision: str = "auto",
-                 texture: str = "auto", resolution=256, personal_dir=None, max_models=2,
-                 **options):
-        if options:
-            raise ValueError(f"unknown diffusionrig option(s): {', '.join(sorted(options))} "
-                             "(known: checkpoint, sampler, steps, precision, texture, "
-                             "resolution, personal_dir, max_models)")
+                 texture: str = "auto", resolution=256, personal_dir=None, max_models=2):
         super().__init__(face_model, device)
-        self.torch_device = torch.device(device)
-        if self.torch_device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device: CUDA was requested but torch sees no CUDA device")
-        self.sampler = _choice("sampler", sampler, tuple(SAMPLERS))
-        self.steps = _int_option("steps", SAMPLERS[sampler] if steps is None else steps, 2, 1000)
+        self.torch_device = torch_device(device)
+        self.sampler = sampler
+        self.steps = SAMPLERS[sampler] if steps is None else steps
         self.schedule = NoiseSchedule.linear()
         self.timesteps = (self.schedule.respaced(self.steps) if self.sampler == "ddim"
                           else self.schedule.time_uniform(self.steps))
-        precision = _choice("precision", precision, ("auto", *PRECISIONS))
-        if precision == "auto":
-            precision = "fp16" if self.torch_device.type == "cuda" else "fp32"
-        if precision == "fp16" and self.torch_device.type != "cuda":
-            raise ValueError("precision: fp16 autocast needs a CUDA device (use fp32 or bf16)")
-        self.precision = precision
-        self.resolution = _int_option("resolution", resolution, 8, 1024)
-        self.max_models = _int_option("max_models", max_models, 1, 64)
+        self.precision = resolve_precision(precision, self.torch_device)
+        self.resolution = resolution
+        self.max_models = max_models
         self.personal_dir = Path(personal_dir).expanduser() if personal_dir else None
-
-        problem = paths.diffusionrig_problem(checkpoint=checkpoint)
-        if problem:
-            raise FileNotFoundError(problem)
         self.checkpoint = (Path(checkpoint).expanduser() if checkpoint
                            else paths.diffusionrig_checkpoint())
+        if not self.checkpoint.is_file():
+            raise FileNotFoundError(f"DiffusionRig checkpoint not found: {self.checkpoint}")
         base = load_diffusionrig(self.checkpoint, None, self.torch_device, self.resolution)
         if base.config.latent_dim != LATENT_DIM:
             raise ValueError(f"{self.checkpoint}: latent size {base.config.latent_dim}, "
@@ -136,8 +99,15 @@ class DiffusionRigBackend(Backend):
             face_model = FaceModel(face_model.data, self.torch_device)
         self.buffers = DecaBufferRenderer(
             face_model, choose_texture(texture, face_model.faces.shape[0], self.torch_device))
-        self._latents: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._noise: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._latents = LRU(_CACHE_ENTRIES)
+        self._noise = LRU(_CACHE_ENTRIES)
+
+    def summary(self) -> str:
+        cfg = self._models[None].config
+        texture = "FLAME texture space" if self.buffers.texture is not None else "vertex albedo"
+        return (f"{self.checkpoint} (DiffusionRig {self.resolution} px, {cfg.model_channels} "
+                f"channels), {self.sampler} {self.steps} steps, {texture}, on "
+                f"{self.torch_device}, {self.precision}")
 
     # ------------------------------------------------------------------------ setup
     def _model(self, name: str | None) -> DiffusionRig:
@@ -196,14 +166,14 @@ class DiffusionRigBackend(Backend):
                             for r in batch]
             for i, result in zip(indices, rendered):
                 results[i] = result
-        _stop_if_cancelled(requests)
+        stop_if_cancelled(requests)
         return results
 
     @torch.inference_mode()
     def _render_group(self, model: DiffusionRig, model_key, requests: list[RenderRequest]):
         lap = StageTimer(self.torch_device)
         size, device = self.resolution, self.torch_device
-        _stop_if_cancelled(requests)
+        stop_if_cancelled(requests)
         codes = _cat_codes([self.buffers.codes([r.params], r.width, r.height)
                             for r in requests])
         buffers = self.buffers.render(codes, size)
@@ -221,7 +191,7 @@ class DiffusionRigBackend(Backend):
         steps = len(self.timesteps)
 
         def callback(step: int, x0: torch.Tensor) -> None:
-            _stop_if_cancelled(requests)
+            stop_if_cancelled(requests)
             if step + 1 == steps or not previews:
                 return
             images = self._images(x0[previews], [requests[i] for i in previews])
@@ -252,16 +222,9 @@ class DiffusionRigBackend(Backend):
         pixels = ((x0.float() + 1) * 0.5).clamp(0, 1)
         out = []
         for j, request in enumerate(requests):
-            side = max(request.width, request.height)
-            image = pixels[j: j + 1]
-            if side != image.shape[-1]:
-                image = F.interpolate(image, size=(side, side), mode="bicubic",
-                                      align_corners=False, antialias=side < image.shape[-1])
-            top, left = (side - request.height) // 2, (side - request.width) // 2
-            image = image[0, :, top: top + request.height, left: left + request.width]
-            rgb = (image * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
-            rgba = torch.cat([rgb, torch.full_like(rgb[..., :1], 255)], dim=-1)
-            out.append(np.ascontiguousarray(rgba.cpu().numpy()))
+            image = cover_frame(pixels[j: j + 1], request.width, request.height)
+            rgb = (image * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            out.append(np.ascontiguousarray(opaque_rgba(rgb)[0]))
         return out
 
     def _passes(self, request: RenderRequest, codes: DecaCodes, j: int,
@@ -287,27 +250,28 @@ class DiffusionRigBackend(Backend):
         key = (seed, self.resolution)
         noise = self._noise.get(key)
         if noise is None:
-            noise = initial_noise(seed, (1, 3, self.resolution, self.resolution))
-            _remember(self._noise, key, noise)
+            noise = self._noise.put(key, initial_noise(seed, (1, 3, self.resolution,
+                                                              self.resolution)))
         return noise
 
     def _latent(self, model_key, model: DiffusionRig, appearance: Appearance) -> torch.Tensor:
         """z [64] on the device for a request's appearance (see the module notes)."""
         if appearance.latent_file:
             path = _existing("appearance.latent_file", appearance.latent_file)
-            key = ("file", str(path), _stamp(path))
-            if key not in self._latents:
-                _remember(self._latents, key, load_latent(path).to(self.torch_device))
-            return self._latents[key]
+            key = ("file", file_stamp(path))
+            z = self._latents.get(key)
+            if z is None:
+                z = self._latents.put(key, load_latent(path).to(self.torch_device))
+            return z
         if appearance.reference_photo:
             path = _existing("appearance.reference_photo", appearance.reference_photo)
-            key = ("photo", model_key, str(path), _stamp(path))
-            if key not in self._latents:
+            key = ("photo", model_key, file_stamp(path))
+            z = self._latents.get(key)
+            if z is None:
                 photo = load_aligned_photo(path, self.resolution).to(self.torch_device)
                 with self._autocast():
-                    z = model.encode(photo)[0].float()
-                _remember(self._latents, key, z)
-            return self._latents[key]
+                    z = self._latents.put(key, model.encode(photo)[0].float())
+            return z
         raise ValueError("appearance: the diffusionrig backend needs a reference_photo (whose "
                          "appearance the portrait takes) or a latent_file")
 
@@ -368,28 +332,11 @@ def _existing(field: str, name: str) -> Path:
     return path.resolve()
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
-
-
-def _remember(cache: OrderedDict, key, value) -> None:
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > _CACHE_ENTRIES:
-        cache.popitem(last=False)
-
-
 def _seed(request: RenderRequest) -> int:
     if request.shot is not None:
         return request.shot.seed
     seed = request.params.appearance.seed
     return 0 if seed is None else seed
-
-
-def _stop_if_cancelled(requests: list[RenderRequest]) -> None:
-    if all(r.cancelled() for r in requests):
-        raise RenderCancelled(f"all {len(requests)} request(s) of the batch were cancelled")
 
 
 def _cat_codes(parts: list[DecaCodes]) -> DecaCodes:

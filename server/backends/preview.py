@@ -16,7 +16,6 @@ Result timings are milliseconds for the whole batch the frame was rendered in: `
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
@@ -27,41 +26,28 @@ from server.renderer import BufferRenderer, Buffers, CameraBatch, project, scree
 from server.renderer.buffers import CHANNELS, N_CHANNELS
 from server.renderer.srgb import encode_torch
 
-from server.backends.base import Backend, RenderRequest, RenderResult, StageTimer, check_request
+from server.backends.base import (Backend, RenderRequest, RenderResult, StageTimer,
+                                  check_request, colour, torch_device)
 
 
 
 class PreviewBackend(Backend):
-    """Shaded face-model preview on "cpu" or "cuda".
-
-    Options: ``background`` sRGB colour in [0, 1] behind the face (default mid grey);
-    ``path`` "auto" (fast on the CPU, torch elsewhere), "fast" or "torch".
-    """
+    """Shaded face-model preview on "cpu" or "cuda". Options (validated in the registry,
+    ``server.backends.SPECS``): ``background`` sRGB colour behind the face; ``path`` "auto"
+    (fast on the CPU, torch elsewhere), "fast" or "torch"."""
 
     name = "preview"
-    description = ("Real-time preview of the face model: its albedo under the rig's SH light "
-                   "(CPU or CUDA)")
 
     def __init__(self, face_model: FaceModel, device: str = "cpu",
-                 background=(0.5, 0.5, 0.5), path: str = "auto", **options):
-        if options:
-            raise ValueError(f"unknown preview option(s): {', '.join(sorted(options))} "
-                             "(known: background, path)")
+                 background=(0.5, 0.5, 0.5), path: str = "auto"):
         super().__init__(face_model, device)
-        self.torch_device = torch.device(device)
-        if self.torch_device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device: CUDA was requested but torch sees no CUDA device")
+        self.torch_device = torch_device(device)
         if face_model.device != self.torch_device:
             face_model = FaceModel(face_model.data, self.torch_device)
         self.model = face_model
-        background = np.asarray(background, dtype=np.float64)
-        if background.shape != (3,) or not np.all((background >= 0) & (background <= 1)):
-            raise ValueError(f"background: expected 3 sRGB values in [0, 1], got {background}")
-        self.background = np.round(background * 255).astype(np.uint8)
+        self.background = np.round(np.asarray(colour(background)) * 255).astype(np.uint8)
         if path == "auto":
             path = "fast" if self.torch_device.type == "cpu" else "torch"
-        if path not in ("fast", "torch"):
-            raise ValueError(f"path: expected 'auto', 'fast' or 'torch', got {path!r}")
         if path == "fast" and self.torch_device.type != "cpu":
             raise ValueError(f"path 'fast' runs on the CPU, not on {self.torch_device}")
         self.path = path

@@ -47,12 +47,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from portrait_rig.params import Appearance, RigParams
 from server import paths
@@ -65,63 +63,36 @@ from server.renderer.head_view import head_views
 from server.backends.latents import load_latent_file, seed_z
 from server.backends.shots import smooth_latents, smooth_transforms
 
-from server.backends.base import Backend, RenderRequest, RenderResult, StageTimer, check_request
+from server.backends.base import (LRU, Backend, RenderRequest, RenderResult, StageTimer,
+                                  check_request, cover_frame, file_stamp, opaque_rgba,
+                                  resolve_precision, torch_device)
 
-PRECISIONS = ("auto", "fp32", "fp16", "native")
 FP16_CONV_CLAMP = 256.0           # what NVIDIA's code clamps float16 layers to
 CONTROLS_WITHOUT_EXPRESSION = 33  # RigNet control vector: pose 3 + jaw 3 + SH 27, then E
 
 
 
 class StyleRigBackend(Backend):
-    """StyleGAN2/3 + RigNet on "cpu" or "cuda".
-
-    Options (CLI strings accepted): ``generator`` a StyleGAN2/3 generator file in any format
-    ``load_generator`` reads (default ``server.paths.stylegan_generator()``); ``rignet``
-    "auto" (``server.paths.stylerig_rignet()`` when it exists), "none", or a ``save_rignet``
-    file; ``precision`` "auto" (fp16 on CUDA, fp32 elsewhere), "fp32", "fp16" (CUDA: every
-    synthesis layer but StyleGAN2's 4x4 block in float16, activations clamped to +-256 as
-    NVIDIA's mixed precision does) or "native" (the checkpoint's own mixed precision:
-    float16 in its ``num_fp16_res`` highest resolutions on CUDA); ``max_identities`` identity
-    latents kept (default 64).
-    """
+    """StyleGAN2/3 + RigNet on "cpu" or "cuda". Options (typed, documented and validated in
+    the registry, ``server.backends.SPECS``): ``generator`` (any format ``load_generator``
+    reads), ``rignet`` ("auto": the model folder's RigNet when it exists), ``precision``
+    ("fp16": every synthesis layer but StyleGAN2's 4x4 block in float16, activations clamped
+    to +-256 as NVIDIA's mixed precision does; "native": the checkpoint's own mixed precision,
+    float16 in its ``num_fp16_res`` highest resolutions), ``max_identities``."""
 
     name = "stylerig"
-    description = ("StyleRig: StyleGAN2/3 portraits whose pose, expression and light follow "
-                   "the rig through RigNet (needs a generator checkpoint)")
 
     def __init__(self, face_model: FaceModel, device: str = "cpu", generator=None,
-                 rignet="auto", precision: str = "auto", max_identities=64, **options):
-        if options:
-            raise ValueError(f"unknown stylerig option(s): {', '.join(sorted(options))} "
-                             "(known: generator, rignet, precision, max_identities)")
+                 rignet="auto", precision: str = "auto", max_identities=64):
         super().__init__(face_model, device)
-        self.torch_device = torch.device(device)
+        self.torch_device = torch_device(device)
         cuda = self.torch_device.type == "cuda"
-        if cuda and not torch.cuda.is_available():
-            raise ValueError("device: CUDA was requested but torch sees no CUDA device")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, "
-                             f"got {precision!r}")
-        if precision == "auto":
-            precision = "fp16" if cuda else "fp32"
-        if precision in ("fp16", "native") and not cuda:
-            raise ValueError(f"precision {precision!r}: float16 layers need a CUDA device "
-                             "(use fp32)")
-        self.precision = precision
-        try:
-            self.max_identities = int(max_identities)
-        except (TypeError, ValueError):
-            raise ValueError(f"max_identities: expected an integer, got {max_identities!r}") \
-                from None
-        if not 1 <= self.max_identities <= 100_000:
-            raise ValueError(f"max_identities: must lie in 1..100000, got {self.max_identities}")
-
-        problem = paths.stylerig_problem(generator=generator)
-        if problem:
-            raise FileNotFoundError(problem)
+        self.precision = precision = resolve_precision(precision, self.torch_device)
+        self.max_identities = max_identities
         self.generator_path = (Path(generator).expanduser() if generator
                                else paths.stylegan_generator())
+        if not self.generator_path.is_file():
+            raise FileNotFoundError(f"StyleGAN generator not found: {self.generator_path}")
         self.G = load_generator(self.generator_path, self.torch_device)
         if self.G.c_dim:
             raise ValueError(f"{self.generator_path}: a conditional generator (c_dim "
@@ -132,15 +103,22 @@ class StyleRigBackend(Backend):
         self.rignet, self.rignet_path = self._load_rignet(rignet)
         self.layout = None if self.rignet is None else _layout_of(self.rignet)
         if self.rignet is None:
-            self.description = (f"{self.description}. Identity only: no RigNet weights, so "
-                                "pose, expression and light do not change the portrait")
             print(f"stylerig: no RigNet weights ({self._rignet_hint(rignet)}): rendering "
                   "identity only; the rig's pose, expression and light do not change the "
                   "portrait", file=sys.stderr, flush=True)
         if cuda:
             torch.backends.cudnn.benchmark = True      # fixed shapes: pick the fastest kernels
-        self._latents: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._latents = LRU(max_identities)
         self._buffers = None                           # preview backend, built for passes
+
+    def summary(self) -> str:
+        G = self.G
+        kind = "StyleGAN3" if self.is_stylegan3 else "StyleGAN2"
+        rignet = (f"RigNet {self.rignet_path}" if self.rignet is not None else
+                  "no RigNet: identity only, the rig's pose, expression and light do not "
+                  "change the portrait")
+        return (f"{self.generator_path} ({kind} {G.img_resolution} px, {G.num_ws} x "
+                f"{G.w_dim} W+), {rignet}, on {self.torch_device}, {self.precision}")
 
     # ------------------------------------------------------------------------ setup
     def _load_rignet(self, option):
@@ -232,9 +210,7 @@ class StyleRigBackend(Backend):
             if not path.is_file():
                 raise FileNotFoundError(f"appearance.latent_file: file not found on the "
                                         f"server: {path}")
-            path = path.resolve()
-            stat = path.stat()
-            key = ("file", str(path), stat.st_size, stat.st_mtime_ns, psi)
+            key = ("file", file_stamp(path.resolve()), psi)
         else:
             key = ("seed", appearance.seed or 0, psi)
         w = self._latents.get(key)
@@ -245,11 +221,8 @@ class StyleRigBackend(Backend):
             else:
                 kind, value = "z", seed_z(appearance.seed, G.z_dim)
             value = value.to(self.torch_device)
-            w = G.mapping(value[None], truncation_psi=psi)[0] if kind == "z" else value
-            self._latents[key] = w
-            while len(self._latents) > self.max_identities:
-                self._latents.popitem(last=False)
-        self._latents.move_to_end(key)
+            w = self._latents.put(key, G.mapping(value[None], truncation_psi=psi)[0]
+                                  if kind == "z" else value)
         return w
 
     def _images(self, images: torch.Tensor, requests: list[RenderRequest]) -> list[np.ndarray]:
@@ -261,14 +234,9 @@ class StyleRigBackend(Backend):
             groups.setdefault((request.width, request.height), []).append(i)
         for (width, height), indices in groups.items():
             batch = images[indices] if len(indices) < len(requests) else images
-            side, native = max(width, height), images.shape[-1]
-            if side != native:
-                batch = F.interpolate(batch, size=(side, side), mode="bicubic",
-                                      align_corners=False, antialias=side < native)
-            top, left = (side - height) // 2, (side - width) // 2
-            batch = batch[:, :, top: top + height, left: left + width]
+            batch = cover_frame(batch, width, height)
             rgb = (batch * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-            rgba = torch.cat([rgb, torch.full_like(rgb[..., :1], 255)], dim=-1).cpu().numpy()
+            rgba = opaque_rgba(rgb)
             for j, i in enumerate(indices):
                 out[i] = rgba[j]
         return out

@@ -42,11 +42,12 @@ class ServerConfig:
 
 class RenderServer:
     def __init__(self, config: ServerConfig, face_data, worker: RenderWorker,
-                 backends: list[dict]):
+                 backends: list[dict], states: dict | None = None):
         self.config = config
         self.face_data = face_data
         self.worker = worker
         self.backends = backends
+        self.states = states or {}          # name -> server.backends.check.BackendState
         self.backend_names = tuple(b["name"] for b in backends)
         self.connections: set[Connection] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -59,7 +60,9 @@ class RenderServer:
         cfg = self.config
         return {"type": "hello", "protocol": protocol.PROTOCOL_VERSION,
                 "server": "portrait-rig", "server_version": __version__,
-                "backends": self.backends, "default_backend": cfg.backend,
+                "backends": [dict(b, **self.states[b["name"]].to_wire())
+                             if b["name"] in self.states else b for b in self.backends],
+                "default_backend": cfg.backend,
                 "device": cfg.device, "face_model": self.face_data.summary(),
                 "formats": list(protocol.FRAME_FORMATS), "passes": dict(protocol.PASSES),
                 "limits": {"max_header_bytes": protocol.MAX_HEADER_BYTES,
@@ -74,7 +77,8 @@ class RenderServer:
         header = dict(self._model_header, type="model", id=rid)
         return [protocol.encode_header(header, self._model_nbytes), *self._model_buffers]
 
-    def log(self, text: str) -> None:
+    @staticmethod
+    def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ lifecycle
@@ -110,28 +114,59 @@ class RenderServer:
                              return_exceptions=True)
 
 
+def check_backends(config: ServerConfig) -> dict:
+    """Every backend's ``BackendState`` for ``config``. Raises ValueError for an unknown
+    backend, options that do not parse (a typo fails now, not at the first frame) and a
+    default backend that cannot run."""
+    from server.backends import BACKEND_NAMES, backend_options, spec
+    from server.backends.check import check_backend
+
+    for name, given in config.backend_options.items():
+        backend_options(spec(name).name, given)
+    spec(config.backend)
+    states = {name: check_backend(name, config.backend_options.get(name, {}))
+              for name in BACKEND_NAMES}
+    default = states[config.backend]
+    if default.state != "ready":
+        raise ValueError(f"the default backend {config.backend!r} cannot run: {default.reason} "
+                         "(portrait-rig-server --check lists what every backend needs)")
+    return states
+
+
 def build_server(config: ServerConfig) -> RenderServer:
-    """Load the face model, build the default backend on the worker thread and warm it up.
-    Blocks until the worker is ready; raises what prevented it."""
+    """Check every backend, load the face model, build the default backend on the worker
+    thread and warm it up. Blocks until the worker is ready; raises what prevented it."""
     from portrait_rig.face_source import load_face_data
 
-    from server.backends import BACKEND_NAMES, backend_problem, create_backend, describe_backends
+    from server.backends import create_backend, describe_backends
+    from server.backends.base import BackendUnavailable
 
-    for name in (config.backend, *config.backend_options):
-        if name not in BACKEND_NAMES:
-            raise ValueError(f"unknown backend {name!r} (available: {', '.join(BACKEND_NAMES)})")
-    options = config.backend_options
+    states = check_backends(config)
+    log = RenderServer.log
+    for state in states.values():
+        if state.state != "ready":
+            log(f"backend {state.name}: unavailable: {state.reason}")
 
     def factory(name, face_model, device):
-        return create_backend(name, face_model, device, **options.get(name, {}))
+        # Built on first use. A backend that could not be built keeps its error and is not
+        # rebuilt on every request; ``--check`` says how to fix it.
+        state = states[name]
+        if state.state == "unavailable":
+            raise BackendUnavailable(f"backend {name!r} is unavailable: {state.reason}")
+        state.state = "loading"
+        try:
+            backend = create_backend(name, face_model, device,
+                                     **config.backend_options.get(name, {}))
+        except Exception as exc:
+            state.state, state.reason = "unavailable", f"{type(exc).__name__}: {exc}"
+            raise BackendUnavailable(f"backend {name!r} could not start: {state.reason}") \
+                from exc
+        state.state = "ready"
+        log(f"backend {name}: {backend.summary()}")
+        return backend
 
-    # Backends other than the default start on first use; report missing files now.
-    for name in BACKEND_NAMES:
-        problem = backend_problem(name, **options.get(name, {}))
-        if problem and name != config.backend:
-            print(f"backend {name} is not available: {problem}", file=sys.stderr, flush=True)
     face_data = load_face_data(config.model)
     worker = RenderWorker(face_data, config.device, config.backend, factory,
                           max_queued_batch=config.max_queued_batch, max_batch=config.max_batch)
     worker.start()
-    return RenderServer(config, face_data, worker, list(describe_backends()))
+    return RenderServer(config, face_data, worker, list(describe_backends()), states)

@@ -240,10 +240,12 @@ class RenderWorker:
                 job.done(job, reply, None)
 
     def _render(self, group: list[Job]) -> list:
-        from server.backends.base import RenderCancelled, RenderRequest
+        from server.backends.base import BackendUnavailable, RenderCancelled, RenderRequest
 
         try:
             backend = self._backend(group[0].backend)
+        except BackendUnavailable as exc:       # says what to do; no traceback to show
+            return [RequestError(protocol.E_BACKEND_UNAVAILABLE, str(exc), "backend")] * len(group)
         except Exception as exc:  # noqa: BLE001
             self._log_exception(exc)
             error = RequestError(protocol.E_RENDER_FAILED, f"backend {group[0].backend!r} "
