@@ -19,6 +19,7 @@ from server.backends.base import RenderRequest
 from server.backends.preview import PreviewBackend
 from server.renderer.face_model import FaceModel
 from server.models.rignet import ControlLayout, RigNet, control_vector
+from server.checkpoints.stylegan import generator_fingerprint, load_generator
 from server.checkpoints.stylerig import save_rignet
 from server.models.stylegan3 import set_transform
 from portrait_rig.rotations import axis_angle_to_matrix, matrix_to_axis_angle
@@ -344,3 +345,31 @@ def test_a_neck_turn_moves_the_portrait_like_a_global_turn(rigged):
     neck.pose.neck = [0.0, 0.4, 0.0]
     assert differ(render(rigged, neck).image, turned) <= 1
     assert differ(turned, base) > 5
+
+
+def test_a_rignet_for_another_generator_or_face_model_is_refused(files, face_model, tmp_path):
+    """RigNet files record their generator (by fingerprint, which survives a move) and face
+    model; a mismatch names both and says how to run without it."""
+    loaded = load_generator(files["sg2"])
+    own = {"generator": "sg2.pkl", "generator_fingerprint": generator_fingerprint(loaded),
+           "face_model": face_model.data.name,
+           "face_vertices": str(face_model.data.n_vertices)}
+    cases = {"ok.safetensors": own,
+             "other_generator.safetensors": {**own, "generator": "ffhq.pkl",
+                                             "generator_fingerprint": "0123456789abcdef"},
+             "other_face.safetensors": {**own, "face_model": "FLAME 2020",
+                                        "face_vertices": "5023"}}
+    for name, meta in cases.items():
+        save_rignet(files["net"], tmp_path / name, meta)
+
+    def make(name):
+        return create_backend("stylerig", face_model, "cpu", generator=str(files["sg2"]),
+                              rignet=str(tmp_path / name))
+
+    assert make("ok.safetensors").rignet is not None
+    with pytest.raises(ValueError, match=r"trained for the generator 'ffhq.pkl'.*not sg2.pkl.*"
+                                         r"stylerig.rignet=none"):
+        make("other_generator.safetensors")
+    with pytest.raises(ValueError, match=r"face model 'FLAME 2020' \(5023 vertices\).*"
+                                         r"stylerig.rignet=none"):
+        make("other_face.safetensors")

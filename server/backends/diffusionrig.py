@@ -46,6 +46,7 @@ from server.diffusion import NoiseSchedule, ddim_sample, dpm_solver_pp_sample, i
 from server.renderer.face_model import FaceModel
 from server.models.diffusionrig import DiffusionRig
 from server.checkpoints.diffusionrig import load_diffusionrig
+from server.checkpoints.torch_file import read_torch_file
 from server.renderer.buffers import CHANNELS
 from server.renderer.texture import choose_texture
 
@@ -286,7 +287,7 @@ def load_latent(path: str | Path) -> torch.Tensor:
         if path.suffix == ".npy":
             latent = torch.from_numpy(np.load(path, allow_pickle=False))
         elif path.suffix == ".pt":
-            latent = torch.load(path, map_location="cpu", weights_only=True)
+            latent = read_torch_file(path, "a latent", "latent")
         else:
             raise ValueError("expected a .npy or .pt file")
     except (OSError, ValueError, RuntimeError) as exc:

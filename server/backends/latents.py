@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from server.checkpoints.torch_file import read_torch_file
+
 
 def seed_z(seed: int | None, z_dim: int) -> torch.Tensor:
     """z [z_dim] float32 for ``appearance.seed`` (None -> 0), as NVIDIA's scripts draw it."""
@@ -85,7 +87,7 @@ def _read(path: Path):
         with np.load(path, allow_pickle=False) as archive:
             return _named(dict(archive.items()), "arrays")
     if suffix == ".pt":
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = read_torch_file(path, "a latent", "latent")
         if isinstance(data, torch.Tensor):
             return data, None
         if isinstance(data, dict):

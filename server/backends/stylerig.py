@@ -54,10 +54,10 @@ import torch
 
 from portrait_rig.params import Appearance, RigParams
 from server import paths
-from server.checkpoints.stylegan import load_generator
+from server.checkpoints.stylegan import generator_fingerprint, load_generator
 from server.renderer.face_model import FaceModel
 from server.models.rignet import ControlLayout, control_vector
-from server.checkpoints.stylerig import load_rignet
+from server.checkpoints.stylerig import load_rignet, read_rignet_metadata
 from server.models.stylegan3 import StyleGAN3Generator, make_transform
 from server.renderer.head_view import head_views
 from server.backends.latents import load_latent_file, seed_z
@@ -68,7 +68,6 @@ from server.backends.base import (LRU, Backend, RenderRequest, RenderResult, Sta
                                   resolve_precision, torch_device)
 
 FP16_CONV_CLAMP = 256.0           # what NVIDIA's code clamps float16 layers to
-CONTROLS_WITHOUT_EXPRESSION = 33  # RigNet control vector: pose 3 + jaw 3 + SH 27, then E
 
 
 
@@ -101,7 +100,8 @@ class StyleRigBackend(Backend):
         if precision == "fp16":
             _float16_everywhere(self.G)
         self.rignet, self.rignet_path = self._load_rignet(rignet)
-        self.layout = None if self.rignet is None else _layout_of(self.rignet)
+        self.layout = (None if self.rignet is None else
+                       self.rignet.layout or ControlLayout.for_dim(self.rignet.control_dim))
         if self.rignet is None:
             print(f"stylerig: no RigNet weights ({self._rignet_hint(rignet)}): rendering "
                   "identity only; the rig's pose, expression and light do not change the "
@@ -130,10 +130,25 @@ class StyleRigBackend(Backend):
                 return None, None
             raise FileNotFoundError(f"rignet: file not found: {path}")
         net = load_rignet(path, self.torch_device)
+        without = ("train a RigNet for it (docs/stylerig_training.md) or run without one: "
+                   "--option stylerig.rignet=none")
         if (net.num_ws, net.w_dim) != (self.G.num_ws, self.G.w_dim):
             raise ValueError(f"rignet: {path} edits latents [{net.num_ws}, {net.w_dim}], the "
                              f"generator {self.generator_path} has [{self.G.num_ws}, "
-                             f"{self.G.w_dim}]")
+                             f"{self.G.w_dim}]; {without}")
+        meta = read_rignet_metadata(path)
+        trained_for = meta.get("generator_fingerprint")
+        if trained_for and trained_for != generator_fingerprint(self.G):
+            raise ValueError(f"rignet: {path} was trained for the generator "
+                             f"{meta.get('generator')!r} (fingerprint {trained_for}), not "
+                             f"{self.generator_path.name} (fingerprint "
+                             f"{generator_fingerprint(self.G)}); {without}")
+        vertices = meta.get("face_vertices")
+        data = self.face_model.data
+        if vertices and int(vertices) != data.n_vertices:
+            raise ValueError(f"rignet: {path} was trained with the face model "
+                             f"{meta.get('face_model')!r} ({vertices} vertices), the server "
+                             f"runs {data.name!r} ({data.n_vertices} vertices); {without}")
         return net, path
 
     @staticmethod
@@ -313,15 +328,3 @@ def _float16_everywhere(G) -> None:
     for layer in layers:
         if layer.conv_clamp is None:
             layer.conv_clamp = FP16_CONV_CLAMP
-
-
-def _layout_of(net):
-    """The RigNet's control layout (derived from its control size when the file has none)."""
-    if net.layout is not None:
-        return net.layout
-    n_expression = net.control_dim - CONTROLS_WITHOUT_EXPRESSION
-    if n_expression < 0:
-        raise ValueError(f"rignet: {net.control_dim} controls, fewer than the "
-                         f"{CONTROLS_WITHOUT_EXPRESSION} of pose, jaw and light")
-    return ControlLayout(n_expression)
-

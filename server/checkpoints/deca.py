@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
+from server.checkpoints.torch_file import CheckpointError, read_torch_file, what_it_is
 from server.models.deca_encoder import DecaEncoder
 
 
-class DecaModelError(ValueError):
+class DecaModelError(CheckpointError):
     """A ``deca_model.tar`` that does not hold DECA's encoder."""
 
 
@@ -22,15 +23,14 @@ def load_deca_encoder(path, device="cpu") -> DecaEncoder:
     """``E_flame`` of a ``deca_model.tar``, loaded strictly (``torch.load`` with
     ``weights_only=True``: tensors and plain containers only, no code), in eval mode."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"DECA model not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - the unpickler names what it refused
-        raise DecaModelError(f"{path} is not a plain tensor checkpoint: {exc}") from None
+        checkpoint = read_torch_file(path, "DECA's model", "deca")
+    except CheckpointError as exc:
+        raise DecaModelError(str(exc)) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("E_flame"), dict):
-        keys = ", ".join(map(str, checkpoint)) if isinstance(checkpoint, dict) else "none"
-        raise DecaModelError(f"{path} has no 'E_flame' state dict (keys: {keys})")
+        keys = ", ".join(map(str, list(checkpoint)[:8])) if isinstance(checkpoint, dict) else "none"
+        raise DecaModelError(f"{path} has no 'E_flame' state dict (keys: {keys})"
+                             f"{what_it_is(path, 'deca')}")
     state = checkpoint["E_flame"]
     with torch.device("meta"):                      # no random initialisation to overwrite
         encoder = DecaEncoder()

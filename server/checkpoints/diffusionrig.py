@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from server.checkpoints.torch_file import CheckpointError, read_torch_file, what_it_is
 from server.models.diffusionrig import DiffusionRig
 from server.models.diffusionrig_unet import UNetConfig
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(CheckpointError):
     """A state dict whose names or shapes differ from the model's."""
 
 
@@ -53,9 +54,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
         return load_file(str(path))
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # the unpickler names what it refused
-        raise CheckpointMismatch(f"{path} is not a plain tensor state dict: {exc}") from exc
+        state_dict = read_torch_file(path, "a DiffusionRig checkpoint", "diffusionrig")
+    except CheckpointError as exc:
+        raise CheckpointMismatch(str(exc)) from None
     if not isinstance(state_dict, dict):
         raise CheckpointMismatch(f"{path} holds a {type(state_dict).__name__}, "
                                  "not a state dict")

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import pickle
 import re
 from collections import OrderedDict
 from os import PathLike
+from pathlib import Path
 
 import torch
 
@@ -27,7 +30,9 @@ from server.models.ops import setup_filter
 from server.models.stylegan2 import StyleGAN2Config, StyleGAN2Generator
 from server.models.stylegan3 import StyleGAN3Config, StyleGAN3Generator
 
-from server.checkpoints.nvidia_pickle import PersistentObject, load_network_pickle, module_state_dict, submodule
+from server.checkpoints.nvidia_pickle import (PersistentObject, UnsafePickleError,
+                                             load_network_pickle, module_state_dict, submodule)
+from server.checkpoints.torch_file import CheckpointError, read_torch_file, what_it_is
 
 Config = StyleGAN2Config | StyleGAN3Config
 Generator = StyleGAN2Generator | StyleGAN3Generator
@@ -43,13 +48,23 @@ def load_generator(path: str | PathLike, device: str | torch.device = "cpu",
                    key: str = "G_ema") -> Generator:
     """Load any supported file (see module docstring). ``key`` picks the network of an
     NVIDIA pickle ('G_ema', or 'G')."""
-    fmt = detect_format(path)
-    if fmt == "safetensors":
-        config, state = read_safetensors(path)
-    elif fmt == "torch":
-        config, state = read_rosinality_checkpoint(path)
-    else:
-        config, state = read_nvidia_pickle(path, key)
+    try:
+        fmt = detect_format(path)
+        if fmt == "safetensors":
+            config, state = read_safetensors(path)
+        elif fmt == "torch":
+            config, state = read_rosinality_checkpoint(path)
+        else:
+            config, state = read_nvidia_pickle(path, key)
+    except CheckpointError:
+        raise
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{path}: {exc}") from None
+    except (ValueError, pickle.UnpicklingError, EOFError) as exc:
+        # Name what the file is rather than which tensor or class was unexpected.
+        raise CheckpointError(f"{path}: not a StyleGAN generator this server reads: "
+                              f"{str(exc).splitlines()[0][:300]}"
+                              f"{what_it_is(Path(path), 'stylegan-generator')}") from None
     # Files without w_avg (rosinality's training checkpoints) get an estimate, as rosinality's
     # generate.py makes one.
     estimate = "mapping.w_avg" not in state
@@ -89,6 +104,17 @@ def detect_format(path: str | PathLike) -> str:
     if head[:1] == b"\x80":
         return "nvidia-pickle"
     raise ValueError(f"{path}: not a safetensors file, a torch checkpoint or a network pickle")
+
+
+@torch.no_grad()
+def generator_fingerprint(G: Generator) -> str:
+    """A short hash of the generator's tensors: names what was trained for which generator
+    in a way that survives renaming or moving the file (RigNet files and corpora record it)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(G.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -280,11 +306,12 @@ def read_rosinality_checkpoint(path: str | PathLike) -> tuple[StyleGAN2Config, S
     """(config, official state dict) of a rosinality checkpoint; ``mapping.w_avg`` is absent
     when the file has no 'latent_avg'. Loaded with ``weights_only=True`` (training checkpoints
     also hold an argparse.Namespace of options, which is allowed)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_torch_file(path, "a StyleGAN generator", "stylegan-generator",
+                           allowed=(argparse.Namespace,))
     if not isinstance(ckpt, dict) or "g_ema" not in ckpt:
-        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: no 'g_ema' generator in this checkpoint ({keys})")
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: no 'g_ema' generator in this checkpoint ({keys})"
+                              f"{what_it_is(Path(path), 'stylegan-generator')}")
     return rosinality_to_official(ckpt["g_ema"], ckpt.get("latent_avg"))
 
 

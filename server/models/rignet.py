@@ -55,6 +55,14 @@ class ControlLayout:
         """The layout for a face model with ``n_expression`` expression components."""
         return cls(min(int(n_expression), MAX_CONTROLLED_EXPRESSION))
 
+    @classmethod
+    def for_dim(cls, dim: int) -> "ControlLayout":
+        """The layout whose vector has ``dim`` entries (for RigNet files without a layout)."""
+        fixed = cls(0).dim
+        if dim < fixed:
+            raise ValueError(f"{dim} controls, fewer than the {fixed} of pose, jaw and light")
+        return cls(dim - fixed)
+
     @property
     def sizes(self) -> dict[str, int]:
         return {"global_pose": 3, "jaw": 3, "expression": self.n_expression, "sh": 27}

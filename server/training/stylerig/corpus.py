@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from server.checkpoints.stylegan import load_generator
+from server.checkpoints.stylegan import generator_fingerprint, load_generator
 
 from server.training.stylerig.preview import save_grid
 from server.training.stylerig.progress import Progress
@@ -136,11 +136,13 @@ def _check_manifest(root: Path, settings: CorpusSettings, G) -> None:
     path = root / MANIFEST
     manifest = {"format": FORMAT, **settings.fixed(), "count": settings.count,
                 "architecture": G.config.architecture, "num_ws": G.num_ws, "w_dim": G.w_dim,
-                "img_resolution": G.img_resolution}
+                "img_resolution": G.img_resolution,
+                "generator_fingerprint": generator_fingerprint(G)}
     if path.is_file():
         previous = json.loads(path.read_text())
         for key, value in manifest.items():
-            if key != "count" and previous.get(key) != value:
+            # The generator is identified by its fingerprint: its file may have moved.
+            if key not in ("count", "generator") and previous.get(key) != value:
                 raise ValueError(f"{root}: the corpus was sampled with {key}={previous.get(key)!r}"
                                  f", not {value!r}; use a new folder to change it")
     path.write_text(json.dumps(manifest, indent=2))

@@ -183,9 +183,13 @@ def train_rignet(corpus_dir, run_dir, settings: RigNetSettings, device="cpu",
         step = int(state["step"])
     objective = RigNetObjective(rignet, dfr, loss, settings)
     G = _preview_generator(generator, data, device)
-    metadata = {"corpus": str(data.corpus.root), "dfr": str(settings.dfr),
-                "generator": str(data.corpus.manifest.get("generator")),
-                "face_model": face.name, "modes": ",".join(settings.modes)}
+    # File names, not paths (they move); the generator is identified by its fingerprint.
+    manifest = data.corpus.manifest
+    metadata = {"corpus": Path(data.corpus.root).name, "dfr": Path(settings.dfr).name,
+                "generator": Path(str(manifest.get("generator"))).name,
+                "generator_fingerprint": str(manifest.get("generator_fingerprint", "")),
+                "face_model": face.name, "face_vertices": str(face.n_vertices),
+                "modes": ",".join(settings.modes)}
 
     bar = Progress(settings.steps, "rignet", start=step, enabled=progress)
     try:
