@@ -4,6 +4,7 @@ UNet and an album of three faces rendered by our renderer."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,6 +140,8 @@ def test_a_killed_run_resumes_as_if_never_interrupted(personal, album, stage1, f
                     resume=False, log=quiet)
     assert torch.load(out / "state.pt", weights_only=True)["step"] == 10
     assert [r["step"] for r in read_log(out)][-1] == 14
+    # Nothing half-trained where the server looks for a personal model.
+    assert not (out / "model.pt").exists() and not (out / "complete.json").exists()
     monkeypatch.setattr(trainer_module.Trainer, "train_step", real_step)
 
     summary = personalise(album, stage1, out, config(), face_model, fitter, image_size=SIZE,
@@ -216,3 +219,27 @@ def test_p2_weighting_and_the_albums_mean_shape():
         return FittedPhoto("x", np.zeros((4, 4, 3), np.uint8), RigParams(shape=shape), "", 0.0)
 
     assert mean_shape([photo([1.0, 2.0]), photo([3.0])]) == [2.0, 1.0]
+
+
+def test_one_run_per_folder(tmp_path):
+    """A second process training into a folder in use is refused, naming the holder; a killed
+    holder leaves no stale lock."""
+    import subprocess
+    import sys
+
+    from server.training.runs import RunFolderBusy, lock_run_folder
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; "
+                               "from server.training.runs import lock_run_folder; "
+                               f"lock_run_folder({str(tmp_path)!r}); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy, match=f"pid {holder.pid}"):
+            lock_run_folder(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    with lock_run_folder(tmp_path):
+        pass

@@ -119,6 +119,11 @@ class DiffusionRigBackend(Backend):
             return self._models[name]
         path = paths.personal_checkpoint(name, self.personal_dir)
         if not path.is_file():
+            if (path.parent / "state.pt").is_file():
+                raise FileNotFoundError(
+                    f"appearance.personal_model: {name!r} is not finished (its training is "
+                    "running or was stopped); resume it with python -m "
+                    f"server.training.diffusionrig.personalise --name {name} --photos DIR")
             raise FileNotFoundError(f"appearance.personal_model: no personal model {name!r} "
                                     f"(expected {path})")
         model = load_diffusionrig(path, None, self.torch_device, self.resolution)

@@ -44,8 +44,11 @@ import torch
 
 from server.diffusion import NoiseSchedule
 from server.models.diffusionrig import DiffusionRig
+from server.training.progress import Progress
+from server.training.runs import lock_run_folder
 
 STATE_FILE, MODEL_FILE, LOG_FILE = "state.pt", "model.pt", "log.jsonl"
+COMPLETE_FILE = "complete.json"     # written after model.pt: the model is finished
 
 
 @dataclass
@@ -224,44 +227,47 @@ class Trainer:
     def run(self, resume: bool = True) -> Path:
         """Train up to ``config.steps`` (continuing a saved run when ``resume``); returns the
         path of ``model.pt``."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if resume and (self.out_dir / STATE_FILE).is_file():
-            self.load_state()
-            self.log(f"resuming {self.out_dir} at step {self.step}")
-        else:
-            torch.manual_seed(self.config.seed)        # dropout masks
-            (self.out_dir / LOG_FILE).unlink(missing_ok=True)
-        self._truncate_log()
+        with lock_run_folder(self.out_dir):
+            if resume and (self.out_dir / STATE_FILE).is_file():
+                self.load_state()
+            else:
+                torch.manual_seed(self.config.seed)        # dropout masks
+                (self.out_dir / LOG_FILE).unlink(missing_ok=True)
+            self._truncate_log()
+            if self.step < self.config.steps:
+                # The folder's model changes from here on: until the run finishes there is
+                # no model.pt for the server (or anyone) to pick up half-trained.
+                (self.out_dir / COMPLETE_FILE).unlink(missing_ok=True)
+                (self.out_dir / MODEL_FILE).unlink(missing_ok=True)
+            self._train()
+            if not (self.out_dir / COMPLETE_FILE).is_file():
+                _atomic_save(self.model.state_dict(), self.out_dir / MODEL_FILE)
+                (self.out_dir / COMPLETE_FILE).write_text(json.dumps(
+                    {"steps": self.step, "config": asdict(self.config)}, indent=2))
+        return self.out_dir / MODEL_FILE
+
+    def _train(self) -> None:
         total = self.config.steps
-        started, first = time.monotonic(), self.step
+        bar = Progress(total, self.out_dir.name, start=self.step, unit="step")
         with open(self.out_dir / LOG_FILE, "a") as log_file:
             while self.step < total:
                 t0 = time.monotonic()
                 record = self.train_step()
                 record["seconds"] = round(time.monotonic() - t0, 4)
                 log_file.write(json.dumps(record) + "\n")
+                bar.update(1, loss=record["loss"], grad=record["grad_norm"])
                 if self.step % self.config.log_every == 0 or self.step == total:
                     log_file.flush()
-                    self._progress(record, started, first)
                 if self.step % self.config.save_every == 0 or self.step == total:
                     log_file.flush()
                     self.save_state()
-        return self.out_dir / MODEL_FILE
-
-    def _progress(self, record: dict, started: float, first: int) -> None:
-        done, total = self.step - first, self.config.steps
-        rate = done / max(time.monotonic() - started, 1e-9)
-        eta = (total - self.step) / max(rate, 1e-9)
-        width = 24
-        filled = int(width * self.step / total)
-        self.log(f"step {self.step}/{total} [{'#' * filled}{'.' * (width - filled)}] "
-                 f"loss {record['loss']:.4g}  grad {record['grad_norm']:.3g}  "
-                 f"{rate:.2f} it/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        bar.close()
 
     # ------------------------------------------------------------------ state
     def save_state(self) -> None:
-        """``state.pt`` and ``model.pt``, each written to a temporary file and renamed, so a
-        kill never leaves a half-written file."""
+        """``state.pt`` (model, optimiser, random state), written to a temporary file and
+        renamed, so a kill never leaves a half-written file. ``model.pt`` is written once, when
+        the run is complete."""
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -269,7 +275,6 @@ class Trainer:
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": rng, "config": asdict(self.config)}
         _atomic_save(state, self.out_dir / STATE_FILE)
-        _atomic_save(self.model.state_dict(), self.out_dir / MODEL_FILE)
 
     def load_state(self) -> None:
         state = torch.load(self.out_dir / STATE_FILE, map_location="cpu", weights_only=True)

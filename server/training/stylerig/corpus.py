@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from server.checkpoints.stylegan import generator_fingerprint, load_generator
 
 from server.training.stylerig.preview import save_grid
-from server.training.stylerig.progress import Progress
+from server.training.progress import Progress
 
 FORMAT = "portrait-rig.stylerig-corpus"
 MANIFEST = "corpus.json"

@@ -39,7 +39,7 @@ from server.renderer import sh_basis
 
 from server.training.stylerig.corpus import to_pipeline_images
 from server.training.stylerig.data import MODE_STREAM, PARTNER_STREAM, TrainingData, load_face, step_rng
-from server.training.stylerig.progress import Progress
+from server.training.progress import Progress
 
 ESTIMATORS = ("latent", "image")
 METRICS = ("pose_deg", "jaw_deg", "expression_l2", "sh_l2", "shading_rmse")

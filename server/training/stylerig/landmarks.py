@@ -39,7 +39,7 @@ from server.photo.embedding import embedding_for
 from server.renderer import CameraBatch, project, screen_space
 
 from server.training.stylerig.corpus import Corpus
-from server.training.stylerig.progress import Progress
+from server.training.progress import Progress
 
 SOURCES = ("dlib", "synthetic")
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from server.training.runs import lock_run_folder
+
 # Settings that may differ between a run and its resumption.
 RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "preview_every")
 
@@ -33,7 +35,7 @@ RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "preview_every")
 class RunDir:
     def __init__(self, path, settings):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock = lock_run_folder(self.path)      # held for the rest of the process
         (self.path / "previews").mkdir(exist_ok=True)
         self.settings = json.loads(json.dumps(dataclasses.asdict(settings)))  # as stored
         self._check_settings()

@@ -25,7 +25,7 @@ from server.training.stylerig.data import TrainingData, load_face
 from server.training.stylerig.face_render import FaceRenderer
 from server.training.stylerig.losses import RenderLoss, RenderLossWeights, prior_terms
 from server.training.stylerig.preview import overlay, save_grid, with_points
-from server.training.stylerig.progress import Progress
+from server.training.progress import Progress
 from server.training.stylerig.run import RunDir, due
 
 STATISTICS_SAMPLES = 4096

@@ -44,7 +44,7 @@ from server.training.stylerig.data import MODE_STREAM, PARTNER_STREAM, TrainingD
 from server.training.stylerig.face_render import FaceRenderer
 from server.training.stylerig.losses import RenderLoss, RenderLossWeights, Targets
 from server.training.stylerig.preview import overlay, save_grid
-from server.training.stylerig.progress import Progress
+from server.training.progress import Progress
 from server.training.stylerig.run import RunDir, due
 
 STATISTICS_SAMPLES = 4096
