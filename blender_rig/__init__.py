@@ -1,10 +1,12 @@
 """Portrait Rig add-on: a FLAME face rig in Blender and a live view of the render server.
 
-Modules: ``rig_builder`` (build / update the rig from a face model), ``scene_reader`` (scene
--> ``RigParams``), ``world_sh`` (World and lamps -> spherical-harmonics light), ``properties``,
-``preferences``, ``operators``, ``panel`` (UI), ``presets`` (expression presets),
-``live_link`` (parameters to the server, frames back) and ``image_output`` (frames into the
-"Portrait Rig" image).
+Modules: scene writing - ``rig_builder`` (build / update the rig from a face model),
+``demo_scene``; scene reading - ``scene_reader`` (scene -> ``RigParams``), ``world_sh`` (World
+and lamps -> spherical-harmonics light), ``transforms``; the link to the server -
+``live_link`` (parameters out, frames back on a worker thread), ``image_output`` (frames into
+the "Portrait Rig" image), ``photo_fit``; rendering - ``render_engine``, ``sequence``
+(batches, resume, shots); UI - ``properties``, ``preferences``, ``operators``, ``panel``,
+``presets`` (expression presets).
 
 ``register`` / ``unregister`` are symmetric: disabling the add-on removes its classes, menu
 entries, properties on Scene and Object, handlers and timers, stops the live link and the

@@ -1,2 +1,3 @@
-"""Portrait Rig render server: face model skinning, the buffer renderer, the backends and the
-asyncio server that speaks the wire protocol (docs/protocol.md). Never imports bpy."""
+"""Portrait Rig render server, in layers (docs/architecture.md): ``service`` (the asyncio
+front end speaking docs/protocol.md), ``backends``, ``renderer``, ``models`` (nn.Modules),
+``checkpoints`` (file formats), ``diffusion``, ``photo``, ``training``. Never imports bpy."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server.checkpoints.stylegan import official_to_rosinality
+from server.checkpoints.stylegan import _TO_ROSINALITY, _rosinality_table
 from server.models import StyleGAN2Config, StyleGAN2Generator, StyleGAN3Config, StyleGAN3Generator
 
 TINY_SG2 = StyleGAN2Config(img_resolution=32, z_dim=16, w_dim=16, channel_base=256, channel_max=16,
@@ -54,6 +54,14 @@ def official_keys(name: str) -> list[tuple[str, list[int]]]:
     is a key of tests/data/stylegan_checkpoint_keys.json, e.g. 'stylegan3-r-G_ema-1024'."""
     tensors = json.loads((DATA / "stylegan_checkpoint_keys.json").read_text())[name]["tensors"]
     return [(k, list(v)) for k, v in tensors.items()]
+
+
+def official_to_rosinality(state, config):
+    """Inverse of ``server.checkpoints.stylegan.rosinality_to_official`` (for writing
+    rosinality-format fixtures): (rosinality ``g_ema`` state dict, latent_avg)."""
+    table = _rosinality_table(int(config.img_resolution).bit_length() - 1, config.mapping_layers)
+    ros = OrderedDict((r, _TO_ROSINALITY[kind](state[o]).clone()) for o, r, kind in table)
+    return ros, state["mapping.w_avg"].clone()
 
 
 def random_generator(config, seed: int = 0):

@@ -27,7 +27,7 @@ from server.photo.deca import DecaCrop, camera_in_image  # noqa: E402
 from server.photo.embedding import (EmbeddingError, LandmarkModel,  # noqa: E402
                                       detect_embedding, load_flame_embedding)
 from server.renderer import BufferRenderer, CameraBatch, project, screen_space  # noqa: E402
-from server.renderer.srgb import linear_to_srgb  # noqa: E402
+from portrait_rig.colour import linear_to_srgb  # noqa: E402
 
 # Fewer steps than the defaults: enough to converge on these inputs, quick on a loaded CPU.
 QUICK = FitSettings(rigid_steps=60, shape_steps=120, light_steps=60, refine_steps=50,

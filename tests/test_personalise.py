@@ -3,6 +3,7 @@ UNet and an album of three faces rendered by our renderer."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -22,10 +23,10 @@ from server.models.diffusionrig import DiffusionRig  # noqa: E402
 from server.checkpoints.diffusionrig import load_diffusionrig  # noqa: E402
 from server.models.diffusionrig_unet import UNetConfig  # noqa: E402
 from server.renderer import BufferRenderer  # noqa: E402
-from server.renderer.srgb import linear_to_srgb  # noqa: E402
+from portrait_rig.colour import linear_to_srgb  # noqa: E402
 from server.training.diffusionrig import trainer as trainer_module  # noqa: E402
 from server.training.diffusionrig.album import FolderData, fit_photos, list_photos  # noqa: E402
-from server.training.diffusionrig.trainer import TrainConfig, read_log  # noqa: E402
+from server.training.diffusionrig.trainer import LOG_FILE, TrainConfig  # noqa: E402
 from server.training.diffusionrig.personalise import make_fitter, personalise  # noqa: E402
 from server.training.diffusionrig.stage1 import official_initialisation, prepare, train  # noqa: E402
 
@@ -219,6 +220,12 @@ def test_p2_weighting_and_the_albums_mean_shape():
         return FittedPhoto("x", np.zeros((4, 4, 3), np.uint8), RigParams(shape=shape), "", 0.0)
 
     assert mean_shape([photo([1.0, 2.0]), photo([3.0])]) == [2.0, 1.0]
+
+
+def read_log(out_dir) -> list[dict]:
+    """The records of a run's ``log.jsonl``."""
+    path = Path(out_dir) / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_one_run_per_folder(tmp_path):

@@ -21,7 +21,7 @@ from server.checkpoints.stylerig import load_dfr
 from server.models.rignet import RigNet
 from server.checkpoints.stylerig import load_rignet, save_rignet
 from server.renderer import BufferRenderer
-from server.renderer.srgb import linear_to_srgb
+from portrait_rig.colour import linear_to_srgb
 from server.training.stylerig.corpus import (Corpus, CorpusSettings, build_corpus, sample_z,
                                              to_pipeline_images)
 from server.training.stylerig.data import TrainingData, load_face
@@ -80,7 +80,12 @@ def test_corpus_holds_the_generators_samples(setup):
     torch.testing.assert_close(corpus.w(indices), ws)
     assert np.abs(corpus.images(indices).astype(int) - expected).max() <= 1
     assert corpus.images([0]).shape == (1, 32, 32, 3)
-    assert Image.open(setup["root"] / "corpus" / "preview.png").size[0] > 0
+    preview = np.asarray(Image.open(setup["root"] / "corpus" / "preview.png"))
+    tile = preview.shape[0] // 2                                # two rows of corpus images
+    assert preview.shape[1] >= 4 * tile and tile >= 32
+    first = np.asarray(Image.fromarray(corpus.images([0])[0]).resize((tile, tile),
+                                                                      Image.NEAREST))
+    np.testing.assert_array_equal(preview[:tile, :tile], first)     # the corpus' own sample
 
 
 def test_corpus_resumes_and_extends_without_redoing_shards(setup, tmp_path):

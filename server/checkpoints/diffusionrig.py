@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from server.checkpoints.torch_file import CheckpointError, read_torch_file, what_it_is
+from server.checkpoints.torch_file import CheckpointError, read_torch_file
 from server.models.diffusionrig import DiffusionRig
 from server.models.diffusionrig_unet import UNetConfig
 

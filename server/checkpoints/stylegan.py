@@ -284,14 +284,6 @@ def rosinality_to_official(ros: StateDict, latent_avg: torch.Tensor | None = Non
     return config, out
 
 
-def official_to_rosinality(state: StateDict, config: StyleGAN2Config
-                           ) -> tuple[StateDict, torch.Tensor]:
-    """Inverse of ``rosinality_to_official``: (rosinality ``g_ema`` state dict, latent_avg)."""
-    table = _rosinality_table(int(config.img_resolution).bit_length() - 1, config.mapping_layers)
-    ros = OrderedDict((r, _TO_ROSINALITY[kind](state[o]).clone()) for o, r, kind in table)
-    return ros, state["mapping.w_avg"].clone()
-
-
 def _infer_channel_base(channels: dict[int, int]) -> tuple[int, int]:
     channel_max = max(channels.values())
     below_max = [c * r for r, c in channels.items() if c < channel_max]

@@ -90,23 +90,6 @@ class NoiseSchedule:
         self._check_count(count)
         return [int(t) for t in np.rint(np.linspace(self.num_steps - 1, 0, count))]
 
-    def log_snr_uniform(self, count: int) -> list[int]:
-        """``count`` timesteps from T-1 down to 0, evenly spaced in
-        lambda = log(sqrt(abar) / sqrt(1 - abar)) and rounded to the nearest trained step
-        (DPM-Solver's 'logSNR'). Near t = 0 one step spans more lambda than the spacing,
-        so rounding would repeat steps: repeats move up (and, at the top, back down) to keep
-        the grid strictly decreasing."""
-        self._check_count(count)
-        lam = 0.5 * np.log(self.alphas_cumprod / (1.0 - self.alphas_cumprod))  # decreasing in t
-        targets = np.linspace(lam[-1], lam[0], count)
-        grid = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
-        for i in range(count - 2, -1, -1):
-            grid[i] = max(grid[i], grid[i + 1] + 1)
-        grid[0] = min(grid[0], self.num_steps - 1)
-        for i in range(1, count):
-            grid[i] = min(grid[i], grid[i - 1] - 1)
-        return [int(t) for t in grid]
-
     def _check_count(self, count: int) -> None:
         if not 2 <= count <= self.num_steps:
             raise ValueError(f"step count must be in [2, {self.num_steps}], got {count}")

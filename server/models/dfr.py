@@ -30,7 +30,7 @@ Files: ``save_dfr`` / ``load_dfr`` (safetensors, config as JSON metadata).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from portrait_rig.face_data import FaceData
-from portrait_rig.params import Camera, Lighting, Pose, RigParams
 
 from server.models.deca_encoder import N_EXPRESSION as DECA_EXPRESSION, N_SHAPE as DECA_SHAPE
 from server.models.rignet import MODES, ControlLayout, control_vector
@@ -105,9 +104,6 @@ class FaceParams:
         parts["sh"] = parts["sh"].reshape(-1, 9, 3)
         return cls(**parts)
 
-    def to_vector(self) -> torch.Tensor:
-        return torch.cat([t.reshape(t.shape[0], -1) for t in self.as_dict().values()], dim=1)
-
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -139,17 +135,6 @@ class FaceParams:
     def cat(items: Sequence["FaceParams"]) -> "FaceParams":
         return FaceParams(**{k: torch.cat([getattr(p, k) for p in items]) for k in
                              (f.name for f in fields(FaceParams))})
-
-    def rig_params(self, index: int) -> RigParams:
-        """Face ``index`` as rig parameters (orthographic camera; albedo has no rig field)."""
-        def floats(t):
-            return [float(v) for v in t[index].detach().reshape(-1).cpu()]
-        s, tx, ty = floats(self.camera)
-        return RigParams(shape=floats(self.shape), expression=floats(self.expression),
-                         pose=Pose(global_=floats(self.global_pose), jaw=floats(self.jaw)),
-                         camera=Camera(type="orthographic", scale=s, tx=tx, ty=ty),
-                         lighting=Lighting(sh=self.sh[index].detach().double().cpu().tolist()))
-
 
 def albedo_basis(data: FaceData, terms: int) -> np.ndarray:
     """[V, terms] float32 smooth functions over the template: 1, then (x, y, z) centred on the

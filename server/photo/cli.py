@@ -21,7 +21,7 @@ def overlay(fit, face_model) -> np.ndarray:
     from PIL import Image, ImageDraw
 
     from server.renderer import BufferRenderer
-    from server.renderer.srgb import linear_to_srgb
+    from portrait_rig.colour import linear_to_srgb
 
     size = fit.aligned.shape[0]
     params, result = fit.result.params, fit.result

@@ -31,7 +31,7 @@ from portrait_rig.face_data import FaceData
 from portrait_rig.params import Camera, default_sh
 from server.photo.landmarks import FaceDetector, NoFaceFound
 from server.renderer import BufferRenderer, CameraBatch, project, screen_space
-from server.renderer.srgb import linear_to_srgb
+from portrait_rig.colour import linear_to_srgb
 
 N_LANDMARKS = 68
 

@@ -45,7 +45,7 @@ from server.models.deca_encoder import N_EXPRESSION as DECA_EXPRESSION, N_SHAPE 
 from server.renderer.face_model import FaceModel
 from server.photo.landmarks import BROW_LEFT, BROW_RIGHT, JAW, N_LANDMARKS
 from server.renderer import BufferRenderer, CameraBatch, project, screen_space, sh_basis
-from server.renderer.srgb import linear_to_srgb, srgb_to_linear
+from portrait_rig.colour import linear_to_srgb, srgb_to_linear
 
 from server.photo.embedding import LandmarkEmbedding, LandmarkModel
 

@@ -128,13 +128,6 @@ def screen_space(ndc: torch.Tensor, depth: torch.Tensor, cameras: CameraBatch, w
     return pixel_xy, z_key, w
 
 
-def pixel_centres(width: int, height: int, device="cpu",
-                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel-coordinate centres: x [W] = i + 0.5 and y [H] = r + 0.5."""
-    return (torch.arange(width, device=device, dtype=dtype) + 0.5,
-            torch.arange(height, device=device, dtype=dtype) + 0.5)
-
-
 def _check_batch(vertices: torch.Tensor, cameras: CameraBatch) -> None:
     if vertices.ndim != 3 or vertices.shape[-1] != 3:
         raise ValueError(f"vertices: expected [B, V, 3], got {list(vertices.shape)}")

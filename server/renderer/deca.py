@@ -41,7 +41,7 @@ from server.renderer.face_model import FaceModel
 from server.renderer.head_view import camera_light, camera_rotation, head_rotation
 from server.renderer import BufferRenderer, Buffers, CameraBatch, project, screen_space
 from server.renderer.buffers import barycentrics
-from server.renderer.srgb import linear_to_srgb
+from portrait_rig.colour import linear_to_srgb
 from server.renderer.texture import FlameTexture, sample_albedo, uv_grid
 
 

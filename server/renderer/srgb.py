@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from portrait_rig.colour import linear_to_srgb, srgb_to_linear  # noqa: F401 - re-exported
+from portrait_rig.colour import srgb_to_linear
 
 
 # THRESHOLDS[k - 1]: the smallest linear value (float32) that encodes to code value k.

@@ -314,7 +314,3 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def read_log(out_dir) -> list[dict]:
-    """The records of a run's ``log.jsonl``."""
-    path = Path(out_dir) / LOG_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
