@@ -62,8 +62,9 @@ def parse_args(argv=None) -> tuple[ServerConfig, argparse.Namespace]:
     ap.add_argument("--backend", default=defaults.backend,
                     help="default backend of render requests (default %(default)s)")
     ap.add_argument("--model", default=defaults.model,
-                    help="face model: 'demo' or a path to a FLAME .pkl / .npz "
-                         "(default %(default)s)")
+                    help="face model: 'demo', 'flame' (the FLAME file in the model folder: "
+                         "flame/generic_model.pkl or flame2023.pkl) or a path to a FLAME .pkl "
+                         "/ .npz (default %(default)s)")
     ap.add_argument("--device", default=defaults.device,
                     help="torch device the worker renders on: cpu, cuda, cuda:1 ...")
     ap.add_argument("--token", default=os.environ.get(TOKEN_ENV),
@@ -140,6 +141,7 @@ def run_check(config: ServerConfig, out=sys.stdout) -> int:
     backend can run."""
     from server.backends import BACKEND_NAMES, spec
     from server.backends.check import check_backend, shown
+    from server import paths
     from server.paths import HOME_ENV, home
 
     def say(text=""):
@@ -150,7 +152,7 @@ def run_check(config: ServerConfig, out=sys.stdout) -> int:
     say(f"device: {config.device}: " + (device_problem or "available"))
     try:
         from portrait_rig.face_source import load_face_data
-        face = load_face_data(config.model)
+        face = load_face_data(paths.face_model_source(config.model))
         say(f"face model: {face.name} ({face.n_vertices} vertices)")
         face_ok = True
     except Exception as exc:  # noqa: BLE001 - reported, with the reason

@@ -61,6 +61,34 @@ def stylerig_rignet() -> Path:
     return home() / "stylerig" / "rignet.safetensors"
 
 
+FLAME_MODEL_NAMES = ("generic_model.pkl", "flame2023.pkl")
+
+
+def flame_model() -> Path:
+    """Default FLAME face model: ``flame/generic_model.pkl`` (FLAME 2020) or
+    ``flame/flame2023.pkl``, whichever exists (the first when neither does)."""
+    folder = home() / "flame"
+    for name in FLAME_MODEL_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    return folder / FLAME_MODEL_NAMES[0]
+
+
+def face_model_source(source: str) -> str:
+    """A face model setting as ``portrait_rig.face_source.load_face_data`` takes it: "flame"
+    means the FLAME file at its default place (an error saying where to get it when absent);
+    "demo" and paths pass through."""
+    if source != "flame":
+        return source
+    path = flame_model()
+    if not path.is_file():
+        raise FileNotFoundError(f"FLAME face model not found at {path}: register at "
+                                "flame.is.tue.mpg.de (FLAME licence), download FLAME 2020 or "
+                                f"2023 and put generic_model.pkl or flame2023.pkl in "
+                                f"{path.parent}, or pass the file's path")
+    return str(path)
+
+
 def flame_texture() -> Path:
     """Default FLAME texture space: ``flame/FLAME_texture.npz``."""
     return home() / "flame" / "FLAME_texture.npz"

@@ -345,3 +345,21 @@ def test_command_line_fit_reports_a_photo_without_a_face(tmp_path, capsys):
     Image.fromarray(np.full((80, 80, 3), 128, np.uint8)).save(blank)
     assert main([str(blank)]) == 1
     assert "no face found in the 80x80 image" in capsys.readouterr().err
+
+
+def test_command_line_fit_names_what_is_wrong(tmp_path, capsys, monkeypatch):
+    from server.photo.cli import main
+
+    monkeypatch.setenv("PORTRAIT_RIG_HOME", str(tmp_path / "home"))
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    assert main([str(text)]) == 1
+    assert f"{text}: not an image Pillow can read" in capsys.readouterr().err
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    assert main([str(photo), "--embedding", str(tmp_path / "none.npy")]) == 1
+    err = capsys.readouterr().err
+    assert "landmark embedding not found" in err and "--embedding" in err
+    assert "$PORTRAIT_RIG_HOME/flame/landmark_embedding.npy" in err
+    assert main([str(photo), "--face-model", "flame"]) == 1
+    assert "FLAME face model not found at" in capsys.readouterr().err

@@ -379,3 +379,30 @@ def test_cli_runs_a_stage_and_reports_bad_input(setup, tmp_path, capsys):
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["edits"] == 6
     assert main(common + ["--rignet", str(root / "dfr" / "dfr.safetensors")]) == 2
     assert "not a RigNet" in capsys.readouterr().err
+
+
+def test_failed_edits_are_explained_and_stay_valid_json(monkeypatch, capsys, tmp_path):
+    """An edit whose image has no detectable face is a recorded failure with its reason
+    (None, not NaN, in the JSON); a run where every edit fails exits non-zero."""
+    from server.training.stylerig import evaluate as evaluation
+    from server.training.stylerig.cli import main
+
+    settings = EvalSettings(dfr="dfr.safetensors", rignet="rignet.safetensors", modes=("pose",),
+                            edits=2, estimator="image")
+    metrics = {key: 1.0 for key in evaluation.METRICS}
+    records = [{"w": 0, "v": 1, "mode": "pose", **metrics,
+                **{f"before_{k}": 1.0 for k in metrics}},
+               {"w": 1, "v": 0, "mode": "pose", **{k: None for k in metrics},
+                **{f"before_{k}": 1.0 for k in metrics}, "failure": evaluation.FAILURE_AFTER}]
+    summary = evaluation.summarise(records, settings)
+    assert summary["failures"] == 1 and summary["modes"]["pose"]["failures"] == 1
+    assert summary["failure_reasons"] == {evaluation.FAILURE_AFTER: 1}
+    json.loads(json.dumps(summary), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    text = evaluation.format_summary(summary)
+    assert f"1 of 2 edits failed: {evaluation.FAILURE_AFTER}" in text
+    assert evaluation._finite(float("nan")) is None
+
+    failed = evaluation.summarise(records[1:], settings)
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: failed)
+    code = main(["--quiet", "evaluate", "--corpus", str(tmp_path), "--dfr", "x", "--rignet", "y"])
+    assert code == 1 and "every edit failed" in capsys.readouterr().err

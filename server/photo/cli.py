@@ -2,7 +2,8 @@
 
 Prints the fitted rig parameters (JSON, as the ``fit`` message's ``params``) to stdout or
 ``--out``; ``--aligned`` saves the FFHQ-aligned crop, ``--overlay`` the crop with the fitted
-face drawn over it and the detected (green) and fitted (red) landmarks.
+face drawn translucently over it, the detected (green) and fitted (red) landmarks and a legend.
+The fitting options are shared with the commands that fit photo albums (personalisation).
 """
 
 from __future__ import annotations
@@ -15,8 +16,70 @@ from pathlib import Path
 import numpy as np
 
 
+OVERLAY_OPACITY = 0.5
+LEGEND = (("detected landmarks", (0, 255, 0)), ("fitted landmarks", (255, 0, 0)),
+          (f"fitted face, {int(OVERLAY_OPACITY * 100)}% opaque", (200, 200, 200)))
+
+
+def add_fitting_options(parser: argparse.ArgumentParser) -> None:
+    """The options every command that fits photos takes."""
+    parser.add_argument("--face-model", default="demo",
+                        help="'demo', 'flame' (the FLAME file in the model folder) or a FLAME "
+                             ".pkl / FaceData .npz path (default %(default)s)")
+    parser.add_argument("--deca-model", default=None,
+                        help="DECA's deca_model.tar, to fit FLAME photos with its encoder "
+                             "(default: $PORTRAIT_RIG_HOME/deca/deca_model.tar when present)")
+    parser.add_argument("--embedding", default=None,
+                        help="FLAME landmark embedding (DECA's landmark_embedding.npy or smplx's "
+                             "flame_static_embedding.pkl; default: "
+                             "$PORTRAIT_RIG_HOME/flame/landmark_embedding.npy when present, "
+                             "else detected on a render of the face model)")
+    parser.add_argument("--fit-method", default="auto", choices=("auto", "deca", "optimisation"),
+                        help="'deca' needs the DECA model and FLAME; 'auto' uses it when "
+                             "present (default %(default)s)")
+    parser.add_argument("--fit-size", type=int, default=256,
+                        help="side of the FFHQ-aligned crop photos are fitted in "
+                             "(default %(default)s)")
+    parser.add_argument("--detector", default="hog", choices=("hog", "cnn"),
+                        help="dlib face detector (default %(default)s)")
+
+
+def fitter_from_args(args, settings=None):
+    """(FaceModel, PhotoFitter) for the options of ``add_fitting_options``; the DECA model and
+    embedding default to the model folder's files when they exist."""
+    from portrait_rig.face_source import load_face_data
+    from server import paths
+    from server.photo.fit import PhotoFitter
+    from server.renderer.face_model import FaceModel
+
+    model = FaceModel(load_face_data(paths.face_model_source(args.face_model)))
+    deca = args.deca_model or (paths.deca_model() if paths.deca_model().is_file() else None)
+    embedding = args.embedding or (paths.landmark_embedding()
+                                   if paths.landmark_embedding().is_file() else None)
+    fitter = PhotoFitter(model, deca_model=deca, embedding=embedding, method=args.fit_method,
+                         size=args.fit_size, detector=args.detector, settings=settings)
+    return model, fitter
+
+
+def read_photo(path) -> bytes:
+    """The bytes of an image file; ValueError naming the path when it is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"photo not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{path}: not an image Pillow can read (PNG, JPEG ...): {exc}") \
+            from None
+    return path.read_bytes()
+
+
 def overlay(fit, face_model) -> np.ndarray:
-    """The aligned crop with the fitted face (70% opaque) and both landmark sets, RGB uint8."""
+    """The aligned crop with the fitted face (``OVERLAY_OPACITY``), both landmark sets and a
+    legend, RGB uint8."""
     import torch
     from PIL import Image, ImageDraw
 
@@ -30,7 +93,7 @@ def overlay(fit, face_model) -> np.ndarray:
         albedo = torch.as_tensor(linear_to_srgb(result.vertex_albedo), dtype=torch.float32)
         buffers = BufferRenderer(face_model.data.faces).render(
             vertices, albedo, torch.tensor(params.lighting.sh), [params.camera], size, size)
-    mask = 0.7 * buffers.mask[0].numpy()
+    mask = OVERLAY_OPACITY * buffers.mask[0].numpy()
     face = np.clip(buffers.rendered[0].numpy(), 0, 1) * 255
     image = Image.fromarray(np.round(fit.aligned * (1 - mask) + face * mask).astype(np.uint8))
     draw = ImageDraw.Draw(image)
@@ -38,6 +101,10 @@ def overlay(fit, face_model) -> np.ndarray:
                                                                       (255, 0, 0))):
         for x, y in points:
             draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=colour)
+    for row, (label, colour) in enumerate(LEGEND):
+        y = 4 + 12 * row
+        draw.rectangle([4, y + 2, 10, y + 8], fill=colour)
+        draw.text((14, y), label, fill=(255, 255, 255))
     return np.asarray(image)
 
 
@@ -45,13 +112,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.photo.cli",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("photo", help="a portrait photo (PNG, JPEG ...)")
-    parser.add_argument("--face-model", default="demo",
-                        help="'demo' or a FLAME .pkl / FaceData .npz (default %(default)s)")
-    parser.add_argument("--deca-model", help="DECA's deca_model.tar (FLAME face models)")
-    parser.add_argument("--embedding", help="FLAME landmark embedding file")
-    parser.add_argument("--method", default="auto", choices=("auto", "deca", "optimisation"))
-    parser.add_argument("--size", type=int, default=256, help="aligned crop side")
-    parser.add_argument("--detector", default="hog", choices=("hog", "cnn"))
+    add_fitting_options(parser)
     parser.add_argument("--out", help="write the parameters here instead of stdout")
     parser.add_argument("--aligned", help="save the aligned crop (PNG)")
     parser.add_argument("--overlay", help="save the crop with the fitted face over it (PNG)")
@@ -59,17 +120,11 @@ def main(argv=None) -> int:
 
     from PIL import Image
 
-    from portrait_rig.face_source import load_face_data
-    from server.renderer.face_model import FaceModel
     from server.photo import NoFaceFound
 
-    from server.photo.fit import PhotoFitter
-
     try:
-        model = FaceModel(load_face_data(args.face_model))
-        fitter = PhotoFitter(model, deca_model=args.deca_model, embedding=args.embedding,
-                             method=args.method, size=args.size, detector=args.detector)
-        fit = fitter.fit(Path(args.photo).read_bytes())
+        model, fitter = fitter_from_args(args)
+        fit = fitter.fit(read_photo(args.photo))
     except (OSError, ValueError, NoFaceFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -204,7 +204,9 @@ def load_flame_embedding(path) -> LandmarkEmbedding:
     (see the module notes)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"landmark embedding not found: {path}")
+        raise FileNotFoundError(f"landmark embedding not found: {path} (pass --embedding FILE, "
+                                "or put DECA's landmark_embedding.npy at "
+                                "$PORTRAIT_RIG_HOME/flame/landmark_embedding.npy)")
     data = _read_pickled(path)
     if not isinstance(data, dict):
         raise EmbeddingError(f"{path}: expected a dict, got {type(data).__name__}")

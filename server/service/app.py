@@ -165,7 +165,8 @@ def build_server(config: ServerConfig) -> RenderServer:
         log(f"backend {name}: {backend.summary()}")
         return backend
 
-    face_data = load_face_data(config.model)
+    from server.paths import face_model_source
+    face_data = load_face_data(face_model_source(config.model))
     worker = RenderWorker(face_data, config.device, config.backend, factory,
                           max_queued_batch=config.max_queued_batch, max_batch=config.max_batch)
     worker.start()

@@ -14,6 +14,31 @@ import os
 from pathlib import Path
 
 
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot use before any work starts (ValueError)."""
+    from server.backends.base import torch_device
+
+    torch_device(device)
+
+
+def run_command(body) -> int:
+    """Run a training command's ``body``; a problem the user can fix (bad file, busy folder,
+    missing CUDA, Ctrl+C) becomes one ``error:`` line and exit status 1, not a traceback."""
+    import sys
+
+    from server.checkpoints.torch_file import CheckpointError
+
+    try:
+        body()
+    except (ValueError, FileNotFoundError, RunFolderBusy, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 1
+    return 0
+
+
 class RunFolderBusy(RuntimeError):
     """Another process is training into the same run folder."""
 

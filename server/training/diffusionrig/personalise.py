@@ -34,6 +34,8 @@ from server.renderer.texture import choose_texture
 
 from server.training.diffusionrig.album import PHOTO_SUFFIXES, album_data, fit_photos, list_photos, mean_shape
 from server.training.diffusionrig.trainer import Trainer, TrainConfig
+from server.training.runs import check_device, run_command
+from server.photo.cli import add_fitting_options, fitter_from_args
 
 ALBUM_DIR, ALBUM_FILE = "album", "album.json"
 
@@ -88,21 +90,6 @@ def personalise(photos, checkpoint, out_dir, config: TrainConfig = TrainConfig()
             "loss_after": after, "model": model_path, "step": trainer.step}
 
 
-def add_fitting_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--face-model", default="demo",
-                        help="'demo' or a FLAME .pkl / FaceData .npz (default %(default)s)")
-    parser.add_argument("--deca-model", default=None,
-                        help="DECA's deca_model.tar: fit FLAME photos with its encoder")
-    parser.add_argument("--embedding", default=None,
-                        help="FLAME landmark embedding (DECA's landmark_embedding.npy or "
-                             "smplx's flame_static_embedding.pkl); default: detected on a "
-                             "render of the face model")
-    parser.add_argument("--fit-method", default="auto", choices=("auto", "deca", "optimisation"))
-    parser.add_argument("--fit-size", type=int, default=256,
-                        help="side of the FFHQ-aligned crop photos are fitted in")
-    parser.add_argument("--detector", default="hog", choices=("hog", "cnn"))
-
-
 def add_training_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch", type=int, default=defaults.batch_size)
@@ -127,16 +114,6 @@ def train_config(args, train_encoder: bool) -> TrainConfig:
                        precision=args.precision, train_encoder=train_encoder)
 
 
-def face_model_and_fitter(args):
-    from portrait_rig.face_source import load_face_data
-    from server.renderer.face_model import FaceModel
-
-    face_model = FaceModel(load_face_data(args.face_model))
-    fitter = make_fitter(face_model, args.deca_model, args.embedding, args.fit_method,
-                         args.fit_size, args.detector)
-    return face_model, fitter
-
-
 def main(argv=None) -> int:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m server.training.diffusionrig.personalise",
@@ -159,15 +136,14 @@ def main(argv=None) -> int:
     checkpoint = Path(args.checkpoint) if args.checkpoint else paths.diffusionrig_checkpoint()
     if not checkpoint.is_file():
         parser.error(f"stage-1 checkpoint not found: {checkpoint}")
-    face_model, fitter = face_model_and_fitter(args)
-    try:
+
+    def run():
+        check_device(args.device)               # before fitting the album, not after
+        face_model, fitter = fitter_from_args(args)
         personalise(args.photos, checkpoint, out, train_config(args, train_encoder=False),
                     face_model, fitter, args.texture, args.image_size, args.device,
                     resume=not args.restart)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(run)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ from server.renderer.texture import choose_texture
 
 from server.training.diffusionrig.album import FolderData, fit_photos, list_photos, write_dataset
 from server.training.diffusionrig.trainer import Trainer, TrainConfig
-from server.training.diffusionrig.personalise import (add_fitting_options, add_training_options, face_model_and_fitter,
-                          train_config)
+from server import paths
+from server.photo.cli import add_fitting_options, fitter_from_args
+from server.training.diffusionrig.personalise import add_training_options, train_config
+from server.training.runs import check_device, run_command
 
 STAGE1_DEFAULTS = TrainConfig(steps=50000, batch_size=32, lr=1e-4, save_every=5000)
 
@@ -83,22 +85,19 @@ def main(argv=None) -> int:
     t.add_argument("--face-model", default="demo")
     add_training_options(t, STAGE1_DEFAULTS)
     args = parser.parse_args(argv)
-    try:
+    def run():
         if args.command == "prepare":
-            _, fitter = face_model_and_fitter(args)
-            prepare(args.photos, args.data, fitter)
-            return 0
+            prepare(args.photos, args.data, fitter_from_args(args)[1])
+            return
+        check_device(args.device)
         from portrait_rig.face_source import load_face_data
         from server.renderer.face_model import FaceModel
-        face_model = FaceModel(load_face_data(args.face_model))
+        face_model = FaceModel(load_face_data(paths.face_model_source(args.face_model)))
         data = FolderData(args.data, face_model, args.image_size,
                           choose_texture(args.texture, face_model.faces.shape[0]))
         train(data, args.out, train_config(args, train_encoder=True), args.checkpoint,
               UNetConfig(image_size=args.image_size), args.device, resume=not args.restart)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(run)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import signal
 import sys
 
 from server.models.rignet import MODES
+from server.training.runs import RunFolderBusy, check_device
 
 from server.training.stylerig.corpus import CorpusSettings
 
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (cluster schedulers, `kill`) checkpoints like Ctrl-C does.
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
+        check_device(args.device)
         if args.stage == "corpus":
             from server.training.stylerig.corpus import build_corpus
             build_corpus(args.out, CorpusSettings(**_fields(CorpusSettings, args)), args.device,
@@ -178,11 +180,15 @@ def main(argv: list[str] | None = None) -> int:
             summary = evaluate(args.corpus, EvalSettings(**_fields(EvalSettings, args)),
                                args.device, args.out, progress)
             print(format_summary(summary))
+            if summary["edits"] and summary["failures"] == summary["edits"]:
+                print("error: every edit failed, so nothing was measured (see above)",
+                      file=sys.stderr)
+                return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command to resume from the last checkpoint or shard",
               file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RunFolderBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

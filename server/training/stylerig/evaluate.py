@@ -180,9 +180,14 @@ def evaluate(corpus_dir, settings: EvalSettings, device="cpu", out_dir=None,
             errors = control_errors(after, request, layout, normals)
             errors_before = control_errors(before, request, layout, normals)
         for i in range(len(wi)):
-            records.append({"w": int(wi[i]), "v": int(vi[i]), "mode": mode[i],
-                            **{k: float(e[i]) for k, e in errors.items()},
-                            **{f"before_{k}": float(e[i]) for k, e in errors_before.items()}})
+            after_i = {k: _finite(e[i]) for k, e in errors.items()}
+            before_i = {f"before_{k}": _finite(e[i]) for k, e in errors_before.items()}
+            record = {"w": int(wi[i]), "v": int(vi[i]), "mode": mode[i], **after_i, **before_i}
+            if any(value is None for value in after_i.values()):
+                record["failure"] = FAILURE_AFTER
+            elif any(value is None for value in before_i.values()):
+                record["failure"] = FAILURE_BEFORE
+            records.append(record)
         bar.update(len(wi))
     bar.close()
 
@@ -195,18 +200,33 @@ def evaluate(corpus_dir, settings: EvalSettings, device="cpu", out_dir=None,
     return summary
 
 
+FAILURE_AFTER = "no face found in the edited image"
+FAILURE_BEFORE = "no face found in the corpus image"
+
+
+def _finite(value) -> float | None:
+    """A JSON-safe error value: None where no face was found (NaN is not JSON)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def summarise(records: list[dict], settings: EvalSettings) -> dict:
     """Per mode: edit count, failures (no face found), mean and median of every error after
-    the edit and the mean before it."""
-    out = {"estimator": settings.estimator, "edits": len(records), "modes": {}}
+    the edit and the mean before it; overall, the failures by reason."""
+    reasons: dict[str, int] = {}
+    for r in records:
+        if "failure" in r:
+            reasons[r["failure"]] = reasons.get(r["failure"], 0) + 1
+    out = {"estimator": settings.estimator, "edits": len(records),
+           "failures": sum(reasons.values()), "failure_reasons": reasons, "modes": {}}
     for mode in settings.modes:
         rows = [r for r in records if r["mode"] == mode]
-        ok = [r for r in rows if all(math.isfinite(r[k]) for k in METRICS)]
+        ok = [r for r in rows if all(r[k] is not None for k in METRICS)]
         entry = {"edits": len(rows), "failures": len(rows) - len(ok)}
         for key in METRICS:
             after = np.array([r[key] for r in ok])
             before = np.array([r[f"before_{key}"] for r in ok
-                               if math.isfinite(r[f"before_{key}"])])
+                               if r[f"before_{key}"] is not None])
             entry[key] = {"mean": float(after.mean()) if len(after) else None,
                           "median": float(np.median(after)) if len(after) else None,
                           "before_mean": float(before.mean()) if len(before) else None}
@@ -228,4 +248,12 @@ def format_summary(summary: dict) -> str:
             cells.append(f"{text + marker:>24}")
         lines.append(f"{mode:<11}{entry['edits']:>5}{entry['failures']:>5}" + "".join(cells))
     lines.append("* the quantity the edit changes; the others should stay as they were")
+    for reason, count in summary.get("failure_reasons", {}).items():
+        lines.append(f"{count} of {summary['edits']} edits failed: {reason}")
+    if summary.get("failure_reasons"):
+        lines.append("failed edits are left out of the means; with the image estimator a "
+                     "face the detector cannot find usually means the generator's output left "
+                     "the face distribution (a wrong generator, or a RigNet trained for "
+                     "another one), or the corpus images are too small for dlib (use 256 px "
+                     "or more)")
     return "\n".join(lines)
