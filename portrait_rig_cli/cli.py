@@ -58,6 +58,12 @@ def main(argv=None) -> int:
     if args.command == "demo":
         if args.frames < 2:
             parser().error("--frames must be at least 2")
+        if args.backend == "diffusionrig":
+            parser().error("the diffusionrig backend takes its appearance from a reference "
+                           "photo or latent, which the demo scene has none of: render with "
+                           "--backend preview or stylerig, or open the demo's .blend, set the "
+                           "rig's Reference photo in the Portrait Rig panel and render it "
+                           "(blender -b demo.blend -a)")
         from . import demo
         try:
             return demo.run(args)

@@ -271,7 +271,8 @@ def test_latent_files(home, tmp_path):
 
 def test_photos_that_are_not_aligned_crops_go_through_face_alignment(home, tmp_path,
                                                                        monkeypatch):
-    from server.backends.diffusionrig import load_aligned_photo
+    from server.photo import align
+    from server.photo.align import encoder_input as load_aligned_photo
 
     calls = []
 
@@ -279,9 +280,7 @@ def test_photos_that_are_not_aligned_crops_go_through_face_alignment(home, tmp_p
         calls.append((image.shape, size))
         return np.full((size, size, 3), 255, np.uint8), None
 
-    module = types.ModuleType("server.photo.align")
-    module.align_face = align_face
-    monkeypatch.setitem(sys.modules, "server.photo.align", module)
+    monkeypatch.setattr(align, "align_face", align_face)
     aligned = load_aligned_photo(home / "photo.png", RESOLUTION)
     assert aligned.shape == (1, 3, RESOLUTION, RESOLUTION) and not calls
     assert -1 <= aligned.min() and aligned.max() <= 1
@@ -349,3 +348,20 @@ def test_fast_sampler_previews_and_cancellation_in_process(home, small_face):
     stop.params = RigParams.from_dict(rig(home, seed=2, appearance={"personal_model": "alice"}))
     results = backend.render([stop, RenderRequest(params, 40, 40)])
     assert len(calls) == 1 and np.array_equal(results[1].image, final)
+
+
+def test_a_latent_file_written_from_a_photo_renders_like_the_photo(home, tmp_path):
+    """``python -m server.photo.latent`` writes the z the backend computes for the photo."""
+    from server.checkpoints.diffusionrig import load_diffusionrig
+    from server.photo.align import encoder_input
+    from server.photo.latent import main
+
+    checkpoint = home / "diffusionrig" / "model.safetensors"
+    assert main([str(home / "photo.png"), "--out", str(tmp_path / "z.npy"), "--checkpoint",
+                 str(checkpoint), "--resolution", str(RESOLUTION)]) == 0
+    model = load_diffusionrig(checkpoint, None, "cpu", RESOLUTION)
+    with torch.no_grad():
+        expected = model.encode(encoder_input(home / "photo.png", RESOLUTION))[0]
+    np.testing.assert_allclose(np.load(tmp_path / "z.npy"), expected.numpy(), atol=1e-6)
+    assert main([str(home / "latent.npy"), "--out", str(tmp_path / "bad.npy"),
+                 "--checkpoint", str(checkpoint)]) == 1

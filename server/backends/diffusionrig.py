@@ -47,6 +47,7 @@ from server.renderer.face_model import FaceModel
 from server.models.diffusionrig import DiffusionRig
 from server.checkpoints.diffusionrig import load_diffusionrig
 from server.checkpoints.torch_file import read_torch_file
+from server.photo.align import encoder_input
 from server.renderer.buffers import CHANNELS
 from server.renderer.texture import choose_texture
 
@@ -274,7 +275,7 @@ class DiffusionRigBackend(Backend):
             key = ("photo", model_key, file_stamp(path))
             z = self._latents.get(key)
             if z is None:
-                photo = load_aligned_photo(path, self.resolution).to(self.torch_device)
+                photo = encoder_input(path, self.resolution).to(self.torch_device)
                 with self._autocast():
                     z = self._latents.put(key, model.encode(photo)[0].float())
             return z
@@ -306,29 +307,6 @@ def load_latent(path: str | Path) -> torch.Tensor:
     if not torch.isfinite(latent).all():
         raise ValueError(f"appearance.latent_file: {path} holds NaN or inf")
     return latent
-
-
-def load_aligned_photo(path: str | Path, size: int) -> torch.Tensor:
-    """The encoder's input [1, 3, size, size] in [-1, 1] from a photo file: a size x size
-    image is taken as an FFHQ-aligned crop; any other is aligned with
-    ``server.photo.align.align_face`` (dlib's landmarks, FFHQ's recipe) at ``size``."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as opened:
-            image = np.asarray(opened.convert("RGB"))
-    except OSError as exc:
-        raise ValueError(f"appearance.reference_photo: cannot read {path}: {exc}") from None
-    if image.shape[:2] != (size, size):
-        try:
-            from server.photo.align import align_face
-            image, _ = align_face(image, size)
-        except (ImportError, ValueError, RuntimeError) as exc:   # no dlib, no face found
-            raise ValueError(f"appearance.reference_photo: {path} is {image.shape[1]}x"
-                             f"{image.shape[0]}, not a {size}x{size} aligned crop, and "
-                             f"aligning it failed: {exc}") from None
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-    return pixels.permute(2, 0, 1)[None].contiguous()
 
 
 def _existing(field: str, name: str) -> Path:

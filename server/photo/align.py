@@ -22,6 +22,7 @@ Pixel coordinates: x right, y down, pixel (i, j) centred on (i, j) (dlib's conve
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -203,3 +204,25 @@ def _check_landmarks(landmarks) -> np.ndarray:
     if not np.isfinite(lm).all():
         raise ValueError("landmarks: hold NaN or inf")
     return lm
+
+
+def encoder_input(path: str | Path, size: int) -> torch.Tensor:
+    """The encoder's input [1, 3, size, size] in [-1, 1] from a photo file: a size x size
+    image is taken as an FFHQ-aligned crop; any other is aligned with
+    ``server.photo.align.align_face`` (dlib's landmarks, FFHQ's recipe) at ``size``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            image = np.asarray(opened.convert("RGB"))
+    except OSError as exc:
+        raise ValueError(f"appearance.reference_photo: cannot read {path}: {exc}") from None
+    if image.shape[:2] != (size, size):
+        try:
+            image, _ = align_face(image, size)
+        except (ImportError, ValueError, RuntimeError) as exc:   # no dlib, no face found
+            raise ValueError(f"appearance.reference_photo: {path} is {image.shape[1]}x"
+                             f"{image.shape[0]}, not a {size}x{size} aligned crop, and "
+                             f"aligning it failed: {exc}") from None
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return pixels.permute(2, 0, 1)[None].contiguous()
