@@ -6,8 +6,6 @@ plus the loader's configuration inference and the appearance inputs in process."
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
