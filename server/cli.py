@@ -66,7 +66,8 @@ def parse_args(argv=None) -> tuple[ServerConfig, argparse.Namespace]:
                          "flame/generic_model.pkl or flame2023.pkl) or a path to a FLAME .pkl "
                          "/ .npz (default %(default)s)")
     ap.add_argument("--device", default=defaults.device,
-                    help="torch device the worker renders on: cpu, cuda, cuda:1 ...")
+                    help="torch device the worker renders on: cpu, cuda, cuda:1 ... "
+                         "(default %(default)s)")
     ap.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                     help=f"shared secret clients must send in hello (default: ${TOKEN_ENV}); "
                          "required when binding to anything but loopback. Prefer the "

@@ -91,22 +91,27 @@ def personalise(photos, checkpoint, out_dir, config: TrainConfig = TrainConfig()
 
 
 def add_training_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--save-every", type=int, default=defaults.save_every)
-    parser.add_argument("--log-every", type=int, default=defaults.log_every)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    """The options of both DiffusionRig training commands (their parsers show defaults)."""
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps")
+    parser.add_argument("--batch", type=int, default=defaults.batch_size, help="batch size")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="learning rate")
+    parser.add_argument("--save-every", type=int, default=defaults.save_every,
+                        help="steps between saved states (a kill loses at most these)")
+    parser.add_argument("--log-every", type=int, default=defaults.log_every,
+                        help="steps between flushes of log.jsonl")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the data order, noise and dropout")
     parser.add_argument("--precision", default=defaults.precision,
-                        choices=("auto", "fp32", "fp16"))
+                        choices=("auto", "fp32", "fp16"),
+                        help="'auto': fp16 autocast on CUDA, fp32 on the CPU")
     parser.add_argument("--image-size", type=int, default=256,
                         help="the model's image size (256 for the official model)")
     parser.add_argument("--texture", default="auto",
                         help="'auto', 'none' or a FLAME_texture.npz (as the backend's option)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda[:N]")
     parser.add_argument("--restart", action="store_true",
                         help="ignore a saved state in the output folder and start over")
-
 
 def train_config(args, train_encoder: bool) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr,
@@ -117,7 +122,8 @@ def train_config(args, train_encoder: bool) -> TrainConfig:
 def main(argv=None) -> int:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m server.training.diffusionrig.personalise",
-                                     description=__doc__.split("\n\n")[0])
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--photos", required=True, help="folder of photos of one person")
     parser.add_argument("--name", help="personal model name (a plain folder name)")
     parser.add_argument("--out", help="output folder (default: the personal models folder "

@@ -74,15 +74,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.training.diffusionrig.stage1",
                                      description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("prepare", help="fit photos into a dataset folder")
-    p.add_argument("--photos", required=True)
-    p.add_argument("--data", required=True)
+    defaults_formatter = argparse.ArgumentDefaultsHelpFormatter
+    p = commands.add_parser("prepare", help="fit photos into a dataset folder",
+                            formatter_class=defaults_formatter)
+    p.add_argument("--photos", required=True, help="folder of face photos")
+    p.add_argument("--data", required=True, help="dataset folder to write")
     add_fitting_options(p)
-    t = commands.add_parser("train", help="train on a dataset folder")
-    t.add_argument("--data", required=True)
+    t = commands.add_parser("train", help="train on a dataset folder",
+                            formatter_class=defaults_formatter)
+    t.add_argument("--data", required=True, help="dataset folder (from prepare)")
     t.add_argument("--out", required=True, help="run folder (an existing run resumes)")
     t.add_argument("--checkpoint", default=None, help="start from these weights")
-    t.add_argument("--face-model", default="demo")
+    t.add_argument("--face-model", default="demo",
+                   help="'demo', 'flame' or a FLAME .pkl, as the dataset was fitted with")
     add_training_options(t, STAGE1_DEFAULTS)
     args = parser.parse_args(argv)
     def run():

@@ -89,15 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("const", "random", "none"), help="the generator's noise inputs")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16,
                    help="generator batch")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
     p = stages.add_parser("landmarks", help="68 landmarks per corpus image (faceless images "
                           "are flagged and skipped later)")
-    p.add_argument("--corpus", required=True)
+    p.add_argument("--corpus", required=True, help="corpus folder (the corpus stage's --out)")
     p.add_argument("--landmarks", dest="source", default="dlib", choices=("dlib", "synthetic"),
                    help="'dlib' (real detections) or 'synthetic' (TESTS ONLY: projected "
                    "landmarks of randomly posed face models, not of the images)")
-    p.add_argument("--detector", default="hog", choices=("hog", "cnn"))
+    p.add_argument("--detector", default="hog", choices=("hog", "cnn"),
+                   help="dlib face detector")
     p.add_argument("--upsample", type=int, default=0, help="image doublings before detection")
     p.add_argument("--workers", type=int, default=1, help="processes (one shard each)")
     p.add_argument("--face-model", dest="face_model", default="demo",
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = stages.add_parser("rignet", help="train RigNet (needs a trained F)")
     _add_training_options(p, RigNetSettings())
     p.add_argument("--dfr", required=True, help="F: the dfr stage's dfr.safetensors")
-    p.add_argument("--modes", nargs="+", default=list(RigNetSettings.modes), choices=list(MODES))
+    p.add_argument("--modes", nargs="+", default=list(RigNetSettings.modes), choices=list(MODES),
+                   help="edit modes trained (the paper trains each and all)")
     p.add_argument("--latent-dim", dest="latent_dim", type=int, default=RigNetSettings.latent_dim,
                    help="size of each layer's code l_k")
     for name, what in (("w_rec", "weight of L_rec"), ("w_edit", "weight of L_edit"),
@@ -129,19 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "corpus' generator if the file exists)")
 
     p = stages.add_parser("evaluate", help="control accuracy of a trained RigNet")
-    p.add_argument("--corpus", required=True)
-    p.add_argument("--dfr", required=True)
-    p.add_argument("--rignet", required=True)
+    p.add_argument("--corpus", required=True, help="corpus folder")
+    p.add_argument("--dfr", required=True, help="F: the dfr stage's dfr.safetensors")
+    p.add_argument("--rignet", required=True, help="the rignet stage's rignet.safetensors")
     p.add_argument("--out", default=None, help="folder for summary.json and edits.jsonl")
-    p.add_argument("--edits", type=int, default=300)
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--estimator", default="latent", choices=ESTIMATORS)
-    p.add_argument("--generator", default=None)
-    p.add_argument("--face-model", dest="face_model", default="demo")
-    p.add_argument("--embedding", default=None)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--edits", type=int, default=300, help="edits measured")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                   help="edit modes measured")
+    p.add_argument("--estimator", default="latent", choices=ESTIMATORS,
+                   help="'latent': F(w_hat), fast; 'image': landmarks and photometric fit of "
+                        "the generated image, the honest measure (needs --generator)")
+    p.add_argument("--generator", default=None,
+                   help="the generator, for --estimator image (default: the corpus')")
+    p.add_argument("--face-model", dest="face_model", default="demo",
+                   help="'demo' or a FLAME .pkl, as in training")
+    p.add_argument("--embedding", default=None, help="its landmark embedding file")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=16,
+                   help="edits per batch")
+    p.add_argument("--seed", type=int, default=0, help="which pairs and modes are drawn")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     return parser
 
 
