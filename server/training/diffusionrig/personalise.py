@@ -33,6 +33,7 @@ from server.checkpoints.diffusionrig import load_diffusionrig
 from server.renderer.texture import choose_texture
 
 from server.training.diffusionrig.album import PHOTO_SUFFIXES, album_data, fit_photos, list_photos, mean_shape
+from server.training import distributed
 from server.training.diffusionrig.trainer import Trainer, TrainConfig
 
 ALBUM_DIR, ALBUM_FILE = "album", "album.json"
@@ -64,7 +65,13 @@ def personalise(photos, checkpoint, out_dir, config: TrainConfig = TrainConfig()
     photo_paths = list_photos(photos)
     if not photo_paths:
         raise ValueError(f"no photos ({', '.join(PHOTO_SUFFIXES)}) in {photos}")
+    # Under torchrun rank 0 fits the album (and fills the cache); the others read the cache.
+    ctx = distributed.setup(device)
+    if not ctx.is_main:
+        ctx.barrier()
     fitted, stats = fit_photos(photo_paths, fitter, out_dir / ALBUM_DIR, log)
+    if ctx.is_main:
+        ctx.barrier()
     if not fitted:
         raise ValueError(f"no face found in any of the {len(photo_paths)} photos of {photos}")
     log(f"album: {len(fitted)} photos ({stats['fitted']} fitted, {stats['cached']} from the "
@@ -72,10 +79,12 @@ def personalise(photos, checkpoint, out_dir, config: TrainConfig = TrainConfig()
     shape = mean_shape(fitted)
     texture = choose_texture(texture, face_model.faces.shape[0])
     data = album_data(fitted, face_model, image_size, texture)
-    (out_dir / ALBUM_FILE).write_text(json.dumps({
-        "mean_shape": shape, "skipped": stats["skipped"],
-        "photos": [{"source": p.source, "method": p.method, "landmark_error": p.landmark_error,
-                    "params": p.params.to_dict()} for p in fitted]}, indent=1))
+    if ctx.is_main:
+        (out_dir / ALBUM_FILE).write_text(json.dumps({
+            "mean_shape": shape, "skipped": stats["skipped"],
+            "photos": [{"source": p.source, "method": p.method,
+                        "landmark_error": p.landmark_error, "params": p.params.to_dict()}
+                       for p in fitted]}, indent=1))
 
     model = load_diffusionrig(checkpoint, None, "cpu", image_size)
     trainer = Trainer(model, data, out_dir, config, device, log)
@@ -167,6 +176,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        distributed.teardown()
     return 0
 
 

@@ -27,6 +27,12 @@ Run folder::
 
 A killed run resumes from its last ``state.pt`` and, on the same device, continues exactly as
 the uninterrupted run would have (same batches, noise, timesteps and dropout masks).
+
+Under torchrun (``server.training.distributed``) the UNet (and the encoder when it trains) run
+in DistributedDataParallel: every process draws the step's whole batch, timesteps and noise
+from the run's generator and trains on its slice, so N processes take the step one process
+would (dropout masks aside, which differ per process); BatchNorm layers of a training encoder
+normalise per process, as the official multi-GPU runs did. Rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import torch
 
 from server.diffusion import NoiseSchedule
 from server.models.diffusionrig import DiffusionRig
+from server.training import distributed
 
 STATE_FILE, MODEL_FILE, LOG_FILE = "state.pt", "model.pt", "log.jsonl"
 
@@ -121,7 +128,9 @@ class Trainer:
             raise ValueError("training data: no examples")
         self.model, self.data, self.config = model, data, config
         self.out_dir = Path(out_dir)
-        self.device = torch.device(device)
+        self.ctx = distributed.setup(device)
+        self.device = self.ctx.device
+        self.part = self.ctx.shard(config.batch_size)
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.schedule = NoiseSchedule.linear()
         self.abar = torch.as_tensor(self.schedule.alphas_cumprod, dtype=torch.float32)
@@ -131,6 +140,9 @@ class Trainer:
         model.train()
         if not config.train_encoder:
             model.encoder.requires_grad_(False).eval()
+        # The modules a step runs forward, in DDP under torchrun (one forward each per step).
+        self.unet = self.ctx.wrap(model.denoisingUNet)
+        self.encoder = self.ctx.wrap(model.encoder) if config.train_encoder else model.encoder
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=0.0)
         fp16 = config.precision == "fp16" or (config.precision == "auto"
@@ -145,7 +157,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def sample(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Batch indices (without replacement while the data allows, as the official
-        stage 2 does), timesteps [B] and noise [B, 3, S, S], all from the run's generator."""
+        stage 2 does), timesteps [B] and noise [B, 3, S, S], all from the run's generator;
+        under torchrun this process's slice of them."""
         n, b = len(self.data), self.config.batch_size
         if b <= n:
             indices = torch.randperm(n, generator=self.generator)[:b]
@@ -153,13 +166,14 @@ class Trainer:
             indices = torch.randint(n, (b,), generator=self.generator)
         t = torch.randint(self.schedule.num_steps, (b,), generator=self.generator)
         noise = torch.randn((b, *self.image_shape), generator=self.generator)
-        return indices.tolist(), t, noise
+        part = self.part
+        return indices[part].tolist(), t[part], noise[part]
 
     def latents(self, indices: list[int], images: torch.Tensor) -> torch.Tensor:
         """z [B, latent] of a batch: from the training encoder, or, when it is frozen, looked
         up in the z of every example, encoded once."""
         if self.config.train_encoder:
-            return self.model.encode(images)
+            return self.encoder(images)
         if self._latents is None:
             chunks = []
             with torch.no_grad(), self._autocast():
@@ -173,7 +187,7 @@ class Trainer:
         """The P2-weighted eps loss of one batch (module notes); everything on the device."""
         abar = self.abar.to(self.device)[t].view(-1, 1, 1, 1)
         x_t = abar.sqrt() * images + (1 - abar).sqrt() * noise
-        eps = self.model.denoisingUNet(x_t, t, buffers, z)
+        eps = self.unet(x_t, t, buffers, z)
         weight = self.weights.to(self.device)[t].view(-1, 1, 1, 1)
         return (weight * (noise - eps.float()) ** 2).mean(dim=(1, 2, 3)).mean()
 
@@ -192,9 +206,9 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
-        return {"step": self.step, "loss": float(loss.detach()),
-                "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"],
-                "t": float(t.float().mean())}
+        means = self.ctx.mean({"loss": float(loss.detach()), "t": float(t.float().mean())})
+        return {"step": self.step, "loss": means["loss"], "grad_norm": float(grad_norm),
+                "lr": self.optimizer.param_groups[0]["lr"], "t": means["t"]}
 
     @torch.no_grad()
     def evaluate(self, seed: int = 1234, repeats: int = 8) -> float:
@@ -224,17 +238,21 @@ class Trainer:
     def run(self, resume: bool = True) -> Path:
         """Train up to ``config.steps`` (continuing a saved run when ``resume``); returns the
         path of ``model.pt``."""
+        main = self.ctx.is_main
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume and (self.out_dir / STATE_FILE).is_file():
             self.load_state()
-            self.log(f"resuming {self.out_dir} at step {self.step}")
+            if main:
+                self.log(f"resuming {self.out_dir} at step {self.step}")
         else:
-            torch.manual_seed(self.config.seed)        # dropout masks
-            (self.out_dir / LOG_FILE).unlink(missing_ok=True)
-        self._truncate_log()
+            torch.manual_seed(self.config.seed + self.ctx.rank)     # dropout masks
+            if main:
+                (self.out_dir / LOG_FILE).unlink(missing_ok=True)
+        if main:
+            self._truncate_log()
         total = self.config.steps
         started, first = time.monotonic(), self.step
-        with open(self.out_dir / LOG_FILE, "a") as log_file:
+        with open(self.out_dir / LOG_FILE if main else os.devnull, "a") as log_file:
             while self.step < total:
                 t0 = time.monotonic()
                 record = self.train_step()
@@ -242,7 +260,8 @@ class Trainer:
                 log_file.write(json.dumps(record) + "\n")
                 if self.step % self.config.log_every == 0 or self.step == total:
                     log_file.flush()
-                    self._progress(record, started, first)
+                    if main:
+                        self._progress(record, started, first)
                 if self.step % self.config.save_every == 0 or self.step == total:
                     log_file.flush()
                     self.save_state()
@@ -265,6 +284,14 @@ class Trainer:
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.ctx.distributed:                   # each process's dropout state
+            ranks: list = [None] * self.ctx.world
+            torch.distributed.all_gather_object(ranks, (rng["torch"], rng.get("cuda")))
+            rng["torch_ranks"] = [r[0] for r in ranks]
+            if "cuda" in rng:
+                rng["cuda_ranks"] = [r[1] for r in ranks]
+        if not self.ctx.is_main:
+            return
         state = {"step": self.step, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": rng, "config": asdict(self.config)}
@@ -282,10 +309,13 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["rng"]["generator"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        rng = state["rng"]
+        self.generator.set_state(rng["generator"])
+        mine = self.ctx.rank if len(rng.get("torch_ranks", ())) == self.ctx.world else None
+        torch.set_rng_state(rng["torch"] if mine is None else rng["torch_ranks"][mine])
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"] if mine is None else rng["cuda_ranks"][mine],
+                                     self.device)
         self.step = int(state["step"])
 
     def _truncate_log(self) -> None:
