@@ -11,6 +11,7 @@ the actor that renders its group again (at most ``MAX_ATTEMPTS`` actors), or wit
 from __future__ import annotations
 
 import json
+import queue
 import sys
 import threading
 import time
@@ -91,6 +92,7 @@ class ClusterPool:
         self._failures: dict[str, str] = {}       # backend -> why its workers cannot start
         self._closing = False
         self._threads: list[threading.Thread] = []
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()   # refs whose result is in
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
@@ -137,6 +139,7 @@ class ClusterPool:
             self._in_flight.clear()
             self._pending.clear()
             self._cond.notify_all()
+        self._ready.put(None)                     # ends the collector
         error = RequestError(protocol.E_SHUTTING_DOWN, "the server is shutting down")
         for group in left:
             for job in group.jobs:
@@ -189,6 +192,7 @@ class ClusterPool:
                     self._shots[job.shot.id] = actor
             ref = actor.handle.run.remote([job_fields(job) for job in entry.jobs])
             self._in_flight[ref] = (actor, entry)
+            self._notify_when_done(ref)
         self._cond.notify_all()
 
     def _choose(self, jobs: list[Job]) -> _Actor | None:
@@ -210,22 +214,17 @@ class ClusterPool:
         return [a for a in self._actors if a.backend == backend]
 
     # ------------------------------------------------------------------ replies
+    def _notify_when_done(self, ref) -> None:
+        """Queue ``ref`` for the collector once its result (or error) is in: no polling, so
+        a reply is answered as soon as it arrives whichever actor sent it."""
+        ref.future().add_done_callback(lambda _future: self._ready.put(ref))
+
     def _collect_loop(self) -> None:
-        ray = self._ray
-        while True:
-            with self._cond:
-                if self._closing:
-                    return
-                refs = list(self._in_flight) + list(self._starting)
-            if not refs:
-                time.sleep(0.01)
-                continue
-            ready, _ = ray.wait(refs, num_returns=1, timeout=0.1)
-            for ref in ready:
-                try:
-                    self._finish(ref)
-                except Exception as exc:  # noqa: BLE001 - the collector must survive
-                    self._log("".join(traceback.format_exception(exc)).rstrip())
+        while (ref := self._ready.get()) is not None:
+            try:
+                self._finish(ref)
+            except Exception as exc:  # noqa: BLE001 - the collector must survive
+                self._log("".join(traceback.format_exception(exc)).rstrip())
 
     def _finish(self, ref) -> None:
         ray = self._ray
@@ -327,7 +326,9 @@ class ClusterPool:
                     handle = self._actor_class.options(
                         num_gpus=spec["num_gpus"], num_cpus=spec["num_cpus"],
                         max_restarts=0, max_task_retries=0).remote(self._face, backend, options)
-                    self._starting[handle.info.remote()] = _Actor(backend, handle)
+                    ref = handle.info.remote()
+                    self._starting[ref] = _Actor(backend, handle)
+                    self._notify_when_done(ref)
 
     def _spec(self, backend: str, total: dict) -> dict:
         """Resources of one actor: the backend's options, else a whole GPU when the cluster
