@@ -182,6 +182,19 @@ def read_spec(scene, depsgraph, view_layer) -> RenderSpec:
               "frame": frame, "smooth": options.smooth})
 
 
+def read_frames(scene, frames, each) -> None:
+    """Evaluate ``scene`` at each of ``frames`` (frame_set) and call ``each(spec)`` with its
+    RenderSpec; then return the scene to its frame. Main thread only (frame_set)."""
+    current, subframe = scene.frame_current, scene.frame_subframe
+    view_layer = render_view_layer(scene)
+    try:
+        for g in frames:
+            scene.frame_set(g)
+            each(read_spec(scene, view_layer.depsgraph, view_layer))
+    finally:
+        scene.frame_set(current, subframe=subframe)
+
+
 def sequence_frames(scene) -> range:
     """The frames an animation render of ``scene`` visits (range and step)."""
     return range(scene.frame_start, scene.frame_end + 1, max(scene.frame_step, 1))
@@ -422,21 +435,19 @@ class SequenceJob:
                 pipeline.submit(spec, self.neighbours(scene, spec))
 
     def _read(self, scene, frames: list[int], after_each) -> None:
-        """Evaluate the scene at each of ``frames`` (frame_set), read its spec, call
-        ``after_each()``; then return the scene to its frame."""
+        """Read the specs of ``frames`` (``read_frames``), calling ``after_each()`` after
+        each one."""
         start = time.perf_counter()
         if not frames:
             after_each()
             return
-        current, subframe = scene.frame_current, scene.frame_subframe
-        view_layer = render_view_layer(scene)
+
+        def keep(spec: RenderSpec) -> None:
+            self.specs[spec.frame] = spec
+            after_each()
         try:
-            for g in frames:
-                scene.frame_set(g)
-                self.specs[g] = read_spec(scene, view_layer.depsgraph, view_layer)
-                after_each()
+            read_frames(scene, frames, keep)
         finally:
-            scene.frame_set(current, subframe=subframe)
             self.timed("read_ahead", start)
 
     def window_known(self, scene, frame: int) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import render
+
 
 def _address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
@@ -50,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
                            "docs/images/demo_contact_sheet.png)")
     demo.add_argument("--no-video", dest="video", action="store_false",
                       help="skip the MP4 even when FFmpeg is available")
+    render.add_parser(commands, _address, _positive)
     return ap
 
 
@@ -71,6 +74,8 @@ def main(argv=None) -> int:
             # Blender's render errors arrive as RuntimeError("Error: Portrait Rig: ...").
             print(f"portrait-rig demo: {exc}".rstrip(), file=sys.stderr)
             return 1
+    if args.command == "render":
+        return render.run(args)
     return 2
 
 

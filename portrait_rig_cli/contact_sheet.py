@@ -1,7 +1,8 @@
 """Contact sheets: rendered frames side by side in one PNG.
 
-Frames are read with ``bpy`` (any format Blender writes), reduced by an integer box filter
-and written with a small PNG encoder (zlib), so nothing beyond ``bpy`` and numpy is needed.
+Frames are read with Pillow where it is installed (``portrait-rig render`` on render nodes),
+else with ``bpy`` (any format Blender writes); they are reduced by an integer box filter and
+written with a small PNG encoder (zlib), so nothing beyond one of the two and numpy is needed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ BACKGROUND = (24, 24, 24)
 def read_frame(path) -> np.ndarray:
     """An image file's pixels as uint8 RGB [H, W, 3], rows top to bottom (stored values,
     no colour management: an sRGB PNG gives its own bytes back)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return _read_with_blender(path)
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _read_with_blender(path) -> np.ndarray:
     import bpy
     image = bpy.data.images.load(str(path), check_existing=False)
     try:

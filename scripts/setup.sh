@@ -18,7 +18,7 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # torch first and pinned: the server extra accepts any torch >= 2.2, and an unpinned request
 # would pull the newest build instead of the one this project is tested with.
 "${pip[@]}" "torch==2.13.0"
-extras=server,blender
+extras=server,render,blender
 [ "$mode" = test ] && extras=test,blender
 # bpy needs NumPy 1.x but does not declare it.
 "${pip[@]}" "numpy<2" -e ".[$extras]"

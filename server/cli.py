@@ -90,6 +90,9 @@ def parse_args(argv=None) -> tuple[ServerConfig, argparse.Namespace]:
                     help="fit requests: FLAME landmark embedding (DECA's landmark_embedding.npy "
                          "or smplx's flame_static_embedding.pkl; default: "
                          "$PORTRAIT_RIG_HOME/flame/landmark_embedding.npy when present)")
+    ap.add_argument("--cluster", default=None, metavar="auto|ADDRESS",
+                    help="render on the Ray cluster at this address ('auto': the one this "
+                         "machine belongs to), one worker per GPU; see docs/cluster.md")
     ap.add_argument("--quiet", action="store_true", help="no per-request log lines")
     ap.add_argument("--check", action="store_true",
                     help="list every backend, the files it looked for and where, what it found "
@@ -122,7 +125,7 @@ def parse_args(argv=None) -> tuple[ServerConfig, argparse.Namespace]:
                           max_queued_batch=args.max_queued_batch, max_batch=args.max_batch,
                           log_requests=not args.quiet, backend_options=backend_options,
                           deca_model=args.deca_model,
-                          landmark_embedding=args.landmark_embedding)
+                          landmark_embedding=args.landmark_embedding, cluster=args.cluster)
     return config, args
 
 

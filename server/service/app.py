@@ -36,6 +36,7 @@ class ServerConfig:
     log_requests: bool = True
     # backend name -> constructor options (``--option NAME.KEY=VALUE``; values may be strings)
     backend_options: dict[str, dict] = field(default_factory=dict)
+    cluster: str | None = None             # Ray cluster address ("auto"): see server.cluster
     deca_model: str | None = None          # fit: DECA's deca_model.tar (FLAME face models)
     landmark_embedding: str | None = None  # fit: FLAME landmark embedding file
 
@@ -58,19 +59,22 @@ class RenderServer:
     # ------------------------------------------------------------------ replies
     def hello_reply(self) -> dict:
         cfg = self.config
-        return {"type": "hello", "protocol": protocol.PROTOCOL_VERSION,
-                "server": "portrait-rig", "server_version": __version__,
-                "backends": [dict(b, **self.states[b["name"]].to_wire())
-                             if b["name"] in self.states else b for b in self.backends],
-                "default_backend": cfg.backend,
-                "device": cfg.device, "face_model": self.face_data.summary(),
-                "formats": list(protocol.FRAME_FORMATS), "passes": dict(protocol.PASSES),
-                "limits": {"max_header_bytes": protocol.MAX_HEADER_BYTES,
-                           "max_client_payload": protocol.MAX_CLIENT_PAYLOAD,
-                           "max_frame_side": protocol.MAX_FRAME_SIDE,
-                           "rate": cfg.rate, "burst": cfg.burst,
-                           "max_queued_batch": cfg.max_queued_batch,
-                           "max_batch": cfg.max_batch}}
+        reply = {"type": "hello", "protocol": protocol.PROTOCOL_VERSION,
+                 "server": "portrait-rig", "server_version": __version__,
+                 "backends": [dict(b, **self.states[b["name"]].to_wire())
+                              if b["name"] in self.states else b for b in self.backends],
+                 "default_backend": cfg.backend,
+                 "device": cfg.device, "face_model": self.face_data.summary(),
+                 "formats": list(protocol.FRAME_FORMATS), "passes": dict(protocol.PASSES),
+                 "limits": {"max_header_bytes": protocol.MAX_HEADER_BYTES,
+                            "max_client_payload": protocol.MAX_CLIENT_PAYLOAD,
+                            "max_frame_side": protocol.MAX_FRAME_SIDE,
+                            "rate": cfg.rate, "burst": cfg.burst,
+                            "max_queued_batch": cfg.max_queued_batch,
+                            "max_batch": cfg.max_batch}}
+        if self.worker.executor is not None:                  # a cluster's workers
+            reply["workers"] = self.worker.executor.workers()
+        return reply
 
     def model_message(self, rid) -> list:
         """The ``model`` reply: header, then the arrays' own buffers (no copy)."""
@@ -136,6 +140,9 @@ def check_backends(config: ServerConfig) -> dict:
 def build_server(config: ServerConfig) -> RenderServer:
     """Check every backend, load the face model, build the default backend on the worker
     thread and warm it up. Blocks until the worker is ready; raises what prevented it."""
+    if config.cluster:
+        from server.cluster import build_cluster_server
+        return build_cluster_server(config)
     from portrait_rig.face_source import load_face_data
 
     from server.backends import create_backend, describe_backends

@@ -54,10 +54,13 @@ class RenderWorker:
 
     ``backend_factory(name, face_model, device)`` builds a backend; ``face_model`` is the
     torch ``server.renderer.face_model.FaceModel`` created on the worker thread for ``device``.
+    With an ``executor`` (``server.cluster.ClusterPool``) the thread builds neither and hands
+    each group to ``executor.run(group)`` instead, which answers every job exactly once;
+    ``executor.start()`` runs first and ``executor.close()`` after the last group.
     """
 
     def __init__(self, face_data, device: str, default_backend: str, backend_factory,
-                 max_queued_batch: int = 64, max_batch: int = 8, log=None):
+                 max_queued_batch: int = 64, max_batch: int = 8, log=None, executor=None):
         self.face_data = face_data
         self.device = device
         self.default_backend = default_backend
@@ -75,6 +78,7 @@ class RenderWorker:
         self._thread = threading.Thread(target=self._run, name=f"render-{device}", daemon=True)
         self.face_model = None
         self.backends: dict[str, object] = {}
+        self.executor = executor
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float | None = None) -> None:
@@ -152,18 +156,29 @@ class RenderWorker:
 
     # ------------------------------------------------------------------ worker side
     def _run(self) -> None:
+        execute = self.run if self.executor is None else self.executor.run
         try:
-            from server.renderer.face_model import FaceModel   # torch: imported on the worker's thread
-            self.face_model = FaceModel(self.face_data, self.device)
-            backend = self._backend(self.default_backend)
-            backend.warmup()
+            if self.executor is not None:
+                self.executor.start()
+            else:
+                from server.renderer.face_model import FaceModel   # torch: on the worker's thread
+                self.face_model = FaceModel(self.face_data, self.device)
+                backend = self._backend(self.default_backend)
+                backend.warmup()
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._startup_error = exc
             self._ready.set()
             return
         self._ready.set()
         while (group := self._next_group()) is not None:
-            self._execute(group)
+            execute(group)
+        if self.executor is not None:
+            self.executor.close()
+
+    def run(self, group: list[Job]) -> None:
+        """Render ``group`` (jobs of one key) on the calling thread and answer each job
+        exactly once. ``face_model`` must be set (the worker thread sets it)."""
+        self._execute(group)
 
     def _backend(self, name: str):
         backend = self.backends.get(name)

@@ -23,10 +23,12 @@ def check_device(device: str) -> None:
 
 def run_command(body) -> int:
     """Run a training command's ``body``; a problem the user can fix (bad file, busy folder,
-    missing CUDA, Ctrl+C) becomes one ``error:`` line and exit status 1, not a traceback."""
+    missing CUDA, Ctrl+C) becomes one ``error:`` line and exit status 1, not a traceback. The
+    process group of a torchrun launch is left cleanly either way."""
     import sys
 
     from server.checkpoints.torch_file import CheckpointError
+    from server.training import distributed
 
     try:
         body()
@@ -36,6 +38,8 @@ def run_command(body) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 1
+    finally:
+        distributed.teardown()
     return 0
 
 

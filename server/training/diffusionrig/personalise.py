@@ -33,6 +33,7 @@ from server.checkpoints.diffusionrig import load_diffusionrig
 from server.renderer.texture import choose_texture
 
 from server.training.diffusionrig.album import PHOTO_SUFFIXES, album_data, fit_photos, list_photos, mean_shape
+from server.training import distributed
 from server.training.diffusionrig.trainer import Trainer, TrainConfig
 from server.training.runs import check_device, run_command
 from server.photo.cli import add_fitting_options, fitter_from_args
@@ -66,7 +67,13 @@ def personalise(photos, checkpoint, out_dir, config: TrainConfig = TrainConfig()
     photo_paths = list_photos(photos)
     if not photo_paths:
         raise ValueError(f"no photos ({', '.join(PHOTO_SUFFIXES)}) in {photos}")
+    # Under torchrun rank 0 fits the album (and fills the cache); the others read the cache.
+    ctx = distributed.setup(device)
+    if not ctx.is_main:
+        ctx.barrier()
     fitted, stats = fit_photos(photo_paths, fitter, out_dir / ALBUM_DIR, log)
+    if ctx.is_main:
+        ctx.barrier()
     if not fitted:
         raise ValueError(f"no face found in any of the {len(photo_paths)} photos of {photos}")
     log(f"album: {len(fitted)} photos ({stats['fitted']} fitted, {stats['cached']} from the "
@@ -74,10 +81,12 @@ def personalise(photos, checkpoint, out_dir, config: TrainConfig = TrainConfig()
     shape = mean_shape(fitted)
     texture = choose_texture(texture, face_model.faces.shape[0])
     data = album_data(fitted, face_model, image_size, texture)
-    (out_dir / ALBUM_FILE).write_text(json.dumps({
-        "mean_shape": shape, "skipped": stats["skipped"],
-        "photos": [{"source": p.source, "method": p.method, "landmark_error": p.landmark_error,
-                    "params": p.params.to_dict()} for p in fitted]}, indent=1))
+    if ctx.is_main:
+        (out_dir / ALBUM_FILE).write_text(json.dumps({
+            "mean_shape": shape, "skipped": stats["skipped"],
+            "photos": [{"source": p.source, "method": p.method,
+                        "landmark_error": p.landmark_error, "params": p.params.to_dict()}
+                       for p in fitted]}, indent=1))
 
     model = load_diffusionrig(checkpoint, None, "cpu", image_size)
     trainer = Trainer(model, data, out_dir, config, device, log)

@@ -10,7 +10,8 @@ its rig parameters ``<stem>.json`` per photo. ``train`` trains UNet and encoder 
 (``server.training.diffusionrig.trainer``; buffers rendered per batch in DECA's conventions),
 from the official initialisation or from ``--checkpoint``, with the same checkpoints,
 resuming and logs as stage 2. The paper trained 50000 steps at batch 32 on each of 8 GPUs
-(lr 1e-4); this entry point runs on one device.
+(lr 1e-4): ``torchrun --nproc-per-node 8 -m server.training.diffusionrig.stage1 train --batch
+256 --device cuda ...`` trains that way (``--batch`` is the global batch).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from server.models.diffusionrig_unet import UNetConfig
 from server.renderer.texture import choose_texture
 
 from server.training.diffusionrig.album import FolderData, fit_photos, list_photos, write_dataset
+from server.training import distributed
 from server.training.diffusionrig.trainer import Trainer, TrainConfig
 from server import paths
 from server.photo.cli import add_fitting_options, fitter_from_args

@@ -27,10 +27,17 @@ Run folder::
 
 A killed run resumes from its last ``state.pt`` and, on the same device, continues exactly as
 the uninterrupted run would have (same batches, noise, timesteps and dropout masks).
+
+Under torchrun (``server.training.distributed``) the UNet (and the encoder when it trains) run
+in DistributedDataParallel: every process draws the step's whole batch, timesteps and noise
+from the run's generator and trains on its slice, so N processes take the step one process
+would (dropout masks aside, which differ per process); BatchNorm layers of a training encoder
+normalise per process, as the official multi-GPU runs did. Rank 0 writes the run folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,6 +53,7 @@ from server.diffusion import NoiseSchedule
 from server.models.diffusionrig import DiffusionRig
 from server.training.progress import Progress
 from server.training.runs import lock_run_folder
+from server.training import distributed
 
 STATE_FILE, MODEL_FILE, LOG_FILE = "state.pt", "model.pt", "log.jsonl"
 COMPLETE_FILE = "complete.json"     # written after model.pt: the model is finished
@@ -124,7 +132,9 @@ class Trainer:
             raise ValueError("training data: no examples")
         self.model, self.data, self.config = model, data, config
         self.out_dir = Path(out_dir)
-        self.device = torch.device(device)
+        self.ctx = distributed.setup(device)
+        self.device = self.ctx.device
+        self.part = self.ctx.shard(config.batch_size)
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.schedule = NoiseSchedule.linear()
         self.abar = torch.as_tensor(self.schedule.alphas_cumprod, dtype=torch.float32)
@@ -134,6 +144,9 @@ class Trainer:
         model.train()
         if not config.train_encoder:
             model.encoder.requires_grad_(False).eval()
+        # The modules a step runs forward, in DDP under torchrun (one forward each per step).
+        self.unet = self.ctx.wrap(model.denoisingUNet)
+        self.encoder = self.ctx.wrap(model.encoder) if config.train_encoder else model.encoder
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=0.0)
         fp16 = config.precision == "fp16" or (config.precision == "auto"
@@ -148,7 +161,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def sample(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """Batch indices (without replacement while the data allows, as the official
-        stage 2 does), timesteps [B] and noise [B, 3, S, S], all from the run's generator."""
+        stage 2 does), timesteps [B] and noise [B, 3, S, S], all from the run's generator;
+        under torchrun this process's slice of them."""
         n, b = len(self.data), self.config.batch_size
         if b <= n:
             indices = torch.randperm(n, generator=self.generator)[:b]
@@ -156,13 +170,14 @@ class Trainer:
             indices = torch.randint(n, (b,), generator=self.generator)
         t = torch.randint(self.schedule.num_steps, (b,), generator=self.generator)
         noise = torch.randn((b, *self.image_shape), generator=self.generator)
-        return indices.tolist(), t, noise
+        part = self.part
+        return indices[part].tolist(), t[part], noise[part]
 
     def latents(self, indices: list[int], images: torch.Tensor) -> torch.Tensor:
         """z [B, latent] of a batch: from the training encoder, or, when it is frozen, looked
         up in the z of every example, encoded once."""
         if self.config.train_encoder:
-            return self.model.encode(images)
+            return self.encoder(images)
         if self._latents is None:
             chunks = []
             with torch.no_grad(), self._autocast():
@@ -176,7 +191,7 @@ class Trainer:
         """The P2-weighted eps loss of one batch (module notes); everything on the device."""
         abar = self.abar.to(self.device)[t].view(-1, 1, 1, 1)
         x_t = abar.sqrt() * images + (1 - abar).sqrt() * noise
-        eps = self.model.denoisingUNet(x_t, t, buffers, z)
+        eps = self.unet(x_t, t, buffers, z)
         weight = self.weights.to(self.device)[t].view(-1, 1, 1, 1)
         return (weight * (noise - eps.float()) ** 2).mean(dim=(1, 2, 3)).mean()
 
@@ -195,9 +210,9 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
-        return {"step": self.step, "loss": float(loss.detach()),
-                "grad_norm": float(grad_norm), "lr": self.optimizer.param_groups[0]["lr"],
-                "t": float(t.float().mean())}
+        means = self.ctx.mean({"loss": float(loss.detach()), "t": float(t.float().mean())})
+        return {"step": self.step, "loss": means["loss"], "grad_norm": float(grad_norm),
+                "lr": self.optimizer.param_groups[0]["lr"], "t": means["t"]}
 
     @torch.no_grad()
     def evaluate(self, seed: int = 1234, repeats: int = 8) -> float:
@@ -226,30 +241,35 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self, resume: bool = True) -> Path:
         """Train up to ``config.steps`` (continuing a saved run when ``resume``); returns the
-        path of ``model.pt``."""
-        with lock_run_folder(self.out_dir):
+        path of ``model.pt``. Under torchrun every process trains; the main one alone holds
+        the run folder and writes to it."""
+        main = self.ctx.is_main
+        lock = lock_run_folder(self.out_dir) if main else contextlib.nullcontext()
+        with lock:
             if resume and (self.out_dir / STATE_FILE).is_file():
                 self.load_state()
             else:
-                torch.manual_seed(self.config.seed)        # dropout masks
-                (self.out_dir / LOG_FILE).unlink(missing_ok=True)
-            self._truncate_log()
-            if self.step < self.config.steps:
+                torch.manual_seed(self.config.seed + self.ctx.rank)     # dropout masks
+                if main:
+                    (self.out_dir / LOG_FILE).unlink(missing_ok=True)
+            if main:
+                self._truncate_log()
+            if main and self.step < self.config.steps:
                 # The folder's model changes from here on: until the run finishes there is
                 # no model.pt for the server (or anyone) to pick up half-trained.
                 (self.out_dir / COMPLETE_FILE).unlink(missing_ok=True)
                 (self.out_dir / MODEL_FILE).unlink(missing_ok=True)
             self._train()
-            if not (self.out_dir / COMPLETE_FILE).is_file():
+            if main and not (self.out_dir / COMPLETE_FILE).is_file():
                 _atomic_save(self.model.state_dict(), self.out_dir / MODEL_FILE)
                 (self.out_dir / COMPLETE_FILE).write_text(json.dumps(
                     {"steps": self.step, "config": asdict(self.config)}, indent=2))
         return self.out_dir / MODEL_FILE
 
     def _train(self) -> None:
-        total = self.config.steps
-        bar = Progress(total, self.out_dir.name, start=self.step, unit="step")
-        with open(self.out_dir / LOG_FILE, "a") as log_file:
+        main, total = self.ctx.is_main, self.config.steps
+        bar = Progress(total, self.out_dir.name, start=self.step, enabled=main, unit="step")
+        with open(self.out_dir / LOG_FILE if main else os.devnull, "a") as log_file:
             while self.step < total:
                 t0 = time.monotonic()
                 record = self.train_step()
@@ -271,6 +291,14 @@ class Trainer:
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.ctx.distributed:                   # each process's dropout state
+            ranks: list = [None] * self.ctx.world
+            torch.distributed.all_gather_object(ranks, (rng["torch"], rng.get("cuda")))
+            rng["torch_ranks"] = [r[0] for r in ranks]
+            if "cuda" in rng:
+                rng["cuda_ranks"] = [r[1] for r in ranks]
+        if not self.ctx.is_main:
+            return
         state = {"step": self.step, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": rng, "config": asdict(self.config)}
@@ -287,10 +315,13 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["rng"]["generator"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        rng = state["rng"]
+        self.generator.set_state(rng["generator"])
+        mine = self.ctx.rank if len(rng.get("torch_ranks", ())) == self.ctx.world else None
+        torch.set_rng_state(rng["torch"] if mine is None else rng["torch_ranks"][mine])
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"] if mine is None else rng["cuda_ranks"][mine],
+                                     self.device)
         self.step = int(state["step"])
 
     def _truncate_log(self) -> None:

@@ -16,6 +16,7 @@ from server.models.rignet import MODES
 from server.training.runs import RunFolderBusy, check_device
 
 from server.training.stylerig.corpus import CorpusSettings
+from server.training import distributed
 
 
 def _fields(cls, args, exclude=()) -> dict:
@@ -26,8 +27,9 @@ def _fields(cls, args, exclude=()) -> dict:
 
 def _add_training_options(p, defaults) -> None:
     p.add_argument("--corpus", required=True, help="corpus folder (the corpus stage's --out)")
-    p.add_argument("--run", required=True, help="run folder: checkpoints, logs, previews; "
-                   "an existing run resumes")
+    # --run-dir: torchrun's own parser refuses "--run" (a prefix of its --run-path).
+    p.add_argument("--run-dir", "--run", dest="run", required=True,
+                   help="run folder: checkpoints, logs, previews; an existing run resumes")
     p.add_argument("--face-model", dest="face_model", default=defaults.face_model,
                    help="'demo' or a FLAME .pkl / FaceData .npz file")
     p.add_argument("--embedding", default=None, help="landmark embedding file (DECA's "
@@ -201,4 +203,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
+        distributed.teardown()
     return 0

@@ -13,6 +13,7 @@ Layout of ``run_dir``:
 
 ``step`` always counts completed optimiser steps. On resume the log is cut back to the
 checkpoint's step, so records of steps that are about to be redone do not appear twice.
+Under torchrun every process reads the folder and only rank 0 writes it (``writable``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "preview_every")
 
 
 class RunDir:
-    def __init__(self, path, settings):
+    def __init__(self, path, settings, writable: bool = True):
         self.path = Path(path)
-        self.lock = lock_run_folder(self.path)      # held for the rest of the process
-        (self.path / "previews").mkdir(exist_ok=True)
+        self.writable = writable
+        if writable:
+            self.lock = lock_run_folder(self.path)  # held for the rest of the process
+            (self.path / "previews").mkdir(exist_ok=True)
         self.settings = json.loads(json.dumps(dataclasses.asdict(settings)))  # as stored
         self._check_settings()
         self.log_path = self.path / "log.jsonl"
@@ -53,7 +56,8 @@ class RunDir:
                     raise ValueError(f"{self.path}: this run was started with {key}="
                                      f"{previous.get(key)!r}, now {key}={self.settings.get(key)!r}"
                                      "; use a new run folder or the original setting")
-        _atomic_write_text(path, json.dumps(self.settings, indent=2))
+        if self.writable:
+            _atomic_write_text(path, json.dumps(self.settings, indent=2))
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -92,6 +96,8 @@ class RunDir:
             return [json.loads(line) for line in fh if line.strip()]
 
     def _truncate_log(self, step: int) -> None:
+        if not self.writable:
+            return
         kept = [r for r in self.records() if r["step"] <= step]
         _atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
 

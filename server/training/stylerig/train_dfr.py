@@ -21,6 +21,7 @@ import torch
 from server.models.dfr import FaceParamLayout, FaceReconstructionNet
 from server.checkpoints.stylerig import save_dfr
 
+from server.training import distributed
 from server.training.stylerig.data import TrainingData, load_face
 from server.training.stylerig.face_render import FaceRenderer
 from server.training.stylerig.losses import RenderLoss, RenderLossWeights, prior_terms
@@ -92,8 +93,10 @@ def train_dfr(corpus_dir, run_dir, settings: DFRSettings, device="cpu",
               progress: bool = True) -> FaceReconstructionNet:
     """Train (or resume training) F; returns it. Writes the run folder (``run``) and
     ``dfr.safetensors`` there."""
-    device = torch.device(device)
-    run = RunDir(run_dir, settings)
+    ctx = distributed.setup(device)
+    device = ctx.device
+    part = ctx.shard(settings.batch_size)
+    run = RunDir(run_dir, settings, writable=ctx.is_main)
     data = TrainingData(corpus_dir)
     if data.landmark_source == "synthetic":
         print("warning: training on synthetic landmarks (a test setting, not real landmarks)")
@@ -118,12 +121,13 @@ def train_dfr(corpus_dir, run_dir, settings: DFRSettings, device="cpu",
         step = int(state["step"])
 
     preview_indices = data.usable[:4]
-    bar = Progress(settings.steps, "dfr", start=step, enabled=progress)
+    model = ctx.wrap(net)                     # DistributedDataParallel under torchrun
+    bar = Progress(settings.steps, "dfr", start=step, enabled=progress and ctx.is_main)
     try:
         while step < settings.steps:
-            indices = data.batch(settings.seed, step, settings.batch_size)
+            indices = data.batch(settings.seed, step, settings.batch_size)[part]
             target = data.targets(indices, size, device)
-            p = net(data.w(indices, device))
+            p = model(data.w(indices, device))
             terms, _ = loss_fn.terms(p, target)
             terms.update(prior_terms(p, settings.w_shape, settings.w_expression,
                                      settings.w_albedo))
@@ -137,14 +141,17 @@ def train_dfr(corpus_dir, run_dir, settings: DFRSettings, device="cpu",
                       **{k: float(v.detach()) for k, v in terms.items()}}
             bar.update(1, loss=values["loss"])
             if due(step, settings.log_every, settings.steps):
-                run.log(step, values)
-            if due(step, settings.preview_every, settings.steps):
+                values = ctx.mean(values)
+                if ctx.is_main:
+                    run.log(step, values)
+            if ctx.is_main and due(step, settings.preview_every, settings.steps):
                 write_preview(run.preview_path(step), net, data, loss_fn, preview_indices,
                               device)
-            if due(step, settings.checkpoint_every, settings.steps):
+            if ctx.is_main and due(step, settings.checkpoint_every, settings.steps):
                 checkpoint(run, step, net, optimizer, data, face)
     except KeyboardInterrupt:
-        checkpoint(run, step, net, optimizer, data, face)
+        if ctx.is_main:
+            checkpoint(run, step, net, optimizer, data, face)
         raise
     finally:
         bar.close()

@@ -23,6 +23,9 @@ previews. Optimiser: AdaDelta, as in the paper.
 
 Before the first step RigNet's control standardisation is set from F's controls over the
 corpus (``RigNet.set_control_statistics``).
+
+Under torchrun each process trains on its slice of every step's pairs with DDP
+(``server.training.distributed``): the same result as one process at the same batch size.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from server.checkpoints.stylerig import load_dfr
 from server.models.rignet import MODES, RigNet, mix_controls
 from server.checkpoints.stylerig import save_rignet
 
+from server.training import distributed
 from server.training.stylerig.corpus import to_pipeline_images
 from server.training.stylerig.data import MODE_STREAM, PARTNER_STREAM, TrainingData, load_face, step_rng
 from server.training.stylerig.face_render import FaceRenderer
@@ -83,7 +87,8 @@ class RigNetSettings:
 class Pairs:
     """The pairs and modes of one step: ``w_index``, ``v_index`` [B] and ``modes`` [B]."""
 
-    def __init__(self, data: TrainingData, settings: RigNetSettings, step: int):
+    def __init__(self, data: TrainingData, settings: RigNetSettings, step: int,
+                 part: slice = slice(None)):
         b = settings.batch_size
         self.w_index = data.batch(settings.seed, step, b)
         partners = data.batch(settings.seed, step, b, PARTNER_STREAM)
@@ -95,14 +100,18 @@ class Pairs:
         self.v_index = partners
         rng = step_rng(settings.seed, step, MODE_STREAM)
         self.modes = [settings.modes[i] for i in rng.integers(0, len(settings.modes), b)]
+        # This process's pairs (``part`` of the step's batch, distributed training).
+        self.w_index, self.v_index = self.w_index[part], self.v_index[part]
+        self.modes = self.modes[part]
 
 
 class RigNetObjective:
-    """The losses of one batch (see the module notes)."""
+    """The losses of one batch (see the module notes). ``rignet`` may be RigNet in
+    DistributedDataParallel."""
 
-    def __init__(self, rignet: RigNet, dfr, loss: RenderLoss, settings: RigNetSettings):
+    def __init__(self, rignet, dfr, loss: RenderLoss, settings: RigNetSettings):
         self.rignet, self.dfr, self.loss, self.settings = rignet, dfr, loss, settings
-        self.layout = rignet.layout
+        self.layout = getattr(rignet, "module", rignet).layout
 
     def __call__(self, w: torch.Tensor, v: torch.Tensor, target_w: Targets, target_v: Targets,
                  modes: list[str]) -> dict[str, torch.Tensor]:
@@ -151,8 +160,10 @@ def train_rignet(corpus_dir, run_dir, settings: RigNetSettings, device="cpu",
     """Train (or resume training) RigNet; writes the run folder and ``rignet.safetensors``.
     ``generator`` (default: the corpus' generator, if the file is there) is used for the
     preview images only."""
-    device = torch.device(device)
-    run = RunDir(run_dir, settings)
+    ctx = distributed.setup(device)
+    device = ctx.device
+    part = ctx.shard(settings.batch_size)
+    run = RunDir(run_dir, settings, writable=ctx.is_main)
     data = TrainingData(corpus_dir)
     dfr, meta = load_dfr(settings.dfr, device)
     face, embedding = load_face(settings.face_model, settings.embedding)
@@ -181,8 +192,8 @@ def train_rignet(corpus_dir, run_dir, settings: RigNetSettings, device="cpu",
         rignet.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
-    objective = RigNetObjective(rignet, dfr, loss, settings)
-    G = _preview_generator(generator, data, device)
+    objective = RigNetObjective(ctx.wrap(rignet), dfr, loss, settings)
+    G = _preview_generator(generator, data, device) if ctx.is_main else None
     # File names, not paths (they move); the generator is identified by its fingerprint.
     manifest = data.corpus.manifest
     metadata = {"corpus": Path(data.corpus.root).name, "dfr": Path(settings.dfr).name,
@@ -191,10 +202,10 @@ def train_rignet(corpus_dir, run_dir, settings: RigNetSettings, device="cpu",
                 "face_model": face.name, "face_vertices": str(face.n_vertices),
                 "modes": ",".join(settings.modes)}
 
-    bar = Progress(settings.steps, "rignet", start=step, enabled=progress)
+    bar = Progress(settings.steps, "rignet", start=step, enabled=progress and ctx.is_main)
     try:
         while step < settings.steps:
-            pairs = Pairs(data, settings, step)
+            pairs = Pairs(data, settings, step, part)
             terms = objective(data.w(pairs.w_index, device), data.w(pairs.v_index, device),
                               data.targets(pairs.w_index, size, device),
                               data.targets(pairs.v_index, size, device), pairs.modes)
@@ -205,14 +216,17 @@ def train_rignet(corpus_dir, run_dir, settings: RigNetSettings, device="cpu",
             values = {k: float(v.detach()) for k, v in terms.items()}
             bar.update(1, loss=values["loss"])
             if due(step, settings.log_every, settings.steps):
-                run.log(step, values)
-            if due(step, settings.preview_every, settings.steps):
+                values = ctx.mean(values)
+                if ctx.is_main:
+                    run.log(step, values)
+            if ctx.is_main and due(step, settings.preview_every, settings.steps):
                 write_preview(run.preview_path(step), rignet, dfr, data, loss, settings, G,
                               device)
-            if due(step, settings.checkpoint_every, settings.steps):
+            if ctx.is_main and due(step, settings.checkpoint_every, settings.steps):
                 _checkpoint(run, step, rignet, optimizer, metadata)
     except KeyboardInterrupt:
-        _checkpoint(run, step, rignet, optimizer, metadata)
+        if ctx.is_main:
+            _checkpoint(run, step, rignet, optimizer, metadata)
         raise
     finally:
         bar.close()
