@@ -29,7 +29,6 @@ from server.models.diffusionrig_unet import UNetConfig
 from server.renderer.texture import choose_texture
 
 from server.training.diffusionrig.album import FolderData, fit_photos, list_photos, write_dataset
-from server.training import distributed
 from server.training.diffusionrig.trainer import Trainer, TrainConfig
 from server import paths
 from server.photo.cli import add_fitting_options, fitter_from_args
