@@ -34,6 +34,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)                    # mkstemp makes it private
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

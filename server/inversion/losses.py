@@ -56,7 +56,7 @@ class ReconstructionLosses:
         self.device = torch.device(device)
         self.weights, self.lpips, self.descriptor = weights, lpips, descriptor
         self.landmark_every = landmark_every
-        self.photo = torch.from_numpy(photo).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
+        self.photo = torch.from_numpy(np.array(photo)).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
         self.landmarks = np.asarray(landmarks, dtype=np.float64)
         self.photo_rgb = np.ascontiguousarray(photo)
         self._targets: dict[int, torch.Tensor] = {}
@@ -121,10 +121,10 @@ class ReconstructionLosses:
                                               self.landmarks * size / CROP)
             terms["landmarks"] = (small - self._warped).square().mean()
             total = total + w.landmarks * terms["landmarks"]
-        values = {k: float(v) for k, v in terms.items()}
+        values = {k: v.item() for k, v in terms.items()}
         if w.landmarks:
             values["landmark_error"] = self.landmark_error
-        values["total"] = float(total)
+        values["total"] = total.item()
         return total, values
 
 
