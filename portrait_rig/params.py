@@ -268,12 +268,11 @@ class Appearance:
             app.seed = seed
         if "truncation" in data:
             app.truncation = _number(f"{path}.truncation", data["truncation"], 2.0)
-        for name in ("latent_file", "reference_photo"):
+        for name in ("latent_file", "reference_photo", "personal_model"):
             if name in data:
                 setattr(app, name, _optional_str(f"{path}.{name}", data[name]))
-        for name in ("personal_model", "identity"):
-            if name in data:
-                setattr(app, name, _name(f"{path}.{name}", data[name]))
+        if "identity" in data:
+            app.identity = _name(f"{path}.identity", data["identity"])
         if data.get("edits") is not None:
             edits = data["edits"]
             if not isinstance(edits, dict) or len(edits) > MAX_EDITS:

@@ -92,7 +92,7 @@ def test_unknown_directions_and_bad_appearance_are_refused(setup):
                         ({"edits": {"../x": 1.0}}, "appearance.edits"),
                         ({"edits": [1, 2]}, "appearance.edits"),
                         ({"identity": "a/b"}, "appearance.identity"),
-                        ({"personal_model": ".."}, "appearance.personal_model")):
+                        ({"identity": ".."}, "appearance.identity")):
         with pytest.raises(ParamError) as error:
             Appearance.from_dict(data)
         assert error.value.field == field
