@@ -47,6 +47,7 @@ from server import paths
 STATE, LOG, RECORD, PREVIEW, PIVOT = ("pti_state.pt", "pti_log.jsonl", "pti.json",
                                       "preview.png", "pivot.npz")
 LPIPS_THRESHOLD = 0.06
+PIVOT_STEPS = 450            # PTI's first_inv_steps: the W pivot without an encoder
 LOCALITY_ALPHA, LOCALITY_PSI, LOCALITY_WEIGHT = 30.0, 0.5, 0.1
 
 
@@ -91,7 +92,7 @@ def run(args) -> dict:
     from server.checkpoints.encoders import load_encoder
     from server.checkpoints.stylegan import load_generator
     from server.inversion.identities import write_atomic
-    from server.inversion.invert import DEFAULT_STEPS, PhotoInverter
+    from server.inversion.invert import PhotoInverter
     from server.models.lpips import load_lpips
 
     photo = Path(args.photo).expanduser().read_bytes()
@@ -113,7 +114,7 @@ def run(args) -> dict:
     lpips_files = paths.lpips_files()
     lpips = load_lpips(*lpips_files, device=device) if lpips_files else None
     pivot_steps = args.pivot_steps if args.pivot_steps is not None else \
-        (0 if encoder is not None else DEFAULT_STEPS + 150)
+        (0 if encoder is not None else PIVOT_STEPS)
     settings = {"photo_sha256": hashlib.sha256(photo).hexdigest(),
                 "generator": str(generator_path), "encoder": str(encoder_path) if encoder else None,
                 "pivot_steps": pivot_steps, "steps": args.steps, "lr": args.lr,
