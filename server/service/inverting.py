@@ -12,6 +12,7 @@ server has.
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from dataclasses import dataclass
@@ -105,8 +106,10 @@ class InvertService:
                 lpips_files = paths.lpips_files()
                 lpips = load_lpips(*lpips_files, device=self.device) if lpips_files else None
                 self._inverter = PhotoInverter(G, encoder, lpips)
-            except (EncoderCheckpointError, ValueError, OSError) as exc:
-                raise FitError(protocol.E_INVERT_FAILED, str(exc)) from None
+            except (EncoderCheckpointError, ValueError, KeyError, OSError,
+                    pickle.UnpicklingError) as exc:
+                raise FitError(protocol.E_INVERT_FAILED, f"{self.generator_path()}: {exc}") \
+                    from None
         return self._inverter
 
     def invert(self, request: InvertRequest, photo: bytes, on_preview=None,
