@@ -106,8 +106,9 @@ class InvertService:
                 lpips_files = paths.lpips_files()
                 lpips = load_lpips(*lpips_files, device=self.device) if lpips_files else None
                 self._inverter = PhotoInverter(G, encoder, lpips)
-            except (EncoderCheckpointError, ValueError, KeyError, OSError,
-                    pickle.UnpicklingError) as exc:
+            except EncoderCheckpointError as exc:        # names the encoder file
+                raise FitError(protocol.E_INVERT_FAILED, str(exc)) from None
+            except (ValueError, KeyError, OSError, pickle.UnpicklingError) as exc:
                 raise FitError(protocol.E_INVERT_FAILED, f"{self.generator_path()}: {exc}") \
                     from None
         return self._inverter
