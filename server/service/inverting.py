@@ -100,17 +100,18 @@ class InvertService:
                 raise FitError(protocol.E_INVERT_FAILED, problem)
             try:
                 G = load_generator(self.generator_path(), self.device)
+            except (ValueError, KeyError, OSError, pickle.UnpicklingError) as exc:
+                raise FitError(protocol.E_INVERT_FAILED, f"{self.generator_path()}: {exc}") \
+                    from None
+            try:                                  # these errors name their own files
                 encoder = None
                 if paths.stylegan_encoder().is_file():
                     encoder = load_encoder(paths.stylegan_encoder(), self.device)
                 lpips_files = paths.lpips_files()
                 lpips = load_lpips(*lpips_files, device=self.device) if lpips_files else None
                 self._inverter = PhotoInverter(G, encoder, lpips)
-            except EncoderCheckpointError as exc:        # names the encoder file
+            except (EncoderCheckpointError, ValueError, OSError) as exc:
                 raise FitError(protocol.E_INVERT_FAILED, str(exc)) from None
-            except (ValueError, KeyError, OSError, pickle.UnpicklingError) as exc:
-                raise FitError(protocol.E_INVERT_FAILED, f"{self.generator_path()}: {exc}") \
-                    from None
         return self._inverter
 
     def invert(self, request: InvertRequest, photo: bytes, on_preview=None,
