@@ -115,3 +115,18 @@ def test_invert_and_identity_errors_name_the_problem(served):
         frame_of(client, {"identity": "astronaut", "edits": {"beard": 1.0}})
     assert "no edit direction named 'beard'" in error.value.message
     assert client.ping() < 5.0
+
+
+def test_an_encoder_file_of_the_wrong_kind_is_reported(tmp_path):
+    G = random_generator(SMALL_SG3_R, seed=3)
+    (tmp_path / "stylegan").mkdir()
+    write_nvidia_pickle(tmp_path / "stylegan" / "generator.pkl", G)
+    torch.save({"g_ema": {}, "latent_avg": torch.zeros(8)}, tmp_path / "stylegan" / "encoder.pt")
+    with ServerProcess("--backend", "stylerig", "--model", "demo", "--quiet",
+                       env={"PORTRAIT_RIG_HOME": str(tmp_path)}) as server, \
+            Client(server.host, server.port, timeout=60.0) as client:
+        with pytest.raises(ServerError) as error:
+            client.invert(encoded(skimage_data.astronaut()), "x", steps=2)
+        assert error.value.code == "invert_failed"
+        assert "encoder.pt: not an encoder checkpoint" in error.value.message
+        assert client.ping() < 5.0
