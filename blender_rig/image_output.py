@@ -68,15 +68,15 @@ def frame_to_rgba(pixels, width: int, height: int, channels: int) -> np.ndarray:
     return out
 
 
-def ensure_image(width: int, height: int) -> bpy.types.Image:
-    """The "Portrait Rig" image at the given size (created or resized as needed)."""
-    image = bpy.data.images.get(IMAGE_NAME)
+def ensure_image(width: int, height: int, name: str = IMAGE_NAME) -> bpy.types.Image:
+    """The image ``name`` ("Portrait Rig") at the given size (created or resized as needed)."""
+    image = bpy.data.images.get(name)
     if image is not None and (image.source != 'GENERATED' or not image.is_float):
         # Someone replaced it with a file image or a byte image: start over.
         bpy.data.images.remove(image)
         image = None
     if image is None:
-        image = bpy.data.images.new(IMAGE_NAME, width, height, alpha=True, float_buffer=True)
+        image = bpy.data.images.new(name, width, height, alpha=True, float_buffer=True)
         image.alpha_mode = 'STRAIGHT'
     elif tuple(image.size) != (width, height):
         image.scale(width, height)
@@ -85,14 +85,14 @@ def ensure_image(width: int, height: int) -> bpy.types.Image:
     return image
 
 
-def write_frame(frame) -> bpy.types.Image:
-    """Copy a ``portrait_rig.client.Frame`` (rgb8 / rgba8) into the image."""
+def write_frame(frame, name: str = IMAGE_NAME) -> bpy.types.Image:
+    """Copy a ``portrait_rig.client.Frame`` (rgb8 / rgba8) into the image ``name``."""
     channels = _CHANNELS.get(frame.format)
     if channels is None:
         raise ValueError(f"frame format {frame.format!r} cannot be shown; "
                          f"the live link asks for {', '.join(_CHANNELS)}")
     rgba = frame_to_rgba(frame.pixels, frame.width, frame.height, channels)
-    image = ensure_image(frame.width, frame.height)
+    image = ensure_image(frame.width, frame.height, name)
     image.pixels.foreach_set(rgba.ravel())
     image.update()
     return image

@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import bpy
-from bpy.props import (BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty,
-                       StringProperty)
+from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty,
+                       IntProperty, PointerProperty, StringProperty)
 
 from . import live_link, rig_builder
 
@@ -78,6 +78,15 @@ def _settings_changed(self, context) -> None:
     live_link.request_resend(scene)
 
 
+class PortraitRigEdit(bpy.types.PropertyGroup):
+    """One latent edit slider (``appearance.edits``): a direction the server offers."""
+    # ``name`` (the direction's) is PropertyGroup's own property.
+    value: FloatProperty(
+        name="Strength", default=0.0, soft_min=-5.0, soft_max=5.0, min=-100.0, max=100.0,
+        update=_settings_changed,
+        description="How far the identity moves along this edit direction (keyframeable)")
+
+
 class PortraitRigAppearance(bpy.types.PropertyGroup):
     """Identity / appearance controls of one rig; each backend reads what it understands."""
 
@@ -101,6 +110,10 @@ class PortraitRigAppearance(bpy.types.PropertyGroup):
     personal_model: StringProperty(
         name="Personal Model", default="", update=_settings_changed,
         description="Name of a personalised checkpoint known to the server")
+    identity: StringProperty(
+        name="Identity", default="", update=_settings_changed,
+        description="Name of an identity the server inverted from a photo (StyleGAN)")
+    edits: CollectionProperty(type=PortraitRigEdit)
 
     def to_dict(self) -> dict:
         """``RigParams.appearance`` fields. File paths are made absolute (Blender's ``//``
@@ -111,7 +124,10 @@ class PortraitRigAppearance(bpy.types.PropertyGroup):
                 "truncation": round(self.truncation, 6),
                 "latent_file": path(self.latent_file),
                 "reference_photo": path(self.reference_photo),
-                "personal_model": self.personal_model or None}
+                "personal_model": self.personal_model or None,
+                "identity": self.identity or None,
+                "edits": {edit.name: round(edit.value, 6) for edit in self.edits
+                          if edit.name and edit.value}}
 
 
 class PortraitRigSceneSettings(bpy.types.PropertyGroup):
@@ -143,7 +159,7 @@ class PortraitRigSceneSettings(bpy.types.PropertyGroup):
                     "frame")
 
 
-CLASSES = (PortraitRigAppearance, PortraitRigSceneSettings)
+CLASSES = (PortraitRigEdit, PortraitRigAppearance, PortraitRigSceneSettings)
 
 
 def register():

@@ -176,8 +176,8 @@ class Client:
         return next(self._ids)
 
     def send(self, header: dict, payload: bytes = b"") -> None:
-        """Send one message; only ``protocol.CLIENT_PAYLOAD_TYPES`` (``fit``) carry a
-        ``payload``."""
+        """Send one message; only ``protocol.CLIENT_PAYLOAD_TYPES`` (``fit``, ``invert``)
+        carry a ``payload``."""
         if self._sock is None:
             raise ConnectionError("not connected")
         data = protocol.encode_header(header, len(payload))
@@ -259,6 +259,46 @@ class Client:
         reply = self._wait_for(rid, max(60.0, self.timeout) if timeout is None else timeout)
         return reply.header
 
+    def send_invert(self, photo: bytes, name: str, *, method: str | None = None,
+                    steps: int | None = None, space: str | None = None, seed: int | None = None,
+                    previews: bool = False, format: str = "png", id=None) -> object:
+        """Queue an ``invert`` request (docs/protocol.md, "Identities") without waiting;
+        returns its id. The server stores the result as identity ``name``."""
+        if not isinstance(photo, (bytes, bytearray, memoryview)) or not len(photo):
+            raise ValueError("photo: expected the non-empty bytes of a PNG or JPEG file")
+        if len(photo) > protocol.MAX_CLIENT_PAYLOAD:
+            raise ValueError(f"photo: {len(photo)} bytes exceed the server's limit of "
+                             f"{protocol.MAX_CLIENT_PAYLOAD}")
+        rid = self.next_id() if id is None else id
+        header = {"type": "invert", "id": rid, "name": name, "format": format}
+        for key, value in (("method", method), ("steps", steps), ("space", space),
+                           ("seed", seed)):
+            if value is not None:
+                header[key] = value
+        if previews:
+            header["previews"] = True
+        self.send(header, bytes(photo))
+        return rid
+
+    def invert(self, photo: bytes, name: str, *, on_preview=None, timeout: float | None = None,
+               **options) -> dict:
+        """Invert a portrait photo into identity ``name`` and wait for the ``invert`` reply
+        (``method``, ``roll``, ``shift``, ``metrics``...). ``on_preview(Preview)`` is called
+        with each streamed preview (asking for them); options as ``send_invert``.
+        ``timeout`` defaults to max(600 s, the client's timeout): inversion on a CPU takes
+        minutes. Raises ServerError (``no_face``, ``invert_failed``, ``bad_message``)."""
+        rid = self.send_invert(photo, name, previews=on_preview is not None, **options)
+        reply = self._wait_for(rid, max(600.0, self.timeout) if timeout is None else timeout,
+                               on_preview)
+        return reply.header
+
+    def identities(self) -> dict:
+        """The server's identities, edit directions and personal models (the
+        ``identities`` reply)."""
+        rid = self.next_id()
+        self.send({"type": "identities", "id": rid})
+        return self._wait_for(rid).header
+
     def ping(self) -> float:
         """Round-trip time of a ping, in seconds."""
         rid = self.next_id()
@@ -286,9 +326,10 @@ class Client:
         readable, _, _ = select.select([self._sock], [], [], timeout)
         return bool(readable)
 
-    def _wait_for(self, rid, timeout: float | None = None):
+    def _wait_for(self, rid, timeout: float | None = None, on_preview=None):
         """Read replies until the one for ``rid`` (within ``timeout``, default the
-        client's); others are kept for ``receive``."""
+        client's); others are kept for ``receive``. Previews of ``rid`` go to
+        ``on_preview`` (or are dropped)."""
         mine = [r for r in self._pending if _reply_id(r) == rid]
         if mine:                                    # a blocking call wants the final reply
             self._pending = deque(r for r in self._pending if _reply_id(r) != rid)
@@ -299,6 +340,8 @@ class Client:
         while True:
             reply = self._read_reply(max(deadline - time.monotonic(), 1e-3))
             if _reply_id(reply) == rid and isinstance(reply, Preview):
+                if on_preview is not None:
+                    on_preview(reply)
                 continue
             if _reply_id(reply) == rid:
                 return _raise_errors(reply)

@@ -39,6 +39,8 @@ MAX_TRANSLATION = 100.0   # metres
 MAX_SH = 1e5            # HDR environments with a sun reach the thousands
 MAX_ORTHO_SCALE = 1000.0
 MAX_ORTHO_OFFSET = 100.0
+MAX_EDITS = 64            # latent edit sliders per rig
+MAX_EDIT = 100.0          # edit strengths (InterFaceGAN's useful range is about +-5)
 
 POSE_JOINTS = ("global", "neck", "jaw", "eye_left", "eye_right")
 
@@ -95,6 +97,17 @@ def _optional_str(path: str, value: Any) -> str | None:
         raise ParamError(path, f"expected a string or null, got {type(value).__name__}")
     if len(value) > 4096:
         raise ParamError(path, "string longer than 4096 characters")
+    return value
+
+
+def _name(path: str, value: Any) -> str | None:
+    """A server-side name (identity, edit direction): 1-64 letters, digits, '.', '_', '-'."""
+    value = _optional_str(path, value)
+    if value is not None and (not 1 <= len(value) <= 64 or ".." in value or value[0] in "._-"
+                              or not all(c.isascii() and (c.isalnum() or c in "._-")
+                                         for c in value)):
+        raise ParamError(path, f"{value!r} is not a name (1-64 letters, digits, '.', '_' or "
+                               "'-', not starting with punctuation)")
     return value
 
 
@@ -225,17 +238,24 @@ class Lighting:
 class Appearance:
     """Backend-specific identity / appearance controls. Backends read what they understand:
     ``seed`` and ``truncation`` (StyleGAN), ``latent_file`` (a saved latent), ``reference_photo``
-    (DiffusionRig's global latent), ``personal_model`` (a personalised checkpoint by name)."""
+    (DiffusionRig's global latent), ``personal_model`` (a personalised checkpoint by name),
+    ``identity`` (a photo inverted on the server, by name) and ``edits`` (StyleGAN: strength
+    of each named latent edit direction the server offers, e.g. ``{"age": 2.0}``)."""
     seed: int | None = None
     truncation: float = 0.7
     latent_file: str | None = None
     reference_photo: str | None = None
     personal_model: str | None = None
+    identity: str | None = None
+    edits: dict[str, float] = field(default_factory=dict)
 
-    KEYS = ("seed", "truncation", "latent_file", "reference_photo", "personal_model")
+    KEYS = ("seed", "truncation", "latent_file", "reference_photo", "personal_model",
+            "identity", "edits")
 
     def to_dict(self) -> dict:
-        return {name: getattr(self, name) for name in self.KEYS}
+        out = {name: getattr(self, name) for name in self.KEYS}
+        out["edits"] = dict(self.edits)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "appearance") -> "Appearance":
@@ -251,6 +271,16 @@ class Appearance:
         for name in ("latent_file", "reference_photo", "personal_model"):
             if name in data:
                 setattr(app, name, _optional_str(f"{path}.{name}", data[name]))
+        if "identity" in data:
+            app.identity = _name(f"{path}.identity", data["identity"])
+        if data.get("edits") is not None:
+            edits = data["edits"]
+            if not isinstance(edits, dict) or len(edits) > MAX_EDITS:
+                raise ParamError(f"{path}.edits", f"expected an object of at most {MAX_EDITS} "
+                                                  "direction names and strengths")
+            app.edits = {_name(f"{path}.edits", key): _number(f"{path}.edits.{key}", value,
+                                                              MAX_EDIT)
+                         for key, value in edits.items()}
         return app
 
 

@@ -57,9 +57,11 @@ E_SHUTTING_DOWN = "shutting_down"
 E_INTERNAL = "internal_error"        # the server failed handling the request; it keeps serving
 E_NO_FACE = "no_face"                # fit: no face found in the photo
 E_FIT_FAILED = "fit_failed"          # fit: the server cannot fit (fitting files or dlib missing)
+E_INVERT_FAILED = "invert_failed"    # invert: the server cannot invert (generator or encoder)
 
-# The only client messages that carry a payload: ``fit`` (the photo's PNG/JPEG bytes).
-CLIENT_PAYLOAD_TYPES = ("fit",)
+# The only client messages that carry a payload: ``fit`` and ``invert`` (a photo's PNG/JPEG
+# bytes).
+CLIENT_PAYLOAD_TYPES = ("fit", "invert")
 
 
 class ProtocolError(Exception):

@@ -81,3 +81,18 @@ def quaternion_to_matrix(quaternion) -> np.ndarray:
         [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
         [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
     ])
+
+
+def split_roll(rotation: np.ndarray) -> tuple[np.ndarray, float]:
+    """(swing axis-angle [3], roll radians) of a camera-frame rotation, roll about z first
+    applied last: rotation = R_z(roll) @ R(swing)."""
+    # Swing-twist split about z: the twist angle is 2 atan2(q_z, q_w) of the rotation's
+    # quaternion, which is this atan2 of matrix entries.
+    roll = math.atan2(rotation[1, 0] - rotation[0, 1], rotation[0, 0] + rotation[1, 1])
+    return matrix_to_axis_angle(roll_matrix(-roll) @ rotation), roll
+
+
+def roll_matrix(angle: float) -> np.ndarray:
+    """[3, 3] rotation by ``angle`` radians about z (counter-clockwise seen from +z)."""
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])

@@ -14,6 +14,19 @@ Everything lives under one folder, ``$PORTRAIT_RIG_HOME`` (default ``~/.portrait
                                          network pickle; generator.pt, rosinality's format, or
                                          generator.safetensors, our export, also accepted)
         stylerig/rignet.safetensors      RigNet trained for that generator (optional)
+        stylegan/encoder.pt              photo encoder for that generator (optional: e4e or
+                                         ReStyle, official checkpoint renamed)
+        stylegan/directions/<name>.npy   latent edit directions (InterFaceGAN boundaries,
+                                         stylegan3-editing's; StyleSpace directions)
+        lpips/vgg16-397923af.pth, lpips/vgg.pth
+                                         LPIPS's backbone (torchvision) and calibration (the
+                                         lpips package): the perceptual loss of inversion and
+                                         pivotal tuning (optional; AlexNet's pair also works)
+        identities/<name>/latent.npz     identities inverted from photos (W+ 'w'), with
+                                         identity.json and preview.png; written by the server
+        personal/<name>/generator.safetensors
+                                         StyleGAN generators tuned to one photo (pivotal
+                                         tuning), with pivot.npz; ``appearance.personal_model``
 
 Backend options (``portrait-rig-server --option diffusionrig.checkpoint=FILE``,
 ``--option stylerig.generator=FILE``) override the defaults. Personal model names are plain
@@ -102,6 +115,60 @@ def deca_model() -> Path:
 def landmark_embedding() -> Path:
     """Default FLAME landmark embedding for photo fitting: ``flame/landmark_embedding.npy``."""
     return home() / "flame" / "landmark_embedding.npy"
+
+
+def stylegan_encoder() -> Path:
+    """Default photo encoder of the stylegan generator: ``stylegan/encoder.pt``."""
+    return home() / "stylegan" / "encoder.pt"
+
+
+def directions_dir() -> Path:
+    """Latent edit directions of the stylegan generator: ``stylegan/directions/``."""
+    return home() / "stylegan" / "directions"
+
+
+LPIPS_FILES = {"vgg": ("vgg16-397923af.pth", "vgg.pth"),
+               "alex": ("alexnet-owt-7be5be79.pth", "alex.pth")}
+
+
+def lpips_files() -> tuple[Path, Path] | None:
+    """(backbone, calibration) of the first LPIPS pair present under ``lpips/`` (VGG first,
+    PTI's projection loss), or None."""
+    for backbone, calibration in LPIPS_FILES.values():
+        pair = home() / "lpips" / backbone, home() / "lpips" / calibration
+        if all(p.is_file() for p in pair):
+            return pair
+    return None
+
+
+def identities_dir() -> Path:
+    return home() / "identities"
+
+
+def identity_dir(name: str, root: Path | None = None) -> Path:
+    """Folder of identity ``name``: ``<root>/<name>/``, root defaulting to
+    ``identities_dir()``. Raises ValueError for a name that is not a plain folder name."""
+    return (root or identities_dir()) / check_name(name, "identity")
+
+
+def identity_latent(name: str, root: Path | None = None) -> Path:
+    """The identity's latent file: ``identities/<name>/latent.npz``."""
+    return identity_dir(name, root) / "latent.npz"
+
+
+def personal_generator(name: str, root: Path | None = None) -> Path:
+    """Pivotal-tuning generator of personal model ``name``:
+    ``personal/<name>/generator.safetensors``."""
+    return (root or personal_dir()) / check_name(name, "personal model") / "generator.safetensors"
+
+
+def check_name(name, what: str = "name") -> str:
+    """``name`` when it is 1-64 letters, digits, '.', '_' or '-' (a folder name, never a
+    path); else ValueError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"{what} name {name!r} must be 1-64 letters, digits, '.', '_' or '-' "
+                         "(a name, not a path)")
+    return name
 
 
 def personal_dir() -> Path:

@@ -55,7 +55,11 @@ SPECS: dict[str, BackendSpec] = {spec.name: spec for spec in (
          Option("precision", "auto", "'auto' (fp16 on CUDA, else fp32), 'fp32', 'fp16' or "
                 "'native' (the checkpoint's own mixed precision, CUDA)",
                 choice("auto", "fp32", "fp16", "native")),
-         Option("max_identities", 64, "identity latents kept in memory", integer(1, 100_000))),
+         Option("max_identities", 64, "identity latents kept in memory", integer(1, 100_000)),
+         Option("directions", None, "folder of edit directions (InterFaceGAN / "
+                "stylegan3-editing .npy); default: the model folder's stylegan/directions/",
+                file_or()),
+         Option("max_personal", 2, "pivotal-tuning generators kept loaded", integer(1, 64))),
         files=paths.stylerig_files),
     BackendSpec(
         "diffusionrig", "diffusionrig", "DiffusionRigBackend",

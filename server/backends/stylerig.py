@@ -2,9 +2,12 @@
 
 Per batch of requests:
 
-1. Identity: every request's W+ latent [num_ws, w_dim] from ``appearance.seed`` or
-   ``appearance.latent_file`` (``server.backends.latents``), mapped with the generator's mapping
-   network and truncation ``appearance.truncation`` when it is a z; kept in an LRU cache.
+1. Identity: every request's W+ latent [num_ws, w_dim] from ``appearance.identity`` (a photo
+   inverted on the server, ``server.inversion``), ``appearance.latent_file``, the pivot of
+   ``appearance.personal_model`` or ``appearance.seed`` (``server.backends.latents``), mapped
+   with the generator's mapping network and truncation ``appearance.truncation`` when it is
+   a z; kept in an LRU cache. ``appearance.edits`` then adds its W / W+ edit directions
+   (``server.backends.directions``).
 2. Rig: RigNet (``server.models.rignet``) moves the latent to the rig's controls, w_hat =
    RigNet(w, p), with p = ``control_vector(params)`` whose global pose and light are the
    camera-relative head's (``server.renderer.head_view``: neck folded in, roll removed - RigNet
@@ -16,7 +19,9 @@ Per batch of requests:
    Fourier-feature input one transform at a time (cheap: one small layer) and then run every
    synthesis layer as one batch. StyleGAN2 has no such transform: roll and position are not
    rendered there.
-4. One synthesis call for the batch at the generator's resolution S, noise mode 'const' (a
+4. One synthesis call per generator (the base one, or a request's pivotal-tuning personal
+   model, ``appearance.personal_model``; StyleSpace edits added to its style vectors) at the
+   generator's resolution S, noise mode 'const' (a
    fixed noise image, so equal latents give equal frames); the [-1, 1] output becomes sRGB
    uint8 as NVIDIA's scripts write it (x * 127.5 + 128, clamped, truncated), resized (torch
    bicubic, antialiased when shrinking) to the square max(width, height) covering the frame
@@ -60,6 +65,7 @@ from server.models.rignet import ControlLayout, control_vector
 from server.checkpoints.stylerig import load_rignet, read_rignet_metadata
 from server.models.stylegan3 import StyleGAN3Generator, make_transform
 from server.renderer.head_view import head_views
+from server.backends.directions import Directions, styles_offset
 from server.backends.latents import load_latent_file, seed_z
 from server.backends.shots import smooth_latents, smooth_transforms
 
@@ -77,12 +83,15 @@ class StyleRigBackend(Backend):
     reads), ``rignet`` ("auto": the model folder's RigNet when it exists), ``precision``
     ("fp16": every synthesis layer but StyleGAN2's 4x4 block in float16, activations clamped
     to +-256 as NVIDIA's mixed precision does; "native": the checkpoint's own mixed precision,
-    float16 in its ``num_fp16_res`` highest resolutions), ``max_identities``."""
+    float16 in its ``num_fp16_res`` highest resolutions), ``max_identities``,
+    ``directions`` (the folder of edit directions) and ``max_personal`` (personal generators
+    kept loaded)."""
 
     name = "stylerig"
 
     def __init__(self, face_model: FaceModel, device: str = "cpu", generator=None,
-                 rignet="auto", precision: str = "auto", max_identities=64):
+                 rignet="auto", precision: str = "auto", max_identities=64, directions=None,
+                 max_personal=2):
         super().__init__(face_model, device)
         self.torch_device = torch_device(device)
         cuda = self.torch_device.type == "cuda"
@@ -106,6 +115,12 @@ class StyleRigBackend(Backend):
             print(f"stylerig: no RigNet weights ({self._rignet_hint(rignet)}): rendering "
                   "identity only; the rig's pose, expression and light do not change the "
                   "portrait", file=sys.stderr, flush=True)
+        self.directions = Directions(Path(directions).expanduser() if directions
+                                     else paths.directions_dir(), self.G)
+        if self.directions.kinds:
+            print(f"stylerig: edit directions {', '.join(sorted(self.directions.kinds))}",
+                  file=sys.stderr, flush=True)
+        self._personal = LRU(max_personal)
         if cuda:
             torch.backends.cudnn.benchmark = True      # fixed shapes: pick the fastest kernels
         self._latents = LRU(max_identities)
@@ -183,7 +198,10 @@ class StyleRigBackend(Backend):
             if self.rignet is not None or self.is_stylegan3:
                 views += head_views(window, request.width, request.height)
 
+        for p in params:
+            self.directions.check(p.appearance.edits)
         w = torch.stack([self._identity(p.appearance) for p in params])
+        w = self.directions.apply_latent(w, [p.appearance.edits for p in params])
         lap("identity")
         if self.rignet is not None:
             controls = control_vector(params, self.layout, device=self.torch_device)
@@ -206,7 +224,7 @@ class StyleRigBackend(Backend):
                                         if length > 1 else transforms[start])
         ws = torch.stack(ws)
         transforms = torch.stack(frame_transforms) if transforms is not None else None
-        images = synthesize(self.G, ws, transforms, force_fp32=self.precision == "fp32")
+        images = self._synthesize(requests, ws, transforms)
         lap("synthesis")
         results = [RenderResult(image) for image in self._images(images, requests)]
         lap("image")
@@ -220,11 +238,22 @@ class StyleRigBackend(Backend):
     def _identity(self, appearance: Appearance) -> torch.Tensor:
         """W+ [num_ws, w_dim] float32 on the device for a request's identity (cached)."""
         G, psi = self.G, float(appearance.truncation)
-        if appearance.latent_file:
+        path = None
+        if appearance.identity:
+            path = paths.identity_latent(appearance.identity)
+            if not path.is_file():
+                raise FileNotFoundError(f"appearance.identity: no identity named "
+                                        f"{appearance.identity!r} on the server (make one "
+                                        "from a photo with an 'invert' request)")
+        elif appearance.latent_file:
             path = Path(os.path.expanduser(appearance.latent_file))
             if not path.is_file():
                 raise FileNotFoundError(f"appearance.latent_file: file not found on the "
                                         f"server: {path}")
+        elif appearance.personal_model and appearance.seed is None:
+            pivot = paths.personal_generator(appearance.personal_model).with_name("pivot.npz")
+            path = pivot if pivot.is_file() else None
+        if path is not None:
             key = ("file", file_stamp(path.resolve()), psi)
         else:
             key = ("seed", appearance.seed or 0, psi)
@@ -239,6 +268,49 @@ class StyleRigBackend(Backend):
             w = self._latents.put(key, G.mapping(value[None], truncation_psi=psi)[0]
                                   if kind == "z" else value)
         return w
+
+    def _synthesize(self, requests: list[RenderRequest], ws: torch.Tensor,
+                    transforms: torch.Tensor | None) -> torch.Tensor:
+        """Images [B, C, S, S] of the requests' ws, each with its generator (the base one or
+        its personal model) and its StyleSpace edits."""
+        groups: dict[str | None, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(request.params.appearance.personal_model, []).append(i)
+        images = None
+        for name, rows in groups.items():
+            G = self._personal_generator(name) if name else self.G
+            edits = [requests[i].params.appearance.edits for i in rows]
+            index = torch.tensor(rows, device=ws.device)
+            with styles_offset(G, self.directions.style_offsets(edits)):
+                out = synthesize(G, ws[index], None if transforms is None else transforms[rows],
+                                 force_fp32=self.precision == "fp32")
+            if len(groups) == 1:
+                return out
+            if images is None:
+                images = out.new_empty((len(requests), *out.shape[1:]))
+            images[index] = out
+        return images
+
+    def _personal_generator(self, name: str):
+        """The pivotal-tuning generator of personal model ``name`` (cached; checked to share
+        the base generator's latent space shape)."""
+        path = paths.personal_generator(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"appearance.personal_model: no StyleGAN personal model "
+                                    f"named {name!r} on the server (make one with python -m "
+                                    "server.training.pti)")
+        key = file_stamp(path)
+        G = self._personal.get(key)
+        if G is None:
+            G = load_generator(path, self.torch_device)
+            if (G.num_ws, G.w_dim, type(G)) != (self.G.num_ws, self.G.w_dim, type(self.G)):
+                raise ValueError(f"appearance.personal_model {name!r}: its generator "
+                                 f"[{G.num_ws}, {G.w_dim}] is not a tuned copy of the "
+                                 f"server's [{self.G.num_ws}, {self.G.w_dim}]")
+            if self.precision == "fp16":
+                _float16_everywhere(G)
+            self._personal.put(key, G)
+        return G
 
     def _images(self, images: torch.Tensor, requests: list[RenderRequest]) -> list[np.ndarray]:
         """[B, 3, S, S] in [-1, 1] -> RGBA uint8 frames [H, W, 4], each resized to the square

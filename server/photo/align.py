@@ -116,6 +116,13 @@ def align_face(image, size: int = 256, landmarks: np.ndarray | None = None,
     return _resample(rgb, alignment, transform_size, padding), alignment
 
 
+def crop(image, alignment: FaceAlignment, transform_size: int | None = None,
+         padding: bool = True) -> np.ndarray:
+    """The crop ``alignment`` describes (any similarity, e.g. an axis-aligned square), resampled
+    as ``align_face`` resamples: RGB uint8 [size, size, 3]."""
+    return _resample(to_rgb(image), alignment, transform_size or 4 * alignment.size, padding)
+
+
 def _resample(rgb: np.ndarray, alignment: FaceAlignment, transform_size: int,
               padding: bool) -> np.ndarray:
     size = alignment.size

@@ -29,7 +29,6 @@ the same view; a light that rotates with the camera leaves ``light`` unchanged.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +36,7 @@ import torch
 
 from portrait_rig import sh
 from portrait_rig.params import Camera, RigParams
-from portrait_rig.rotations import axis_angle_to_matrix, matrix_to_axis_angle
+from portrait_rig.rotations import axis_angle_to_matrix, split_roll
 from server.renderer.cameras import CameraBatch, project
 
 
@@ -67,17 +66,6 @@ def head_rotation(params: RigParams) -> np.ndarray:
 def camera_light(params: RigParams) -> np.ndarray:
     """The rig's SH light [9, 3] in the camera frame."""
     return sh.rotate(params.lighting.sh, camera_rotation(params.camera).T)
-
-
-def split_roll(rotation: np.ndarray) -> tuple[np.ndarray, float]:
-    """(swing axis-angle [3], roll radians) of a camera-frame rotation, roll about z first
-    applied last: rotation = R_z(roll) @ R(swing)."""
-    # Swing-twist split about z: the twist angle is 2 atan2(q_z, q_w) of the rotation's
-    # quaternion, which is this atan2 of matrix entries.
-    roll = math.atan2(rotation[1, 0] - rotation[0, 1], rotation[0, 0] + rotation[1, 1])
-    c, s = math.cos(-roll), math.sin(-roll)
-    unroll = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-    return matrix_to_axis_angle(unroll @ rotation), roll
 
 
 def head_views(params: list[RigParams], width: int, height: int) -> list[HeadView]:

@@ -15,6 +15,7 @@ from portrait_rig import __version__, protocol
 
 from server.service.connection import Connection
 from server.service.fitting import FitService
+from server.service.inverting import InvertService
 from server.service.jobs import RequestError
 from server.service.scheduler import RenderWorker
 
@@ -55,6 +56,7 @@ class RenderServer:
         self._model_header, self._model_buffers = face_data.to_wire()
         self._model_nbytes = sum(buf.nbytes for buf in self._model_buffers)
         self.fit_service = FitService(face_data, config.deca_model, config.landmark_embedding)
+        self.invert_service = InvertService(config.backend_options, config.device)
 
     # ------------------------------------------------------------------ replies
     def hello_reply(self) -> dict:

@@ -19,6 +19,8 @@ import traceback
 from portrait_rig import protocol
 
 from server.service.fitting import FitError
+from server.service.frame_codec import encode_frame
+from server.service.inverting import parse_invert
 from server.service.jobs import RequestError, parse_render, parse_vertices, request_id
 from server.service.scheduler import QueueFull
 
@@ -193,13 +195,16 @@ class Connection:
             return
         handler = {"ping": self._ping, "model": self._model, "render": self._render,
                    "vertices": self._vertices,
-                   "fit": lambda h, r: self._fit(h, payload, r)}.get(kind)
+                   "fit": lambda h, r: self._fit(h, payload, r),
+                   "invert": lambda h, r: self._invert(h, payload, r),
+                   "identities": self._identities}.get(kind)
         try:
             if handler is None:
                 raise RequestError(protocol.E_BAD_MESSAGE,
                                    "hello: already received" if kind == "hello" else
                                    f"type: unknown message type {kind!r} (expected ping, "
-                                   "model, render, vertices or fit)", "type")
+                                   "model, render, vertices, fit, invert or identities)",
+                                   "type")
             handler(header, received)
         except RequestError as exc:
             self._fail(_id_of(header), kind, exc, received)
@@ -247,6 +252,44 @@ class Connection:
             return
         self.send_header({"type": "fit", "id": rid, **reply})
         self._log_request(rid, "fit", "ok", received, extra=f"method={reply['method']}")
+
+    def _invert(self, header: dict, payload: bytes, received: float) -> None:
+        request = parse_invert(header)
+        if not payload:
+            raise RequestError(protocol.E_BAD_MESSAGE, "payload: an invert request carries the "
+                               "photo (PNG or JPEG bytes) as its payload", "payload")
+        asyncio.ensure_future(self._run_invert(request, payload, received))
+
+    async def _run_invert(self, request, payload: bytes, received: float) -> None:
+        """Invert on a worker thread; previews are posted back to the event loop."""
+        def on_preview(fields: dict, image) -> None:
+            header = {"type": "preview", "id": request.id, "width": image.shape[1],
+                      "height": image.shape[0], "format": request.format,
+                      "backend": "stylerig", "mode": "invert", "timings": {}, **fields}
+            buffers = encode_frame(header, image, {}, (), request.format)
+            self.loop.call_soon_threadsafe(self.send, buffers)
+
+        try:
+            reply = await asyncio.to_thread(self.app.invert_service.invert, request, payload,
+                                            on_preview, lambda: self.closed)
+        except FitError as exc:
+            self._fail(request.id, "invert", RequestError(exc.code, str(exc), exc.field),
+                       received)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug here must not end the connection
+            self.app.log("".join(traceback.format_exception(exc)).rstrip())
+            self._fail(request.id, "invert", RequestError(protocol.E_INTERNAL,
+                                                          f"{type(exc).__name__}: {exc}"),
+                       received)
+            return
+        self.send_header({"type": "invert", "id": request.id, **reply})
+        self._log_request(request.id, "invert", "ok", received,
+                          extra=f"method={reply['method']} name={reply['name']}")
+
+    def _identities(self, header: dict, received: float) -> None:
+        self.send_header({"type": "identities", "id": _id_of(header),
+                          **self.app.invert_service.listing()})
+        self._log_request(_id_of(header), "identities", "ok", received)
 
     def _submit(self, job, received: float) -> None:
         job.owner, job.done, job.received = self, self._job_done, received

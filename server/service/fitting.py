@@ -39,6 +39,28 @@ def default_embedding() -> Path | None:
     return path if path.is_file() else None
 
 
+def read_photo(photo: bytes):
+    """RGB uint8 [H, W, 3] of a request's photo bytes, upright (EXIF); raises ``FitError``
+    (``bad_message``, ``too_large``) before decoding anything too large."""
+    from PIL import Image
+
+    from server.photo import decode_photo
+
+    try:
+        with Image.open(io.BytesIO(photo)) as probe:
+            width, height = probe.size
+    except Exception:  # noqa: BLE001 - anything Pillow cannot identify
+        raise FitError(protocol.E_BAD_MESSAGE, "payload: not an image Pillow can read "
+                       "(send PNG or JPEG bytes)", "payload") from None
+    if width * height > MAX_PHOTO_PIXELS:
+        raise FitError(protocol.E_TOO_LARGE, f"payload: a {width}x{height} photo exceeds "
+                       f"{MAX_PHOTO_PIXELS} pixels", "payload")
+    try:
+        return decode_photo(photo)
+    except ValueError as exc:
+        raise FitError(protocol.E_BAD_MESSAGE, str(exc), "payload") from None
+
+
 class FitService:
     """Fits photos to ``face_data`` (a ``FaceData``). ``deca_model`` and ``embedding``: files
     (None: the defaults above, used when present and the face model is FLAME)."""
@@ -64,24 +86,10 @@ class FitService:
     def fit(self, photo: bytes) -> dict:
         """The ``fit`` reply's fields for ``photo`` (encoded image bytes). Blocking; raises
         ``FitError``."""
-        from PIL import Image
-
-        from server.photo import FaceModelsMissing, NoFaceFound, decode_photo
+        from server.photo import FaceModelsMissing, NoFaceFound
 
         started = time.perf_counter()
-        try:
-            with Image.open(io.BytesIO(photo)) as probe:
-                width, height = probe.size
-        except Exception:  # noqa: BLE001 - anything Pillow cannot identify
-            raise FitError(protocol.E_BAD_MESSAGE, "payload: not an image Pillow can read "
-                           "(send PNG or JPEG bytes)", "payload") from None
-        if width * height > MAX_PHOTO_PIXELS:
-            raise FitError(protocol.E_TOO_LARGE, f"payload: a {width}x{height} photo exceeds "
-                           f"{MAX_PHOTO_PIXELS} pixels", "payload")
-        try:
-            rgb = decode_photo(photo)
-        except ValueError as exc:
-            raise FitError(protocol.E_BAD_MESSAGE, str(exc), "payload") from None
+        rgb = read_photo(photo)
         with self._lock:
             try:
                 fit = self._get_fitter().fit(rgb)
