@@ -14,6 +14,12 @@ Everything lives under one folder, ``$PORTRAIT_RIG_HOME`` (default ``~/.portrait
                                          network pickle; generator.pt, rosinality's format, or
                                          generator.safetensors, our export, also accepted)
         stylerig/rignet.safetensors      RigNet trained for that generator (optional)
+        dualstylegan/encoder.pt          DualStyleGAN's Z+ pSp encoder (optional: photo
+                                         identities and new exemplars)
+        dualstylegan/<style>/            one folder per style family (cartoon, anime, ...), as
+                                         the official checkpoint/ folder: generator.pt,
+                                         exstyle_code.npy or refined_exstyle_code.npy (preferred),
+                                         sampler.pt (optional: random styles)
 
 Backend options (``portrait-rig-server --option diffusionrig.checkpoint=FILE``,
 ``--option stylerig.generator=FILE``) override the defaults. Personal model names are plain
@@ -76,6 +82,53 @@ def stylerig_problem(generator=None, **_) -> str | None:
     if not path.is_file():
         return (f"StyleGAN generator not found: {path} (pass --option stylerig.generator=FILE, "
                 f"or place an NVIDIA network pickle there)")
+    return None
+
+
+DUALSTYLEGAN_CODES = ("refined_exstyle_code.npy", "exstyle_code.npy")
+
+
+def dualstylegan_dir() -> Path:
+    """Default DualStyleGAN folder: ``dualstylegan/`` (the official ``checkpoint/`` layout)."""
+    return home() / "dualstylegan"
+
+
+def dualstylegan_families(folder=None) -> list[str]:
+    """Style families under ``folder`` (default ``dualstylegan_dir()``): the names of its
+    sub-folders holding a ``generator.pt``, sorted."""
+    root = Path(folder).expanduser() if folder else dualstylegan_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if _NAME.fullmatch(p.name) and (p / "generator.pt").is_file())
+
+
+def dualstylegan_family(name: str, folder=None) -> Path:
+    """The folder of style family ``name``. Raises ValueError for a name that is not a plain
+    folder name."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"style family {name!r} must be 1-64 letters, digits, '.', '_' or "
+                         "'-' (a folder name, not a path)")
+    return (Path(folder).expanduser() if folder else dualstylegan_dir()) / name
+
+
+def dualstylegan_codes(family_dir: Path) -> Path:
+    """A family's exemplar codes: ``refined_exstyle_code.npy`` when present, else
+    ``exstyle_code.npy`` (the official scripts' choice)."""
+    for name in DUALSTYLEGAN_CODES:
+        if (family_dir / name).is_file():
+            return family_dir / name
+    return family_dir / DUALSTYLEGAN_CODES[-1]
+
+
+def dualstylegan_problem(folder=None, **_) -> str | None:
+    """Why the ``dualstylegan`` backend cannot start (no style family), or None. Cheap."""
+    root = Path(folder).expanduser() if folder else dualstylegan_dir()
+    if not dualstylegan_families(root):
+        return (f"no DualStyleGAN style under {root}: download a style folder (e.g. "
+                "'cartoon': generator.pt, exstyle_code.npy, sampler.pt) from "
+                "github.com/williamyang1991/DualStyleGAN's 'Pretrained Models' into "
+                f"{root}/<style>/, or pass --option dualstylegan.folder=DIR")
     return None
 
 

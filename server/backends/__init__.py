@@ -24,6 +24,10 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
                  "StyleRig: StyleGAN2/3 portraits whose pose, expression and light follow the "
                  "rig through RigNet (needs a generator checkpoint; identity only without "
                  "RigNet weights)"),
+    "dualstylegan": ("dualstylegan", "DualStyleGANBackend",
+                     "DualStyleGAN: the rig's face in the style of an exemplar portrait "
+                     "(cartoon, caricature, anime...), steered by RigNet like stylerig (needs a "
+                     "style folder: generator.pt and exemplar codes)"),
 }
 
 # Backends that refine a frame over sampler steps and stream ``preview`` messages for live
@@ -33,7 +37,8 @@ _PROGRESSIVE = {"diffusionrig"}
 # name -> cheap check of the files a backend needs, (**options) -> problem or None; run at
 # server start so a missing model file is reported before anyone asks for that backend.
 _PREFLIGHT = {"diffusionrig": paths.diffusionrig_problem,
-              "stylerig": paths.stylerig_problem}
+              "stylerig": paths.stylerig_problem,
+              "dualstylegan": paths.dualstylegan_problem}
 
 BACKEND_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 

@@ -39,10 +39,12 @@ class RenderRequest:
 class RenderResult:
     """``image`` is display-referred sRGB, uint8 [H, W, 4] (RGBA, rows top to bottom; alpha
     is the face mask or 255). ``passes`` maps pass names to float32 [H, W, C] arrays.
-    ``timings`` holds per-stage milliseconds."""
+    ``timings`` holds per-stage milliseconds. ``info``: JSON-ready facts about the frame for
+    the client (the frame header's ``info``), e.g. which exemplar style it shows."""
     image: np.ndarray
     passes: dict[str, np.ndarray] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
 
 
 def check_request(index: int, request: RenderRequest) -> None:

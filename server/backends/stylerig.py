@@ -45,32 +45,24 @@ conversion, copy to the host), ``passes``.
 
 from __future__ import annotations
 
-import os
-import sys
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from portrait_rig.params import Appearance, RigParams
+from portrait_rig.params import RigParams
 from server import paths
 from server.checkpoints.stylegan import load_generator
 from server.renderer.face_model import FaceModel
-from server.models.rignet import ControlLayout, control_vector
-from server.checkpoints.stylerig import load_rignet
 from server.models.stylegan3 import StyleGAN3Generator, make_transform
 from server.renderer.head_view import head_views
-from server.backends.latents import load_latent_file, seed_z
 from server.backends.shots import smooth_latents, smooth_transforms
+from server.backends.stylegan_rig import RigLatents, RigPasses, frame_images, request_windows
 
 from server.backends.base import Backend, RenderRequest, RenderResult, StageTimer, check_request
 
 PRECISIONS = ("auto", "fp32", "fp16", "native")
 FP16_CONV_CLAMP = 256.0           # what NVIDIA's code clamps float16 layers to
-CONTROLS_WITHOUT_EXPRESSION = 33  # RigNet control vector: pose 3 + jaw 3 + SH 27, then E
-
 
 
 class StyleRigBackend(Backend):
@@ -129,41 +121,16 @@ class StyleRigBackend(Backend):
         self.is_stylegan3 = isinstance(self.G, StyleGAN3Generator)
         if precision == "fp16":
             _float16_everywhere(self.G)
-        self.rignet, self.rignet_path = self._load_rignet(rignet)
-        self.layout = None if self.rignet is None else _layout_of(self.rignet)
+        self.rig = RigLatents(self.G, self.torch_device, rignet, self.max_identities)
+        self.rignet, self.rignet_path = self.rig.rignet, self.rig.rignet_path
         if self.rignet is None:
             self.description = (f"{self.description}. Identity only: no RigNet weights, so "
                                 "pose, expression and light do not change the portrait")
-            print(f"stylerig: no RigNet weights ({self._rignet_hint(rignet)}): rendering "
-                  "identity only; the rig's pose, expression and light do not change the "
-                  "portrait", file=sys.stderr, flush=True)
         if cuda:
             torch.backends.cudnn.benchmark = True      # fixed shapes: pick the fastest kernels
-        self._latents: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._buffers = None                           # preview backend, built for passes
+        self._passes = RigPasses(face_model, device)
 
     # ------------------------------------------------------------------------ setup
-    def _load_rignet(self, option):
-        if option in (None, "none"):
-            return None, None
-        path = paths.stylerig_rignet() if option == "auto" else Path(option).expanduser()
-        if not path.is_file():
-            if option == "auto":
-                return None, None
-            raise FileNotFoundError(f"rignet: file not found: {path}")
-        net = load_rignet(path, self.torch_device)
-        if (net.num_ws, net.w_dim) != (self.G.num_ws, self.G.w_dim):
-            raise ValueError(f"rignet: {path} edits latents [{net.num_ws}, {net.w_dim}], the "
-                             f"generator {self.generator_path} has [{self.G.num_ws}, "
-                             f"{self.G.w_dim}]")
-        return net, path
-
-    @staticmethod
-    def _rignet_hint(option) -> str:
-        if option in (None, "none"):
-            return "rignet=none"
-        return f"none at {paths.stylerig_rignet()}; pass --option stylerig.rignet=FILE"
-
     def warmup(self) -> None:
         """On CUDA, synthesise one frame so the first request does not pay for kernel
         selection (on the CPU there is nothing to prepare)."""
@@ -179,26 +146,17 @@ class StyleRigBackend(Backend):
         lap = StageTimer(self.torch_device)
         # The frames to compute: each request's window (itself, and the neighbours it is
         # smoothed over), one after the other; ``windows`` holds (first row, length, centre).
-        windows, params, views = [], [], []
-        for request in requests:
-            if request.shot is not None and request.shot.smooth and request.shot.neighbors:
-                _, window, centre = request.shot.window(request.params)
-            else:
-                window, centre = [request.params], 0
-            windows.append((len(params), len(window), centre))
-            params += window
-            if self.rignet is not None or self.is_stylegan3:
-                views += head_views(window, request.width, request.height)
+        params, windows = request_windows(requests)
+        views = []
+        if self.rignet is not None or self.is_stylegan3:
+            for request, (start, length, _) in zip(requests, windows):
+                views += head_views(params[start: start + length], request.width,
+                                    request.height)
 
-        w = torch.stack([self._identity(p.appearance) for p in params])
+        w = torch.stack([self.rig.identity(p.appearance) for p in params])
         lap("identity")
         if self.rignet is not None:
-            controls = control_vector(params, self.layout, device=self.torch_device)
-            pose = torch.tensor(np.stack([v.swing for v in views]), dtype=torch.float32)
-            light = torch.tensor(np.stack([v.light for v in views]), dtype=torch.float32)
-            controls[:, self.layout.slices["global_pose"]] = pose.to(self.torch_device)
-            controls[:, self.layout.slices["sh"]] = light.flatten(1).to(self.torch_device)
-            w = self.rignet(w, controls)
+            w = self.rig.edit(w, params, views)
             lap("rignet")
         transforms = None
         if self.is_stylegan3:                                   # float64 [N, 3, 3]
@@ -215,74 +173,14 @@ class StyleRigBackend(Backend):
         transforms = torch.stack(frame_transforms) if transforms is not None else None
         images = synthesize(self.G, ws, transforms, force_fp32=self.precision == "fp32")
         lap("synthesis")
-        results = [RenderResult(image) for image in self._images(images, requests)]
+        results = [RenderResult(image) for image in frame_images(images, requests)]
         lap("image")
         if any(r.passes for r in requests):
-            self._add_passes(requests, results)
+            self._passes.add(requests, results)
             lap("passes")
         for result in results:
             result.timings = dict(lap.times)
         return results
-
-    def _identity(self, appearance: Appearance) -> torch.Tensor:
-        """W+ [num_ws, w_dim] float32 on the device for a request's identity (cached)."""
-        G, psi = self.G, float(appearance.truncation)
-        if appearance.latent_file:
-            path = Path(os.path.expanduser(appearance.latent_file))
-            if not path.is_file():
-                raise FileNotFoundError(f"appearance.latent_file: file not found on the "
-                                        f"server: {path}")
-            path = path.resolve()
-            stat = path.stat()
-            key = ("file", str(path), stat.st_size, stat.st_mtime_ns, psi)
-        else:
-            key = ("seed", appearance.seed or 0, psi)
-        w = self._latents.get(key)
-        if w is None:
-            if key[0] == "file":
-                latent = load_latent_file(path, G.z_dim, G.w_dim, G.num_ws)
-                kind, value = latent.kind, latent.value
-            else:
-                kind, value = "z", seed_z(appearance.seed, G.z_dim)
-            value = value.to(self.torch_device)
-            w = G.mapping(value[None], truncation_psi=psi)[0] if kind == "z" else value
-            self._latents[key] = w
-            while len(self._latents) > self.max_identities:
-                self._latents.popitem(last=False)
-        self._latents.move_to_end(key)
-        return w
-
-    def _images(self, images: torch.Tensor, requests: list[RenderRequest]) -> list[np.ndarray]:
-        """[B, 3, S, S] in [-1, 1] -> RGBA uint8 frames [H, W, 4], each resized to the square
-        covering it and centre-cropped (frames of one size are converted together)."""
-        out: list[np.ndarray | None] = [None] * len(requests)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, request in enumerate(requests):
-            groups.setdefault((request.width, request.height), []).append(i)
-        for (width, height), indices in groups.items():
-            batch = images[indices] if len(indices) < len(requests) else images
-            side, native = max(width, height), images.shape[-1]
-            if side != native:
-                batch = F.interpolate(batch, size=(side, side), mode="bicubic",
-                                      align_corners=False, antialias=side < native)
-            top, left = (side - height) // 2, (side - width) // 2
-            batch = batch[:, :, top: top + height, left: left + width]
-            rgb = (batch * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-            rgba = torch.cat([rgb, torch.full_like(rgb[..., :1], 255)], dim=-1).cpu().numpy()
-            for j, i in enumerate(indices):
-                out[i] = rgba[j]
-        return out
-
-    def _add_passes(self, requests: list[RenderRequest], results: list[RenderResult]) -> None:
-        """The requested buffers of the face model, from the preview backend's renderer."""
-        from server.backends.preview import PreviewBackend
-
-        if self._buffers is None:
-            self._buffers = PreviewBackend(self.face_model, self.device)
-        wanted = [i for i, r in enumerate(requests) if r.passes]
-        buffers = self._buffers.render([requests[i] for i in wanted])
-        for i, rendered in zip(wanted, buffers):
-            results[i].passes = rendered.passes
 
 
 # ---------------------------------------------------------------------------- synthesis
@@ -345,15 +243,3 @@ def _float16_everywhere(G) -> None:
     for layer in layers:
         if layer.conv_clamp is None:
             layer.conv_clamp = FP16_CONV_CLAMP
-
-
-def _layout_of(net):
-    """The RigNet's control layout (derived from its control size when the file has none)."""
-    if net.layout is not None:
-        return net.layout
-    n_expression = net.control_dim - CONTROLS_WITHOUT_EXPRESSION
-    if n_expression < 0:
-        raise ValueError(f"rignet: {net.control_dim} controls, fewer than the "
-                         f"{CONTROLS_WITHOUT_EXPRESSION} of pose, jaw and light")
-    return ControlLayout(n_expression)
-

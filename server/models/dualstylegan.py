@@ -150,11 +150,7 @@ class DualStyleGAN(nn.Module):
     def map_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """z+ codes [B, L, z_dim] -> W+ [B, L, w_dim]: each layer's code through the mapping
         network, without truncation, in the codes' dtype."""
-        mapping = self.generator.mapping
-        x = normalize_2nd_moment(codes.reshape(-1, codes.shape[-1]))
-        for i in range(mapping.num_layers):
-            x = getattr(mapping, f"fc{i}")(x)
-        return x.reshape(*codes.shape[:-1], -1)
+        return map_codes(self.generator.mapping, codes)
 
     @staticmethod
     def truncate(ws: torch.Tensor, psi: float, centre: torch.Tensor | float = 0.0
@@ -208,3 +204,12 @@ class DualStyleGAN(nn.Module):
             y = block.torgb(x, content[:, k] if res == 4 else style_of(k), fused)
             img = y if img is None else upsample2d(img, block.resample_filter) + y
         return img
+
+
+def map_codes(mapping, codes: torch.Tensor) -> torch.Tensor:
+    """z codes [..., z_dim] -> w [..., w_dim] through a StyleGAN2 ``MappingNetwork``'s layers
+    (pixel norm, fully connected layers; no truncation, no broadcast), in the codes' dtype."""
+    x = normalize_2nd_moment(codes.reshape(-1, codes.shape[-1]))
+    for i in range(mapping.num_layers):
+        x = getattr(mapping, f"fc{i}")(x)
+    return x.reshape(*codes.shape[:-1], -1)
