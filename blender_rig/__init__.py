@@ -2,7 +2,8 @@
 
 Modules: ``rig_builder`` (build / update the rig from a face model), ``scene_reader`` (scene
 -> ``RigParams``), ``world_sh`` (World and lamps -> spherical-harmonics light), ``properties``,
-``preferences``, ``operators``, ``panel`` (UI), ``presets`` (expression presets),
+``preferences``, ``operators``, ``panel`` (UI), ``style_panel`` (exemplar styles of the
+dualstylegan backend), ``presets`` (expression presets),
 ``live_link`` (parameters to the server, frames back) and ``image_output`` (frames into the
 "Portrait Rig" image).
 
@@ -12,11 +13,11 @@ local server it started. Data the user made stays in the .blend file: rigs, and 
 "Portrait Rig" image holding the last live frame.
 """
 
-from . import live_link, operators, panel, preferences, properties, render_engine
+from . import live_link, operators, panel, preferences, properties, render_engine, style_panel
 
 # Registration order: property groups before the classes that point at them; live_link's
 # handlers last so they never see a half-registered add-on.
-_MODULES = (properties, preferences, operators, panel, live_link, render_engine)
+_MODULES = (properties, preferences, operators, panel, style_panel, live_link, render_engine)
 
 
 def register():

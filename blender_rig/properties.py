@@ -105,13 +105,16 @@ class PortraitRigAppearance(bpy.types.PropertyGroup):
     def to_dict(self) -> dict:
         """``RigParams.appearance`` fields. File paths are made absolute (Blender's ``//``
         prefix resolved) because the server does not know the .blend file's folder."""
+        from .style_panel import style_fields
+
         def path(value: str) -> str | None:
             return bpy.path.abspath(value) if value else None
         return {"seed": self.seed if self.use_seed else None,
                 "truncation": round(self.truncation, 6),
                 "latent_file": path(self.latent_file),
                 "reference_photo": path(self.reference_photo),
-                "personal_model": self.personal_model or None}
+                "personal_model": self.personal_model or None,
+                **style_fields(self.id_data)}
 
 
 class PortraitRigSceneSettings(bpy.types.PropertyGroup):

@@ -224,3 +224,54 @@ def write_encoder_pt(path: Path, encoder: PSPEncoder, decoder: DualStyleGAN,
     if latent_avg is not None:
         ckpt["latent_avg"] = latent_avg
     torch.save(ckpt, path)
+
+
+# ------------------------------------------------------------------------------ a style folder
+
+CARTOON = [f"cartoon_{i:03d}.png" for i in range(4)]
+ANIME = [f"anime_{i:03d}.png" for i in range(3)]
+
+
+def write_style_home(home: Path, n_expression: int) -> dict:
+    """A model folder for the dualstylegan backend with TINY networks: ``home/dualstylegan``
+    as the official checkpoint/ folder (cartoon: codes and sampler; anime: refined codes
+    preferred over plain ones, no sampler; the Z+ encoder) and ``home/rignet.safetensors``, a
+    RigNet for a face model with ``n_expression`` components. Returns the paths and the
+    networks written."""
+    from PIL import Image
+
+    from server.checkpoints.stylerig import save_rignet
+    from server.models.rignet import ControlLayout, RigNet
+
+    root = home / "dualstylegan"
+    layers = TINY.num_ws
+    cartoon, anime = random_dualstylegan(TINY, seed=1), random_dualstylegan(TINY, seed=2)
+    # The intrinsic StyleGAN2 is FFHQ's in every family: only the style paths differ.
+    anime.generator.load_state_dict(cartoon.generator.state_dict())
+    for name, model in (("cartoon", cartoon), ("anime", anime)):
+        (root / name).mkdir(parents=True)
+        write_generator_pt(root / name / "generator.pt", model)
+    codes = {n: np.random.RandomState(10 + i).randn(1, layers, 16) for i, n in enumerate(CARTOON)}
+    write_exstyle_codes(root / "cartoon" / "exstyle_code.npy", codes)
+    anime_codes = {n: np.random.RandomState(20 + i).randn(1, layers, 16)
+                   for i, n in enumerate(ANIME)}
+    write_exstyle_codes(root / "anime" / "refined_exstyle_code.npy", anime_codes)
+    write_exstyle_codes(root / "anime" / "exstyle_code.npy",
+                        {"unrefined.png": np.zeros((1, layers, 16))})
+    sampler = random_sampler(TINY_SAMPLER, seed=3)
+    write_sampler_pt(root / "cartoon" / "sampler.pt", sampler)
+    encoder = random_encoder(TINY_ENCODER, seed=4)
+    write_encoder_pt(root / "encoder.pt", encoder, cartoon)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        net = RigNet(layers, 16, latent_dim=4, layout=ControlLayout.for_model(n_expression))
+        with torch.no_grad():
+            net.decoder.weight.normal_(0, 0.5)
+    save_rignet(net.eval(), home / "rignet.safetensors")
+    photo = np.random.RandomState(6).randint(0, 256, (512, 512, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(home / "photo.png")
+    Image.fromarray(photo[::-1]).save(home / "style.png")
+    return {"root": root, "rignet": home / "rignet.safetensors", "net": net,
+            "cartoon": cartoon, "anime": anime, "codes": codes, "anime_codes": anime_codes,
+            "sampler": sampler, "encoder": encoder, "photo": home / "photo.png",
+            "style": home / "style.png"}

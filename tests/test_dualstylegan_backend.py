@@ -6,11 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from dualstylegan_fixtures import (TINY, TINY_ENCODER, TINY_SAMPLER, random_dualstylegan,
-                                   random_encoder, random_sampler, write_encoder_pt,
-                                   write_exstyle_codes, write_generator_pt, write_sampler_pt)
+from dualstylegan_fixtures import ANIME, CARTOON, TINY, write_style_home
 from portrait_rig.client import Client, ServerError
 from portrait_rig.params import RigParams
 from server.backends import backend_problem, create_backend
@@ -19,9 +16,7 @@ from server.backends.dualstylegan import encoder_input, style_weights
 from server.backends.latents import seed_z
 from server.backends.shots import Shot, smooth, smooth_latents
 from server.backends.stylegan_rig import frame_images
-from server.checkpoints.stylerig import save_rignet
 from server.models.dualstylegan import DualStyleGAN
-from server.models.rignet import ControlLayout, RigNet
 from server.renderer.face_model import FaceModel
 from server.renderer.head_view import head_views
 from server_process import ServerProcess
@@ -29,8 +24,6 @@ from synthetic_face import synthetic_face
 
 S = TINY.generator.img_resolution
 L, N_S = TINY.num_ws, TINY.structure_layers
-CARTOON = [f"cartoon_{i:03d}.png" for i in range(4)]
-ANIME = [f"anime_{i:03d}.png" for i in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -40,38 +33,7 @@ def face_model():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, face_model):
-    """dualstylegan/ as the official checkpoint/ folder: cartoon (codes, sampler), anime
-    (refined codes preferred over plain ones, no sampler), the Z+ encoder; and a RigNet."""
-    root = tmp_path_factory.mktemp("home") / "dualstylegan"
-    cartoon, anime = random_dualstylegan(TINY, seed=1), random_dualstylegan(TINY, seed=2)
-    # The intrinsic StyleGAN2 is FFHQ's in every family: only the style paths differ.
-    anime.generator.load_state_dict(cartoon.generator.state_dict())
-    for name, model in (("cartoon", cartoon), ("anime", anime)):
-        (root / name).mkdir(parents=True)
-        write_generator_pt(root / name / "generator.pt", model)
-    codes = {n: np.random.RandomState(10 + i).randn(1, L, 16) for i, n in enumerate(CARTOON)}
-    write_exstyle_codes(root / "cartoon" / "exstyle_code.npy", codes)
-    anime_codes = {n: np.random.RandomState(20 + i).randn(1, L, 16) for i, n in enumerate(ANIME)}
-    write_exstyle_codes(root / "anime" / "refined_exstyle_code.npy", anime_codes)
-    write_exstyle_codes(root / "anime" / "exstyle_code.npy",
-                        {"unrefined.png": np.zeros((1, L, 16))})
-    sampler = random_sampler(TINY_SAMPLER, seed=3)
-    write_sampler_pt(root / "cartoon" / "sampler.pt", sampler)
-    encoder = random_encoder(TINY_ENCODER, seed=4)
-    write_encoder_pt(root / "encoder.pt", encoder, cartoon)
-    torch.manual_seed(5)
-    net = RigNet(L, 16, latent_dim=4,
-                 layout=ControlLayout.for_model(face_model.data.n_expression))
-    with torch.no_grad():
-        net.decoder.weight.normal_(0, 0.5)
-    save_rignet(net.eval(), root.parent / "rignet.safetensors")
-    photo = np.random.RandomState(6).randint(0, 256, (512, 512, 3), dtype=np.uint8)
-    Image.fromarray(photo).save(root.parent / "photo.png")
-    Image.fromarray(photo[::-1]).save(root.parent / "style.png")
-    return {"root": root, "rignet": root.parent / "rignet.safetensors", "net": net,
-            "cartoon": cartoon, "anime": anime, "codes": codes, "anime_codes": anime_codes,
-            "sampler": sampler, "encoder": encoder, "photo": root.parent / "photo.png",
-            "style": root.parent / "style.png"}
+    return write_style_home(tmp_path_factory.mktemp("home"), face_model.data.n_expression)
 
 
 @pytest.fixture(scope="module")
