@@ -6,7 +6,8 @@ and lamps -> spherical-harmonics light), ``transforms``; the link to the server 
 ``live_link`` (parameters out, frames back on a worker thread), ``image_output`` (frames into
 the "Portrait Rig" image), ``photo_fit``; rendering - ``render_engine``, ``sequence``
 (batches, resume, shots); UI - ``properties``, ``preferences``, ``operators``, ``panel``,
-``presets`` (expression presets), ``identity`` (Identity from Photo, edit sliders);
+``presets`` (expression presets), ``style_panel`` (exemplar styles of the dualstylegan
+backend), ``identity`` (Identity from Photo, edit sliders);
 ``shot_export`` (shot files for ``portrait-rig render``).
 
 ``register`` / ``unregister`` are symmetric: disabling the add-on removes its classes, menu
@@ -16,12 +17,12 @@ local server it started. Data the user made stays in the .blend file: rigs, and 
 """
 
 from . import (identity, live_link, operators, panel, preferences, properties, render_engine,
-               shot_export)
+               shot_export, style_panel)
 
 # Registration order: property groups before the classes that point at them; live_link's
 # handlers last so they never see a half-registered add-on.
-_MODULES = (properties, preferences, operators, panel, identity, live_link, render_engine,
-            shot_export)
+_MODULES = (properties, preferences, operators, panel, style_panel, identity, live_link,
+            render_engine, shot_export)
 
 
 def register():

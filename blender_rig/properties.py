@@ -118,6 +118,8 @@ class PortraitRigAppearance(bpy.types.PropertyGroup):
     def to_dict(self) -> dict:
         """``RigParams.appearance`` fields. File paths are made absolute (Blender's ``//``
         prefix resolved) because the server does not know the .blend file's folder."""
+        from .style_panel import style_fields
+
         def path(value: str) -> str | None:
             return bpy.path.abspath(value) if value else None
         return {"seed": self.seed if self.use_seed else None,
@@ -127,7 +129,8 @@ class PortraitRigAppearance(bpy.types.PropertyGroup):
                 "personal_model": self.personal_model or None,
                 "identity": self.identity or None,
                 "edits": {edit.name: round(edit.value, 6) for edit in self.edits
-                          if edit.name and edit.value}}
+                          if edit.name and edit.value},
+                **style_fields(self.id_data)}
 
 
 class PortraitRigSceneSettings(bpy.types.PropertyGroup):

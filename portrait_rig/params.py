@@ -234,13 +234,28 @@ class Lighting:
         return cls([_vector(f"{path}.sh[{i}]", row, 3, MAX_SH) for i, row in enumerate(rows)])
 
 
+MAX_STYLE_WEIGHT = 2.0    # exemplar style weights: 0 = content only, 1 = the paper's full style
+MAX_STYLE_LAYERS = 64
+MAX_EXEMPLAR = 1_000_000
+
+
 @dataclass
 class Appearance:
     """Backend-specific identity / appearance controls. Backends read what they understand:
     ``seed`` and ``truncation`` (StyleGAN), ``latent_file`` (a saved latent), ``reference_photo``
-    (DiffusionRig's global latent), ``personal_model`` (a personalised checkpoint by name),
-    ``identity`` (a photo inverted on the server, by name) and ``edits`` (StyleGAN: strength
-    of each named latent edit direction the server offers, e.g. ``{"age": 2.0}``)."""
+    (DiffusionRig's global latent; the photo identity of ``dualstylegan``), ``personal_model``
+    (a personalised checkpoint by name), ``identity`` (a photo inverted on the server, by name),
+    ``edits`` (StyleGAN: strength of each named latent edit direction the server offers, e.g.
+    ``{"age": 2.0}``), and the exemplar style of ``dualstylegan``:
+
+    ``style_family`` (a style folder's name, e.g. "cartoon"; None: the server's default),
+    ``style_exemplar`` (index of the exemplar in the family's code file, the official
+    style id), ``style_seed`` (a style drawn by the family's sampler instead), ``style_image``
+    (an image on the server embedded as a new exemplar instead), ``style_structure`` and
+    ``style_colour`` (extrinsic weights of the structure and colour layers: 0 keeps the
+    content's, 1 takes the exemplar's), ``style_weights`` (one weight per W+ layer, replacing
+    the two), ``style_reconstruct`` (render the exemplar's own reconstruction instead of the
+    rig's face: gallery thumbnails)."""
     seed: int | None = None
     truncation: float = 0.7
     latent_file: str | None = None
@@ -248,27 +263,40 @@ class Appearance:
     personal_model: str | None = None
     identity: str | None = None
     edits: dict[str, float] = field(default_factory=dict)
+    style_family: str | None = None
+    style_exemplar: int = 0
+    style_seed: int | None = None
+    style_image: str | None = None
+    style_structure: float = 0.75
+    style_colour: float = 1.0
+    style_weights: list[float] | None = None
+    style_reconstruct: bool = False
 
     KEYS = ("seed", "truncation", "latent_file", "reference_photo", "personal_model",
-            "identity", "edits")
+            "identity", "edits", "style_family", "style_exemplar", "style_seed", "style_image",
+            "style_structure", "style_colour", "style_weights", "style_reconstruct")
 
     def to_dict(self) -> dict:
         out = {name: getattr(self, name) for name in self.KEYS}
         out["edits"] = dict(self.edits)
+        if self.style_weights is not None:
+            out["style_weights"] = list(self.style_weights)
         return out
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "appearance") -> "Appearance":
         _check_keys(path, data, cls.KEYS)
         app = cls()
-        if data.get("seed") is not None:
-            seed = data["seed"]
-            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-                raise ParamError(f"{path}.seed", "must be an integer in [0, 2**32)")
-            app.seed = seed
+        for name in ("seed", "style_seed"):
+            if data.get(name) is not None:
+                seed = data[name]
+                if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+                    raise ParamError(f"{path}.{name}", "must be an integer in [0, 2**32)")
+                setattr(app, name, seed)
         if "truncation" in data:
             app.truncation = _number(f"{path}.truncation", data["truncation"], 2.0)
-        for name in ("latent_file", "reference_photo", "personal_model"):
+        for name in ("latent_file", "reference_photo", "personal_model", "style_family",
+                     "style_image"):
             if name in data:
                 setattr(app, name, _optional_str(f"{path}.{name}", data[name]))
         if "identity" in data:
@@ -281,7 +309,35 @@ class Appearance:
             app.edits = {_name(f"{path}.edits", key): _number(f"{path}.edits.{key}", value,
                                                               MAX_EDIT)
                          for key, value in edits.items()}
+        if "style_exemplar" in data:
+            index = data["style_exemplar"]
+            if (isinstance(index, bool) or not isinstance(index, int)
+                    or not 0 <= index < MAX_EXEMPLAR):
+                raise ParamError(f"{path}.style_exemplar",
+                                 f"must be an integer in [0, {MAX_EXEMPLAR}), got {index!r}")
+            app.style_exemplar = index
+        for name in ("style_structure", "style_colour"):
+            if name in data:
+                setattr(app, name, _style_weight(f"{path}.{name}", data[name]))
+        if data.get("style_weights") is not None:
+            weights = data["style_weights"]
+            if not isinstance(weights, (list, tuple)) or not 0 < len(weights) <= MAX_STYLE_LAYERS:
+                raise ParamError(f"{path}.style_weights", f"expected null or a list of 1.."
+                                                          f"{MAX_STYLE_LAYERS} numbers")
+            app.style_weights = [_style_weight(f"{path}.style_weights[{i}]", w)
+                                 for i, w in enumerate(weights)]
+        if "style_reconstruct" in data:
+            if not isinstance(data["style_reconstruct"], bool):
+                raise ParamError(f"{path}.style_reconstruct", "expected true or false")
+            app.style_reconstruct = data["style_reconstruct"]
         return app
+
+
+def _style_weight(path: str, value: Any) -> float:
+    weight = _number(path, value, MAX_STYLE_WEIGHT)
+    if weight < 0:
+        raise ParamError(path, f"must lie in [0, {MAX_STYLE_WEIGHT:g}], got {weight:g}")
+    return weight
 
 
 @dataclass

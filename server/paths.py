@@ -27,6 +27,12 @@ Everything lives under one folder, ``$PORTRAIT_RIG_HOME`` (default ``~/.portrait
         personal/<name>/generator.safetensors
                                          StyleGAN generators tuned to one photo (pivotal
                                          tuning), with pivot.npz; ``appearance.personal_model``
+        dualstylegan/encoder.pt          DualStyleGAN's Z+ pSp encoder (optional: photo
+                                         identities and new exemplars)
+        dualstylegan/<style>/            one folder per style family (cartoon, anime, ...), as
+                                         the official checkpoint/ folder: generator.pt,
+                                         exstyle_code.npy or refined_exstyle_code.npy (preferred),
+                                         sampler.pt (optional: random styles)
 
 Backend options (``portrait-rig-server --option diffusionrig.checkpoint=FILE``,
 ``--option stylerig.generator=FILE``) override the defaults. Personal model names are plain
@@ -100,6 +106,42 @@ def face_model_source(source: str) -> str:
                                 f"2023 and put generic_model.pkl or flame2023.pkl in "
                                 f"{path.parent}, or pass the file's path")
     return str(path)
+
+
+DUALSTYLEGAN_CODES = ("refined_exstyle_code.npy", "exstyle_code.npy")
+
+
+def dualstylegan_dir() -> Path:
+    """Default DualStyleGAN folder: ``dualstylegan/`` (the official ``checkpoint/`` layout)."""
+    return home() / "dualstylegan"
+
+
+def dualstylegan_families(folder=None) -> list[str]:
+    """Style families under ``folder`` (default ``dualstylegan_dir()``): the names of its
+    sub-folders holding a ``generator.pt``, sorted."""
+    root = Path(folder).expanduser() if folder else dualstylegan_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if _NAME.fullmatch(p.name) and (p / "generator.pt").is_file())
+
+
+def dualstylegan_family(name: str, folder=None) -> Path:
+    """The folder of style family ``name``. Raises ValueError for a name that is not a plain
+    folder name."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"style family {name!r} must be 1-64 letters, digits, '.', '_' or "
+                         "'-' (a folder name, not a path)")
+    return (Path(folder).expanduser() if folder else dualstylegan_dir()) / name
+
+
+def dualstylegan_codes(family_dir: Path) -> Path:
+    """A family's exemplar codes: ``refined_exstyle_code.npy`` when present, else
+    ``exstyle_code.npy`` (the official scripts' choice)."""
+    for name in DUALSTYLEGAN_CODES:
+        if (family_dir / name).is_file():
+            return family_dir / name
+    return family_dir / DUALSTYLEGAN_CODES[-1]
 
 
 def flame_texture() -> Path:
@@ -204,6 +246,10 @@ SOURCES = {
                     "research licence), renamed model.pt",
     "flame-texture": "FLAME_texture.npz from the FLAME website (flame.is.tue.mpg.de, "
                      "registration; FLAME licence)",
+    "dualstylegan": "a style folder (e.g. cartoon: generator.pt, exstyle_code.npy, sampler.pt) "
+                    "from github.com/williamyang1991/DualStyleGAN 'Pretrained Models' (S-Lab "
+                    "licence), into dualstylegan/<style>/",
+    "photo-encoder": "DualStyleGAN's encoder.pt from the same page",
 }
 
 
@@ -250,4 +296,21 @@ def diffusionrig_files(options: Mapping[str, Any]) -> list[FileNeed]:
     if texture != "none":
         needs.append(FileNeed("FLAME texture space (albedo)", _chosen(texture, flame_texture()),
                               texture != "auto", "flame-texture", "diffusionrig.texture"))
+    return needs
+
+
+def dualstylegan_files(options: Mapping[str, Any]) -> list[FileNeed]:
+    """The dualstylegan backend's style generator (its default family's, required) and the
+    Z+ encoder (optional unless named)."""
+    root = _chosen(options.get("folder"), dualstylegan_dir())
+    families = dualstylegan_families(root)
+    family = options.get("family") or ("cartoon" if "cartoon" in families or not families
+                                       else families[0])
+    needs = [FileNeed(f"DualStyleGAN style generator ({family})",
+                      root / family / "generator.pt", True, "dualstylegan",
+                      "dualstylegan.folder")]
+    encoder = options.get("encoder", "auto")
+    if encoder != "none":
+        needs.append(FileNeed("DualStyleGAN Z+ encoder", _chosen(encoder, root / "encoder.pt"),
+                              encoder != "auto", "photo-encoder", "dualstylegan.encoder"))
     return needs

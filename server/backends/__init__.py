@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 from server import paths
 from server.backends.base import (Backend, Option, RenderCancelled, RenderRequest, RenderResult,
                                   choice, colour, file_or, integer, optional_integer,
-                                  parse_options)
+                                  parse_options, plain_name, real)
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,26 @@ SPECS: dict[str, BackendSpec] = {spec.name: spec for spec in (
                 "folder's personal/", file_or()),
          Option("max_models", 2, "checkpoints kept loaded, stage 1 included", integer(1, 64))),
         previews=True, files=paths.diffusionrig_files),
+    BackendSpec(
+        "dualstylegan", "dualstylegan", "DualStyleGANBackend",
+        "DualStyleGAN: the rig's face in the style of an exemplar portrait (cartoon, "
+        "caricature, anime...), steered by RigNet like stylerig (needs a style folder: "
+        "generator.pt and exemplar codes)",
+        (Option("folder", None, "folder of style families (the official checkpoint/ layout); "
+                "default: the model folder's dualstylegan/", file_or()),
+         Option("family", None, "the default style family (default: cartoon when present, "
+                "else the first)", plain_name),
+         Option("rignet", "auto", "'auto' (the model folder's stylerig/rignet.safetensors when "
+                "present, trained for the FFHQ StyleGAN2), 'none', or a RigNet file",
+                file_or("auto", "none")),
+         Option("encoder", "auto", "'auto' (the folder's encoder.pt when present), 'none', or "
+                "the Z+ pSp encoder file (photo identities, your own style images)",
+                file_or("auto", "none")),
+         Option("photo_truncation", 0.75, "truncation of photo content towards 0, as the "
+                "official style_transfer.py", real(0.0, 2.0)),
+         Option("max_identities", 64, "identity latents kept in memory", integer(1, 100_000)),
+         Option("max_families", 2, "style families kept loaded", integer(1, 64))),
+        files=paths.dualstylegan_files),
 )}
 
 BACKEND_NAMES: tuple[str, ...] = tuple(SPECS)

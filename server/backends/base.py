@@ -4,6 +4,7 @@ and fitting a generator's square image to the requested frame."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -44,10 +45,12 @@ class RenderRequest:
 class RenderResult:
     """``image`` is display-referred sRGB, uint8 [H, W, 4] (RGBA, rows top to bottom; alpha
     is the face mask or 255). ``passes`` maps pass names to float32 [H, W, C] arrays.
-    ``timings`` holds per-stage milliseconds."""
+    ``timings`` holds per-stage milliseconds. ``info``: JSON-ready facts about the frame for
+    the client (the frame header's ``info``), e.g. which exemplar style it shows."""
     image: np.ndarray
     passes: dict[str, np.ndarray] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
 
 
 def check_request(index: int, request: RenderRequest) -> None:
@@ -137,6 +140,27 @@ def choice(*values: str) -> Callable[[Any], str]:
             raise ValueError(f"expected one of {', '.join(values)}, got {value!r}")
         return value
     return parse
+
+
+def real(low: float, high: float) -> Callable[[Any], float]:
+    def parse(value) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"must lie in [{low:g}, {high:g}], got {number:g}")
+        return number
+    return parse
+
+
+def plain_name(value) -> str | None:
+    """A plain folder name (letters, digits, '.', '_', '-'), or None."""
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise ValueError(f"expected a plain name (letters, digits, '.', '_', '-'), got {value!r}")
+    return value
 
 
 def optional_integer(low: int, high: int) -> Callable[[Any], int | None]:

@@ -50,31 +50,26 @@ conversion, copy to the host), ``passes``.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from portrait_rig.params import Appearance, RigParams
+from portrait_rig.params import RigParams
 from server import paths
-from server.checkpoints.stylegan import generator_fingerprint, load_generator
+from server.checkpoints.stylegan import load_generator
 from server.renderer.face_model import FaceModel
-from server.models.rignet import ControlLayout, control_vector
-from server.checkpoints.stylerig import load_rignet, read_rignet_metadata
 from server.models.stylegan3 import StyleGAN3Generator, make_transform
 from server.renderer.head_view import head_views
 from server.backends.directions import Directions, styles_offset
-from server.backends.latents import load_latent_file, seed_z
 from server.backends.shots import smooth_latents, smooth_transforms
+from server.backends.stylegan_rig import RigLatents, RigPasses, frame_images, request_windows
 
 from server.backends.base import (LRU, Backend, RenderRequest, RenderResult, StageTimer,
-                                  check_request, cover_frame, file_stamp, opaque_rgba,
-                                  resolve_precision, torch_device)
+                                  check_request, file_stamp, resolve_precision, torch_device)
 
 FP16_CONV_CLAMP = 256.0           # what NVIDIA's code clamps float16 layers to
-
 
 
 class StyleRigBackend(Backend):
@@ -108,13 +103,9 @@ class StyleRigBackend(Backend):
         self.is_stylegan3 = isinstance(self.G, StyleGAN3Generator)
         if precision == "fp16":
             _float16_everywhere(self.G)
-        self.rignet, self.rignet_path = self._load_rignet(rignet)
-        self.layout = (None if self.rignet is None else
-                       self.rignet.layout or ControlLayout.for_dim(self.rignet.control_dim))
-        if self.rignet is None:
-            print(f"stylerig: no RigNet weights ({self._rignet_hint(rignet)}): rendering "
-                  "identity only; the rig's pose, expression and light do not change the "
-                  "portrait", file=sys.stderr, flush=True)
+        self.rig = RigLatents(self.G, self.torch_device, face_model.data, rignet,
+                              max_identities, generator_name=self.generator_path.name)
+        self.rignet, self.rignet_path = self.rig.rignet, self.rig.rignet_path
         self.directions = Directions(Path(directions).expanduser() if directions
                                      else paths.directions_dir(), self.G)
         if self.directions.kinds:
@@ -123,8 +114,7 @@ class StyleRigBackend(Backend):
         self._personal = LRU(max_personal)
         if cuda:
             torch.backends.cudnn.benchmark = True      # fixed shapes: pick the fastest kernels
-        self._latents = LRU(max_identities)
-        self._buffers = None                           # preview backend, built for passes
+        self._passes = RigPasses(face_model, device)
 
     def summary(self) -> str:
         G = self.G
@@ -136,42 +126,6 @@ class StyleRigBackend(Backend):
                 f"{G.w_dim} W+), {rignet}, on {self.torch_device}, {self.precision}")
 
     # ------------------------------------------------------------------------ setup
-    def _load_rignet(self, option):
-        if option in (None, "none"):
-            return None, None
-        path = paths.stylerig_rignet() if option == "auto" else Path(option).expanduser()
-        if not path.is_file():
-            if option == "auto":
-                return None, None
-            raise FileNotFoundError(f"rignet: file not found: {path}")
-        net = load_rignet(path, self.torch_device)
-        without = ("train a RigNet for it (docs/stylerig_training.md) or run without one: "
-                   "--option stylerig.rignet=none")
-        if (net.num_ws, net.w_dim) != (self.G.num_ws, self.G.w_dim):
-            raise ValueError(f"rignet: {path} edits latents [{net.num_ws}, {net.w_dim}], the "
-                             f"generator {self.generator_path} has [{self.G.num_ws}, "
-                             f"{self.G.w_dim}]; {without}")
-        meta = read_rignet_metadata(path)
-        trained_for = meta.get("generator_fingerprint")
-        if trained_for and trained_for != generator_fingerprint(self.G):
-            raise ValueError(f"rignet: {path} was trained for the generator "
-                             f"{meta.get('generator')!r} (fingerprint {trained_for}), not "
-                             f"{self.generator_path.name} (fingerprint "
-                             f"{generator_fingerprint(self.G)}); {without}")
-        vertices = meta.get("face_vertices")
-        data = self.face_model.data
-        if vertices and int(vertices) != data.n_vertices:
-            raise ValueError(f"rignet: {path} was trained with the face model "
-                             f"{meta.get('face_model')!r} ({vertices} vertices), the server "
-                             f"runs {data.name!r} ({data.n_vertices} vertices); {without}")
-        return net, path
-
-    @staticmethod
-    def _rignet_hint(option) -> str:
-        if option in (None, "none"):
-            return "rignet=none"
-        return f"none at {paths.stylerig_rignet()}; pass --option stylerig.rignet=FILE"
-
     def warmup(self) -> None:
         """On CUDA, synthesise one frame so the first request does not pay for kernel
         selection (on the CPU there is nothing to prepare)."""
@@ -187,29 +141,20 @@ class StyleRigBackend(Backend):
         lap = StageTimer(self.torch_device)
         # The frames to compute: each request's window (itself, and the neighbours it is
         # smoothed over), one after the other; ``windows`` holds (first row, length, centre).
-        windows, params, views = [], [], []
-        for request in requests:
-            if request.shot is not None and request.shot.smooth and request.shot.neighbors:
-                _, window, centre = request.shot.window(request.params)
-            else:
-                window, centre = [request.params], 0
-            windows.append((len(params), len(window), centre))
-            params += window
-            if self.rignet is not None or self.is_stylegan3:
-                views += head_views(window, request.width, request.height)
+        params, windows = request_windows(requests)
+        views = []
+        if self.rignet is not None or self.is_stylegan3:
+            for request, (start, length, _) in zip(requests, windows):
+                views += head_views(params[start: start + length], request.width,
+                                    request.height)
 
         for p in params:
             self.directions.check(p.appearance.edits)
-        w = torch.stack([self._identity(p.appearance) for p in params])
+        w = torch.stack([self.rig.identity(p.appearance) for p in params])
         w = self.directions.apply_latent(w, [p.appearance.edits for p in params])
         lap("identity")
         if self.rignet is not None:
-            controls = control_vector(params, self.layout, device=self.torch_device)
-            pose = torch.tensor(np.stack([v.swing for v in views]), dtype=torch.float32)
-            light = torch.tensor(np.stack([v.light for v in views]), dtype=torch.float32)
-            controls[:, self.layout.slices["global_pose"]] = pose.to(self.torch_device)
-            controls[:, self.layout.slices["sh"]] = light.flatten(1).to(self.torch_device)
-            w = self.rignet(w, controls)
+            w = self.rig.edit(w, params, views)
             lap("rignet")
         transforms = None
         if self.is_stylegan3:                                   # float64 [N, 3, 3]
@@ -226,48 +171,14 @@ class StyleRigBackend(Backend):
         transforms = torch.stack(frame_transforms) if transforms is not None else None
         images = self._synthesize(requests, ws, transforms)
         lap("synthesis")
-        results = [RenderResult(image) for image in self._images(images, requests)]
+        results = [RenderResult(image) for image in frame_images(images, requests)]
         lap("image")
         if any(r.passes for r in requests):
-            self._add_passes(requests, results)
+            self._passes.add(requests, results)
             lap("passes")
         for result in results:
             result.timings = dict(lap.times)
         return results
-
-    def _identity(self, appearance: Appearance) -> torch.Tensor:
-        """W+ [num_ws, w_dim] float32 on the device for a request's identity (cached)."""
-        G, psi = self.G, float(appearance.truncation)
-        path = None
-        if appearance.identity:
-            path = paths.identity_latent(appearance.identity)
-            if not path.is_file():
-                raise FileNotFoundError(f"appearance.identity: no identity named "
-                                        f"{appearance.identity!r} on the server (make one "
-                                        "from a photo with an 'invert' request)")
-        elif appearance.latent_file:
-            path = Path(os.path.expanduser(appearance.latent_file))
-            if not path.is_file():
-                raise FileNotFoundError(f"appearance.latent_file: file not found on the "
-                                        f"server: {path}")
-        elif appearance.personal_model and appearance.seed is None:
-            pivot = paths.personal_generator(appearance.personal_model).with_name("pivot.npz")
-            path = pivot if pivot.is_file() else None
-        if path is not None:
-            key = ("file", file_stamp(path.resolve()), psi)
-        else:
-            key = ("seed", appearance.seed or 0, psi)
-        w = self._latents.get(key)
-        if w is None:
-            if key[0] == "file":
-                latent = load_latent_file(path, G.z_dim, G.w_dim, G.num_ws)
-                kind, value = latent.kind, latent.value
-            else:
-                kind, value = "z", seed_z(appearance.seed, G.z_dim)
-            value = value.to(self.torch_device)
-            w = self._latents.put(key, G.mapping(value[None], truncation_psi=psi)[0]
-                                  if kind == "z" else value)
-        return w
 
     def _synthesize(self, requests: list[RenderRequest], ws: torch.Tensor,
                     transforms: torch.Tensor | None) -> torch.Tensor:
@@ -311,33 +222,6 @@ class StyleRigBackend(Backend):
                 _float16_everywhere(G)
             self._personal.put(key, G)
         return G
-
-    def _images(self, images: torch.Tensor, requests: list[RenderRequest]) -> list[np.ndarray]:
-        """[B, 3, S, S] in [-1, 1] -> RGBA uint8 frames [H, W, 4], each resized to the square
-        covering it and centre-cropped (frames of one size are converted together)."""
-        out: list[np.ndarray | None] = [None] * len(requests)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, request in enumerate(requests):
-            groups.setdefault((request.width, request.height), []).append(i)
-        for (width, height), indices in groups.items():
-            batch = images[indices] if len(indices) < len(requests) else images
-            batch = cover_frame(batch, width, height)
-            rgb = (batch * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-            rgba = opaque_rgba(rgb)
-            for j, i in enumerate(indices):
-                out[i] = rgba[j]
-        return out
-
-    def _add_passes(self, requests: list[RenderRequest], results: list[RenderResult]) -> None:
-        """The requested buffers of the face model, from the preview backend's renderer."""
-        from server.backends.preview import PreviewBackend
-
-        if self._buffers is None:
-            self._buffers = PreviewBackend(self.face_model, self.device)
-        wanted = [i for i, r in enumerate(requests) if r.passes]
-        buffers = self._buffers.render([requests[i] for i in wanted])
-        for i, rendered in zip(wanted, buffers):
-            results[i].passes = rendered.passes
 
 
 # ---------------------------------------------------------------------------- synthesis

@@ -27,6 +27,8 @@ KINDS = {
     "rignet": "a RigNet file",
     "dfr": "a StyleRig face reconstruction (DFR) file",
     "deca": "DECA's deca_model.tar",
+    "dualstylegan": "a DualStyleGAN generator",
+    "photo-encoder": "a pSp / e4e / ReStyle photo encoder",
     "flame-model": "a FLAME face model",
     "flame-texture": "a FLAME texture space",
     "latent": "a latent array",
@@ -81,20 +83,26 @@ def _safetensors(path: Path) -> str:
     return "unknown"
 
 
-def _names(path: Path) -> set[str]:
+def _top_level(path: Path) -> dict:
     import torch
 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - anything weights_only refuses is not ours to name
-        return set()
-    return set(map(str, data)) if isinstance(data, dict) else set()
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _torch_zip(path: Path) -> str:
-    names = _names(path)
+    data = _top_level(path)
+    names = set(map(str, data))
     if "g_ema" in names:
+        inner = data["g_ema"] if isinstance(data["g_ema"], dict) else {}
+        if any(str(k).startswith("res.") for k in inner):
+            return "dualstylegan"
         return "stylegan-generator"
+    if "state_dict" in names and "opts" in names:
+        return "photo-encoder"
     if "E_flame" in names:
         return "deca"
     if any(name.startswith("denoisingUNet.") for name in names):

@@ -95,7 +95,10 @@ class InvertService:
             from server.inversion.invert import PhotoInverter
             from server.models.lpips import load_lpips
 
-            problem = paths.stylerig_problem(generator=self.options.get("generator"))
+            from server.backends.check import check_file
+
+            problem = check_file(paths.stylerig_files({
+                "generator": self.options.get("generator"), "rignet": "none"})[0]).problem
             if problem:
                 raise FitError(protocol.E_INVERT_FAILED, problem)
             try:

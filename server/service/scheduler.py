@@ -324,6 +324,8 @@ class RenderWorker:
         header = {"type": "frame", "id": job.id, "width": job.width, "height": job.height,
                   "format": job.format, "backend": job.backend, "mode": job.mode,
                   "batch_size": batch_size}
+        if result.info:
+            header["info"] = result.info
         try:
             return frame_codec.encode_frame(header, result.image, result.passes, job.passes,
                                             job.format, job.quality, timings)

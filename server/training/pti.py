@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from server import paths
+from server.backends.check import check_file
 
 STATE, LOG, RECORD, PREVIEW, PIVOT = ("pti_state.pt", "pti_log.jsonl", "pti.json",
                                       "preview.png", "pivot.npz")
@@ -101,7 +102,8 @@ def run(args) -> dict:
     device = torch.device(args.device)
     generator_path = Path(args.generator).expanduser() if args.generator \
         else paths.stylegan_generator()
-    problem = paths.stylerig_problem(generator=args.generator)
+    problem = check_file(paths.stylerig_files({"generator": args.generator,
+                                               "rignet": "none"})[0]).problem
     if problem:
         raise FileNotFoundError(problem)
     G = load_generator(generator_path, device)
