@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from server.checkpoints.dualstylegan import dualstylegan_from_state
-from server.checkpoints.stylegan import official_to_rosinality
+from stylegan_fixtures import official_to_rosinality
 from server.models.dualstylegan import DualStyleGAN, DualStyleGANConfig
 from server.models.psp_encoder import PSPEncoder, PSPEncoderConfig
 from server.models.style_sampler import StyleSampler, StyleSamplerConfig
