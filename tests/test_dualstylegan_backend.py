@@ -10,7 +10,8 @@ import torch
 from dualstylegan_fixtures import ANIME, CARTOON, TINY, write_style_home
 from portrait_rig.client import Client, ServerError
 from portrait_rig.params import RigParams
-from server.backends import backend_problem, create_backend
+from server.backends import create_backend
+from server.backends.check import check_backend
 from server.backends.base import RenderRequest
 from server.backends.dualstylegan import encoder_input, style_weights
 from server.backends.latents import seed_z
@@ -143,7 +144,7 @@ def test_content_is_the_stylerig_latent_and_follows_the_rig(rigged, plain, files
     assert differ(base, want) <= 1
     np.testing.assert_array_equal(pixels(render(plain, rig(seed=3, yaw=0.4, style_exemplar=1))),
                                   base)
-    assert "Identity only" in plain.description
+    assert "identity only" in plain.summary()
 
 
 def test_structure_and_colour_sliders_weight_their_layers(plain, files):
@@ -224,7 +225,7 @@ def test_bad_styles_say_what_to_do(plain, files, face_model, tmp_path):
         render(no_encoder, rig(style_image=str(files["style"])))
     with pytest.raises(ValueError, match="unknown dualstylegan option"):
         create_backend("dualstylegan", face_model, "cpu", folder=str(files["root"]), colour=1)
-    problem = backend_problem("dualstylegan", folder=str(tmp_path))
+    problem = check_backend("dualstylegan", {"folder": str(tmp_path)}).reason
     assert "generator.pt" in problem and "williamyang1991/DualStyleGAN" in problem
     with pytest.raises(FileNotFoundError, match="no DualStyleGAN style"):
         create_backend("dualstylegan", face_model, "cpu", folder=str(tmp_path))

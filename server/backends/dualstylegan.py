@@ -103,6 +103,9 @@ class DualStyleGANBackend(Backend):
         self.photo_truncation = photo_truncation
         self.folder = Path(folder).expanduser() if folder else paths.dualstylegan_dir()
         found = paths.dualstylegan_families(self.folder)
+        if not found:
+            raise FileNotFoundError(f"no DualStyleGAN style under {self.folder}: "
+                                    f"{paths.SOURCES['dualstylegan']}")
         self.default_family = family or (DEFAULT_FAMILY if DEFAULT_FAMILY in found else found[0])
         if self.default_family not in found:
             raise ValueError(f"family: no style {self.default_family!r} under {self.folder} "
@@ -120,6 +123,13 @@ class DualStyleGANBackend(Backend):
                               same_generator=False)
         self.num_ws, self.z_dim = first.model.num_ws, first.model.z_dim
         self._passes = RigPasses(face_model, device)
+
+    def summary(self) -> str:
+        rignet = (f"RigNet {self.rig.rignet_path}" if self.rig.rignet is not None else
+                  "no RigNet: identity only, the rig's pose, expression and light do not "
+                  "change the portrait")
+        return (f"{self.folder} (default style {self.default_family!r}), {rignet}, on "
+                f"{self.torch_device}")
 
     # ------------------------------------------------------------------------ files
     def _encoder_path(self, option) -> Path | None:
@@ -218,6 +228,9 @@ class DualStyleGANBackend(Backend):
 
         styles, weights, infos = [], [], []
         found = paths.dualstylegan_families(self.folder)
+        if not found:
+            raise FileNotFoundError(f"no DualStyleGAN style under {self.folder}: "
+                                    f"{paths.SOURCES['dualstylegan']}")
         for p, family in zip(params, families):
             exstyle, info = self._style(family, p.appearance, found)
             styles.append(exstyle)
