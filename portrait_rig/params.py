@@ -33,7 +33,9 @@ SCHEMA_VERSION = 1
 # (degrees sent as radians, millimetres as metres) and garbage.
 MAX_SHAPE = 400           # FLAME 2023 has 300 identity components; leave headroom.
 MAX_EXPRESSION = 400
+MAX_TEXTURE = 300         # FLAME's texture space has 200 components, BFM's albedo 199
 MAX_COEFFICIENT = 20.0    # components are in standard deviations; |x| > 20 is never a face
+MAX_TEXTURE_COEFFICIENT = 100.0   # texture codes weight the file's directions as they are
 MAX_ANGLE = 4 * math.pi   # axis-angle norm (two full turns covers keyframe unwrapping)
 MAX_TRANSLATION = 100.0   # metres
 MAX_SH = 1e5            # HDR environments with a sun reach the thousands
@@ -73,12 +75,13 @@ def _vector(path: str, value: Any, length: int, limit: float) -> list[float]:
     return [_number(f"{path}[{i}]", v, limit) for i, v in enumerate(value)]
 
 
-def _coefficients(path: str, value: Any, max_len: int) -> list[float]:
+def _coefficients(path: str, value: Any, max_len: int,
+                  limit: float = MAX_COEFFICIENT) -> list[float]:
     if not isinstance(value, (list, tuple)):
         raise ParamError(path, f"expected a list of numbers, got {type(value).__name__}")
     if len(value) > max_len:
         raise ParamError(path, f"at most {max_len} values, got {len(value)}")
-    return [_number(f"{path}[{i}]", v, MAX_COEFFICIENT) for i, v in enumerate(value)]
+    return [_number(f"{path}[{i}]", v, limit) for i, v in enumerate(value)]
 
 
 def _rotation(path: str, value: Any) -> list[float]:
@@ -225,17 +228,23 @@ class Lighting:
 class Appearance:
     """Backend-specific identity / appearance controls. Backends read what they understand:
     ``seed`` and ``truncation`` (StyleGAN), ``latent_file`` (a saved latent), ``reference_photo``
-    (DiffusionRig's global latent), ``personal_model`` (a personalised checkpoint by name)."""
+    (DiffusionRig's global latent), ``personal_model`` (a personalised checkpoint by name),
+    ``texture`` (coefficients of the server's texture space, FLAME_texture.npz: DECA's ``tex``
+    code, 50 values from a fit, up to the file's component count; shorter lists are
+    zero-padded, so ``[]`` is the mean texture)."""
     seed: int | None = None
     truncation: float = 0.7
     latent_file: str | None = None
     reference_photo: str | None = None
     personal_model: str | None = None
+    texture: list[float] = field(default_factory=list)
 
-    KEYS = ("seed", "truncation", "latent_file", "reference_photo", "personal_model")
+    KEYS = ("seed", "truncation", "latent_file", "reference_photo", "personal_model", "texture")
 
     def to_dict(self) -> dict:
-        return {name: getattr(self, name) for name in self.KEYS}
+        out = {name: getattr(self, name) for name in self.KEYS}
+        out["texture"] = list(self.texture)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "appearance") -> "Appearance":
@@ -251,6 +260,9 @@ class Appearance:
         for name in ("latent_file", "reference_photo", "personal_model"):
             if name in data:
                 setattr(app, name, _optional_str(f"{path}.{name}", data[name]))
+        if "texture" in data:
+            app.texture = _coefficients(f"{path}.texture", data["texture"], MAX_TEXTURE,
+                                        MAX_TEXTURE_COEFFICIENT)
         return app
 
 
