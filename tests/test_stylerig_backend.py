@@ -60,13 +60,13 @@ def files(tmp_path_factory, face_model):
 @pytest.fixture(scope="module")
 def rigged(files, face_model):
     return create_backend("stylerig", face_model, "cpu", generator=str(files["sg2"]),
-                          rignet=str(files["rignet"]))
+                          rignet=str(files["rignet"]), framing="rig")
 
 
 @pytest.fixture(scope="module")
 def plain(files, face_model):
     return create_backend("stylerig", face_model, "cpu", generator=str(files["sg2"]),
-                          rignet="none")
+                          rignet="none", framing="rig")
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,8 @@ def test_server_renders_stylerig_frames(files, rigged):
     params = rig(seed=4, yaw=0.3, jaw=0.2, expression=[1.0, -0.5])
     with ServerProcess("--backend", "stylerig", "--model", "demo", "--quiet",
                        "--option", f"stylerig.generator={files['sg2']}",
-                       "--option", f"stylerig.rignet={files['rignet']}") as proc, \
+                       "--option", f"stylerig.rignet={files['rignet']}",
+                       "--option", "stylerig.framing=rig") as proc, \
             Client(proc.host, proc.port, timeout=60.0) as client:
         assert client.hello["default_backend"] == "stylerig"
         assert "stylerig" in [b["name"] for b in client.hello["backends"]]
@@ -147,7 +148,8 @@ def test_same_seed_same_frame_other_seed_other_face(rigged):
 
 
 def test_without_rignet_only_identity_changes_the_image(plain, capsys, files, face_model):
-    create_backend("stylerig", face_model, "cpu", generator=str(files["sg2"]), rignet="none")
+    create_backend("stylerig", face_model, "cpu", generator=str(files["sg2"]), rignet="none",
+                   framing="rig")
     assert "no RigNet weights" in capsys.readouterr().err
     assert "Identity only" in plain.description
     base = render(plain, rig(seed=1))

@@ -14,13 +14,16 @@ Per batch of requests:
    become the generator's input transform (``make_transform(roll, tx, ty)``). The transform is
    a single buffer of the input layer, so frames with different transforms compute their
    Fourier-feature input one transform at a time (cheap: one small layer) and then run every
-   synthesis layer as one batch. StyleGAN2 has no such transform: roll and position are not
-   rendered there.
+   synthesis layer as one batch. StyleGAN2 has no such transform: it draws the FFHQ-aligned
+   portrait it was trained on, which is placed into the frame through the head's FFHQ
+   framing (``server.backends.framing``, from the 68 landmarks of the rig's posed mesh), so
+   roll, position and size follow the rig; alpha is the generated square's coverage.
 4. One synthesis call for the batch at the generator's resolution S, noise mode 'const' (a
    fixed noise image, so equal latents give equal frames); the [-1, 1] output becomes sRGB
    uint8 as NVIDIA's scripts write it (x * 127.5 + 128, clamped, truncated), resized (torch
    bicubic, antialiased when shrinking) to the square max(width, height) covering the frame
-   and centre-cropped. Alpha is 255.
+   and centre-cropped (StyleGAN3, or ``framing`` "rig"; alpha 255), or placed through the
+   FFHQ framing (StyleGAN2).
 
 Without RigNet weights the backend draws plain StyleGAN portraits: identity (and, with
 StyleGAN3, roll and position) follow the rig, pose, expression and light do not. It says so
@@ -32,7 +35,8 @@ their latents go through steps 1-3 with the frame's own, ``server.backends.shots
 (fine layers averaged, then the 5-tap kernel renormalised over the frames present) and
 ``smooth_transforms`` are applied over that window, and the frame keeps its own row. So the
 smoothing window is exactly what the request carries; a frame without neighbours (a lone
-frame, a render started from Blender's UI) is rendered unsmoothed.
+frame, a render started from Blender's UI) is rendered unsmoothed. StyleGAN2's framings are
+smoothed over the same window.
 
 Extra passes (normal, albedo, ...) come from the preview backend's buffer renderer, of the
 face model in the rig's pose and camera. The generator's portrait is not fitted to that
@@ -64,6 +68,7 @@ from server.models.stylegan3 import StyleGAN3Generator, make_transform
 from server.renderer.head_view import head_views
 from server.backends.latents import load_latent_file, seed_z
 from server.backends.shots import smooth_latents, smooth_transforms
+from server.backends.framing import HeadFramer, check_framing, place
 
 from server.backends.base import Backend, RenderRequest, RenderResult, StageTimer, check_request
 
@@ -83,7 +88,10 @@ class StyleRigBackend(Backend):
     synthesis layer but StyleGAN2's 4x4 block in float16, activations clamped to +-256 as
     NVIDIA's mixed precision does) or "native" (the checkpoint's own mixed precision:
     float16 in its ``num_fp16_res`` highest resolutions on CUDA); ``max_identities`` identity
-    latents kept (default 64).
+    latents kept (default 64); ``framing`` "ffhq" (StyleGAN2's FFHQ-aligned portrait placed
+    where the rig's head is, at its size and roll), "centre" (only moved to the head's FFHQ
+    centre) or "rig" (the portrait fills the frame); StyleGAN3 places the head with its input
+    transform either way.
     """
 
     name = "stylerig"
@@ -91,10 +99,12 @@ class StyleRigBackend(Backend):
                    "the rig through RigNet (needs a generator checkpoint)")
 
     def __init__(self, face_model: FaceModel, device: str = "cpu", generator=None,
-                 rignet="auto", precision: str = "auto", max_identities=64, **options):
+                 rignet="auto", precision: str = "auto", max_identities=64,
+                 framing: str = "ffhq", **options):
         if options:
             raise ValueError(f"unknown stylerig option(s): {', '.join(sorted(options))} "
-                             "(known: generator, rignet, precision, max_identities)")
+                             "(known: generator, rignet, precision, max_identities, framing)")
+        framing = check_framing(framing)
         super().__init__(face_model, device)
         self.torch_device = torch.device(device)
         cuda = self.torch_device.type == "cuda"
@@ -141,6 +151,9 @@ class StyleRigBackend(Backend):
             torch.backends.cudnn.benchmark = True      # fixed shapes: pick the fastest kernels
         self._latents: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._buffers = None                           # preview backend, built for passes
+        self.framing = framing
+        self.framer = (HeadFramer(face_model) if framing != "rig" and not self.is_stylegan3
+                       else None)
 
     # ------------------------------------------------------------------------ setup
     def _load_rignet(self, option):
@@ -179,7 +192,7 @@ class StyleRigBackend(Backend):
         lap = StageTimer(self.torch_device)
         # The frames to compute: each request's window (itself, and the neighbours it is
         # smoothed over), one after the other; ``windows`` holds (first row, length, centre).
-        windows, params, views = [], [], []
+        windows, params, views, framings = [], [], [], []
         for request in requests:
             if request.shot is not None and request.shot.smooth and request.shot.neighbors:
                 _, window, centre = request.shot.window(request.params)
@@ -189,6 +202,9 @@ class StyleRigBackend(Backend):
             params += window
             if self.rignet is not None or self.is_stylegan3:
                 views += head_views(window, request.width, request.height)
+            if self.framer is not None:
+                framings.append(self.framer.shot_framing(window, centre, request.width,
+                                                         request.height, self.framing))
 
         w = torch.stack([self._identity(p.appearance) for p in params])
         lap("identity")
@@ -215,7 +231,8 @@ class StyleRigBackend(Backend):
         transforms = torch.stack(frame_transforms) if transforms is not None else None
         images = synthesize(self.G, ws, transforms, force_fp32=self.precision == "fp32")
         lap("synthesis")
-        results = [RenderResult(image) for image in self._images(images, requests)]
+        results = [RenderResult(image)
+                   for image in self._images(images, requests, framings or None)]
         lap("image")
         if any(r.passes for r in requests):
             self._add_passes(requests, results)
@@ -252,9 +269,16 @@ class StyleRigBackend(Backend):
         self._latents.move_to_end(key)
         return w
 
-    def _images(self, images: torch.Tensor, requests: list[RenderRequest]) -> list[np.ndarray]:
-        """[B, 3, S, S] in [-1, 1] -> RGBA uint8 frames [H, W, 4], each resized to the square
-        covering it and centre-cropped (frames of one size are converted together)."""
+    def _images(self, images: torch.Tensor, requests: list[RenderRequest],
+                framings=None) -> list[np.ndarray]:
+        """[B, 3, S, S] in [-1, 1] -> RGBA uint8 frames [H, W, 4], each placed through its
+        framing (alpha: coverage) or, without framings, resized to the square covering it and
+        centre-cropped (frames of one size are converted together; alpha 255)."""
+        if framings is not None:
+            placed = place(images, np.stack(framings), [(r.width, r.height) for r in requests])
+            return [np.ascontiguousarray(torch.cat(
+                [(rgb * 127.5 + 128).clamp(0, 255), (alpha * 255).round()]).to(torch.uint8)
+                .permute(1, 2, 0).cpu().numpy()) for rgb, alpha in placed]
         out: list[np.ndarray | None] = [None] * len(requests)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, request in enumerate(requests):
