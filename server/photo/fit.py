@@ -79,14 +79,14 @@ class PhotoFitter:
         return FitResult(params=params, albedo_gain=gain,
                          vertex_albedo=self.model.data.vertex_albedo.astype(np.float64),
                          landmarks=fitted, target_landmarks=landmarks,
-                         landmark_valid=self.embedding.valid.copy(), method="deca",
-                         extras={"tex": codes.tex.tolist()})
+                         landmark_valid=self.embedding.valid.copy(), method="deca")
 
 
 def rig_from_deca(codes: PhotoCodes, model: FaceModel, camera: tuple[float, float, float]):
     """Rig parameters from DECA codes for a FLAME ``model`` and an image camera
-    (scale, tx, ty) (``server.photo.deca.camera_in_image``)."""
-    from portrait_rig.params import Camera, Lighting, Pose, RigParams
+    (scale, tx, ty) (``server.photo.deca.camera_in_image``); the texture code goes to
+    ``appearance.texture``."""
+    from portrait_rig.params import Appearance, Camera, Lighting, Pose, RigParams
 
     def floats(values):
         return [float(v) for v in values]
@@ -96,7 +96,8 @@ def rig_from_deca(codes: PhotoCodes, model: FaceModel, camera: tuple[float, floa
                      pose=Pose(global_=floats(codes.pose[:3]), jaw=floats(codes.pose[3:])),
                      camera=Camera(type="orthographic", scale=camera[0], tx=camera[1],
                                    ty=camera[2]),
-                     lighting=Lighting(sh=[floats(row) for row in codes.light]))
+                     lighting=Lighting(sh=[floats(row) for row in codes.light]),
+                     appearance=Appearance(texture=floats(codes.tex)))
 
 
 def project_landmarks(landmark_model: LandmarkModel, model: FaceModel, params,
