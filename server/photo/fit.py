@@ -37,12 +37,14 @@ class PhotoFitter:
     ``deca_model``: path of DECA's ``deca_model.tar`` (used for FLAME models); ``embedding``:
     a FLAME landmark embedding file (else one is detected on a render of the model);
     ``method``: "auto" (DECA when it applies, else optimisation), "deca" or "optimisation";
-    ``size``: the aligned crop's side; ``detector``: "hog" or "cnn".
+    ``size``: the aligned crop's side; ``detector``: "hog" or "cnn"; ``texture``: the model's
+    texture space (a ``FlameTexture``), whose code the optimisation fits (DECA's encoder
+    predicts it).
     """
 
     def __init__(self, model: FaceModel, deca_model=None, embedding=None,
                  method: str = "auto", size: int = 256, detector: str = "hog",
-                 settings: FitSettings | None = None):
+                 settings: FitSettings | None = None, texture=None):
         if method not in METHODS:
             raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
         is_flame = model.data.n_vertices == FLAME_VERTICES
@@ -56,6 +58,9 @@ class PhotoFitter:
         self.encoder: DecaEncoder | None = (load_deca_encoder(deca_model, model.device)
                                             if use_deca else None)
         self.method = "deca" if use_deca else "optimisation"
+        if texture is not None:
+            texture.check_faces(model.data.n_faces)
+        self.texture = texture
 
     def fit(self, photo) -> PhotoFit:
         """``photo``: encoded image bytes (PNG, JPEG...), a PIL image or an RGB array.
@@ -68,7 +73,8 @@ class PhotoFitter:
         if self.encoder is not None:
             result = self._fit_deca(aligned, landmarks)
         else:
-            result = fit_aligned(aligned, landmarks, self.model, self.embedding, self.settings)
+            result = fit_aligned(aligned, landmarks, self.model, self.embedding, self.settings,
+                                 texture=self.texture)
         return PhotoFit(result=result, aligned=aligned, alignment=alignment, face=face)
 
     def _fit_deca(self, aligned: np.ndarray, landmarks: np.ndarray) -> FitResult:

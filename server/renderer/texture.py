@@ -129,6 +129,19 @@ class FlameTexture:
         return maps + torch.einsum("chwk,bk->bchw", self.directions(code.shape[1]), code)
 
 
+    def client_space(self, n: int):
+        """The space as clients show it (``portrait_rig.texture_space.TextureSpace``): the
+        mean and the first ``n`` directions (at most the file's) as maps, and the UVs."""
+        from portrait_rig.texture_space import TextureSpace
+
+        n = min(n, self.n_components)
+        directions = self.directions(n).permute(1, 2, 0, 3) if n else torch.zeros(
+            self.size, self.size, 3, 0)
+        return TextureSpace(mean=self.mean.permute(1, 2, 0).cpu().numpy(),
+                            directions=directions.cpu().numpy(),
+                            face_uv=self.texel_uv.numpy(), source=self.path.name)
+
+
 def choose_texture(texture: str, n_faces: int, device="cpu") -> "FlameTexture | None":
     """The albedo source named by a ``texture`` option, as the ``diffusionrig`` backend, its
     training and photo fitting all choose it (so they condition on the same albedo): "auto"
@@ -202,7 +215,7 @@ def uv_grid(face_uv: torch.Tensor, triangle: torch.Tensor, pixel: torch.Tensor,
 
 
 def sample_albedo(albedo_map: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Textured albedo [B, H, W, 3] (channels last, like ``Buffers``) from maps [B or 1, 3,
+    """Textured albedo [B, H, W, C] (channels last, like ``Buffers``) from maps [B or 1, C,
     h, w] at ``grid`` [B, H, W, 2]: bilinear, ``align_corners=False``, zeros outside."""
     if albedo_map.shape[0] != grid.shape[0]:
         albedo_map = albedo_map.expand(grid.shape[0], -1, -1, -1)
@@ -211,20 +224,29 @@ def sample_albedo(albedo_map: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return sampled.permute(0, 2, 3, 1)
 
 
-def textured(buffers, maps: torch.Tensor, face_uv: torch.Tensor, vertices: torch.Tensor,
-             cameras, faces: torch.Tensor):
-    """``buffers`` (a ``renderer.Buffers`` of ``vertices`` [B, V, 3] seen by ``cameras``,
-    triangles ``faces`` [F, 3]) with albedo and rendered taken from albedo ``maps`` [B or 1,
-    3, h, w] sampled per pixel, as DECA textures its renders. Differentiable with respect to
-    the maps and the vertices."""
-    from server.renderer.buffers import Buffers, barycentrics
+def texel_grid(buffers, face_uv: torch.Tensor, vertices: torch.Tensor, cameras,
+               faces: torch.Tensor) -> torch.Tensor:
+    """Where each pixel of ``buffers`` (a ``renderer.Buffers`` of ``vertices`` [B, V, 3] seen
+    by ``cameras``, triangles ``faces`` [F, 3]) samples the texture: ``grid_sample``
+    coordinates [B, H, W, 2] (``uv_grid``). Differentiable with respect to the vertices."""
+    from server.renderer.buffers import barycentrics
     from server.renderer.cameras import project, screen_space
 
     height, width = buffers.mask.shape[1:3]
     ndc, depth = project(vertices, cameras, width, height)
     pixel_xy, _, w = screen_space(ndc, depth, cameras, width, height)
     pixel, _, _, weights = barycentrics(pixel_xy, w, faces, buffers.triangle, width, height)
-    grid = uv_grid(face_uv, buffers.triangle, pixel, weights)
+    return uv_grid(face_uv, buffers.triangle, pixel, weights)
+
+
+def textured(buffers, maps: torch.Tensor, face_uv: torch.Tensor, vertices: torch.Tensor,
+             cameras, faces: torch.Tensor):
+    """``buffers`` with albedo and rendered taken from albedo ``maps`` [B or 1, 3, h, w]
+    sampled per pixel (``texel_grid``), as DECA textures its renders. Differentiable with
+    respect to the maps and the vertices."""
+    from server.renderer.buffers import Buffers
+
+    grid = texel_grid(buffers, face_uv, vertices, cameras, faces)
     albedo = sample_albedo(maps, grid) * buffers.mask
     packed = torch.cat([buffers.mask, buffers.depth, buffers.normal, albedo, buffers.shading,
                         albedo * buffers.shading], dim=-1)

@@ -29,7 +29,7 @@ from server.renderer.texture import choose_texture
 
 from server.training.diffusionrig.album import FolderData, fit_photos, list_photos, write_dataset
 from server.training.diffusionrig.trainer import Trainer, TrainConfig
-from server.training.diffusionrig.personalise import (add_fitting_options, add_training_options, face_model_and_fitter,
+from server.training.diffusionrig.personalise import (add_fitting_options, add_texture_option, add_training_options, face_model_and_fitter,
                           train_config)
 
 STAGE1_DEFAULTS = TrainConfig(steps=50000, batch_size=32, lr=1e-4, save_every=5000)
@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     t.add_argument("--checkpoint", default=None, help="start from these weights")
     t.add_argument("--face-model", default="demo")
     add_training_options(t, STAGE1_DEFAULTS)
+    add_texture_option(t)
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
