@@ -3,8 +3,9 @@
 Modules: ``rig_builder`` (build / update the rig from a face model), ``scene_reader`` (scene
 -> ``RigParams``), ``world_sh`` (World and lamps -> spherical-harmonics light), ``properties``,
 ``preferences``, ``operators``, ``panel`` (UI), ``presets`` (expression presets),
-``live_link`` (parameters to the server, frames back) and ``image_output`` (frames into the
-"Portrait Rig" image).
+``live_link`` (parameters to the server, frames back), ``image_output`` (frames into the
+"Portrait Rig" image) and ``texture_codes`` (the rig's texture code and its albedo in the
+viewport).
 
 ``register`` / ``unregister`` are symmetric: disabling the add-on removes its classes, menu
 entries, properties on Scene and Object, handlers and timers, stops the live link and the
@@ -12,11 +13,11 @@ local server it started. Data the user made stays in the .blend file: rigs, and 
 "Portrait Rig" image holding the last live frame.
 """
 
-from . import live_link, operators, panel, preferences, properties, render_engine
+from . import live_link, operators, panel, preferences, properties, render_engine, texture_codes
 
-# Registration order: property groups before the classes that point at them; live_link's
-# handlers last so they never see a half-registered add-on.
-_MODULES = (properties, preferences, operators, panel, live_link, render_engine)
+# Registration order: property groups before the classes that point at them, panels after
+# their parents; live_link's handlers last so they never see a half-registered add-on.
+_MODULES = (properties, preferences, operators, panel, texture_codes, live_link, render_engine)
 
 
 def register():
