@@ -345,3 +345,35 @@ def test_a_neck_turn_moves_the_portrait_like_a_global_turn(rigged):
     neck.pose.neck = [0.0, 0.4, 0.0]
     assert differ(render(rigged, neck).image, turned) <= 1
     assert differ(turned, base) > 5
+
+
+# ---------------------------------------------------------------------------- StyleGAN2 framing
+
+@pytest.fixture(scope="module")
+def framed(files):
+    """StyleGAN2 with its portrait placed through the FFHQ framing of the demo head."""
+    from portrait_rig.face_source import load_face_data
+
+    demo = FaceModel(load_face_data("demo"))
+    return create_backend("stylerig", demo, "cpu", generator=str(files["sg2"]), rignet="none")
+
+
+def test_stylegan2_portraits_are_placed_where_the_head_is(framed, files):
+    from server.backends.framing import place
+
+    G = files["G2"]
+    native = G.synthesis(identity_ws(G, 6), noise_mode="const")
+    centred = rig(seed=6)
+    moved = rig(seed=6, roll=0.4, translation=(0.03, -0.02, 0.0))
+    images = {}
+    for name, params in (("centred", centred), ("moved", moved)):
+        framing = framed.framer.framings(framed.framer.codes([params], 64, 48), "ffhq")
+        (rgb, alpha), = place(native, framing, [(64, 48)])
+        image = render(framed, params, 64, 48).image
+        expected = (rgb * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        assert differ(image[..., :3], expected) <= 1
+        np.testing.assert_array_equal(image[..., 3], (alpha[0] * 255).round().byte().numpy())
+        images[name] = image
+    # Roll and position, which StyleGAN2 cannot draw, now move the portrait.
+    assert differ(images["centred"], images["moved"]) > 20
+    assert 0 < images["moved"][..., 3].mean() < 255
