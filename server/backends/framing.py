@@ -55,7 +55,6 @@ from server.renderer.face_model import FaceModel
 
 FRAMINGS = ("ffhq", "centre", "rig")
 FEATHER = 0.04          # width of the fade beyond the generated square, in its NDC units
-FLAME_VERTICES = 5023
 
 
 def identity_framings(batch: int) -> np.ndarray:
@@ -75,6 +74,7 @@ def default_embedding(data: FaceData):
     folder (``server.paths``) for FLAME, else the landmarks found on a render of the model
     (``server.photo.embedding``)."""
     from server import paths
+    from server.photo import FLAME_VERTICES
     from server.photo.embedding import embedding_for
 
     path = paths.landmark_embedding()
@@ -189,15 +189,16 @@ def place(images: torch.Tensor, framings: np.ndarray,
         if sigma * side < image.shape[-1]:          # shrinking: low-pass first
             image = _resize(image, max(1, round(sigma * side)))
         # Frame pixel centres in the covering square's NDC, then in the portrait's.
-        xs = (torch.arange(left, left + width, dtype=torch.float64) + 0.5) / side * 2 - 1
-        ys = 1 - (torch.arange(top, top + height, dtype=torch.float64) + 0.5) / side * 2
-        u, v = torch.meshgrid(xs - tx, ys - ty, indexing="xy")
+        pixels = torch.arange(max(width, height), device=image.device, dtype=image.dtype) + 0.5
+        xs = (pixels[:width] + left) / side * 2 - 1 - tx
+        ys = 1 - (pixels[:height] + top) / side * 2 - ty
+        u, v = torch.meshgrid(xs, ys, indexing="xy")
         ua, va = (a * u + b * v) / sigma ** 2, (-b * u + a * v) / sigma ** 2
-        grid = torch.stack([ua, -va], dim=-1)[None].to(image)
+        grid = torch.stack([ua, -va], dim=-1)[None]
         sampled = F.grid_sample(image, grid, mode="bicubic", padding_mode="border",
                                 align_corners=False)[0]
         inside = 1 - torch.maximum(ua.abs(), va.abs())                  # >= 0 in the square
-        alpha = (1 + inside / FEATHER).clamp(0, 1)[None].to(sampled)
+        alpha = (1 + inside / FEATHER).clamp(0, 1)[None]
         fill = _border_colour(image[0])[:, None, None]
         out.append((alpha * sampled + (1 - alpha) * fill, alpha))
     return out
