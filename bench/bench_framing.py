@@ -4,7 +4,7 @@ portrait into the frame, against the rig framing (buffers of the covering square
 crop). Median and minimum milliseconds per frame of a batch.
 
     python bench/bench_framing.py [--frames 512x384 1024x1024] [--resolution 256]
-                                  [--batch 4] [--runs 20] [--device cpu|cuda]
+                                  [--batch 4] [--runs 20] [--device cpu|cuda] [--threads 1]
 
 Uses the demo head (its landmarks are found on a render of it once, before timing).
 """
@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: figures a loaded machine can reproduce)")
     args = parser.parse_args()
 
     from portrait_rig.face_source import load_face_data
@@ -55,6 +57,7 @@ def main() -> None:
     framer = HeadFramer(model)
     size = args.resolution
     portrait = torch.rand(args.batch, 3, size, size, device=device)
+    torch.set_num_threads(args.threads)
     print(f"device {device}, network square {size} px, batch {args.batch}, "
           f"torch threads {torch.get_num_threads()}")
     for frame in args.frames:
