@@ -87,9 +87,7 @@ class HeadFramer:
     ``embedding`` places the 68 landmarks on its mesh (default: ``default_embedding``)."""
 
     def __init__(self, face_model: FaceModel, embedding=None):
-        from server.photo.embedding import LandmarkModel
-
-        from server.photo.embedding import EmbeddingError
+        from server.photo.embedding import EmbeddingError, LandmarkModel
 
         self.model = face_model
         self.geometry = RigGeometry(face_model.data)
@@ -149,17 +147,17 @@ class HeadFramer:
         pose, cam, light = (codes.pose.double().numpy().copy(), codes.cam.double().numpy(),
                             codes.light.double().numpy())
         new_cam, new_light = np.zeros_like(cam), np.zeros_like(light)
-        for b, (a, s_, tx, ty) in enumerate(framings):
-            sigma, theta = math.hypot(a, s_), math.atan2(s_, a)
-            c, s = math.cos(-theta), math.sin(-theta)
-            roll = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+        for i, (a, b, tx, ty) in enumerate(framings):
+            sigma, theta = math.hypot(a, b), math.atan2(b, a)
+            cos, sin = math.cos(-theta), math.sin(-theta)
+            roll = np.array([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]])
             root = self.geometry.joints(self.geometry.coefficients(
-                codes.shape[b].double().numpy(), codes.exp[b].double().numpy()))[0]
+                codes.shape[i].double().numpy(), codes.exp[i].double().numpy()))[0]
             drift = (root - roll @ root)[:2]
-            offset = roll[:2, :2] @ (cam[b, 1:] - np.array([tx, ty]) / cam[b, 0]) - drift
-            new_cam[b] = (cam[b, 0] / sigma, *offset)
-            pose[b, :3] = matrix_to_axis_angle(roll @ axis_angle_to_matrix(pose[b, :3]))
-            new_light[b] = sh.rotate(light[b], roll)
+            offset = roll[:2, :2] @ (cam[i, 1:] - np.array([tx, ty]) / cam[i, 0]) - drift
+            new_cam[i] = (cam[i, 0] / sigma, *offset)
+            pose[i, :3] = matrix_to_axis_angle(roll @ axis_angle_to_matrix(pose[i, :3]))
+            new_light[i] = sh.rotate(light[i], roll)
 
         def t(array):
             return torch.from_numpy(array).float()
