@@ -8,7 +8,8 @@ the "Portrait Rig" image), ``photo_fit``; rendering - ``render_engine``, ``seque
 (batches, resume, shots); UI - ``properties``, ``preferences``, ``operators``, ``panel``,
 ``presets`` (expression presets), ``style_panel`` (exemplar styles of the dualstylegan
 backend), ``identity`` (Identity from Photo, edit sliders);
-``shot_export`` (shot files for ``portrait-rig render``).
+``shot_export`` (shot files for ``portrait-rig render``), ``texture_codes`` (the rig's texture
+code and its albedo in the viewport).
 
 ``register`` / ``unregister`` are symmetric: disabling the add-on removes its classes, menu
 entries, properties on Scene and Object, handlers and timers, stops the live link and the
@@ -17,12 +18,12 @@ local server it started. Data the user made stays in the .blend file: rigs, and 
 """
 
 from . import (identity, live_link, operators, panel, preferences, properties, render_engine,
-               shot_export, style_panel)
+               shot_export, style_panel, texture_codes)
 
-# Registration order: property groups before the classes that point at them; live_link's
-# handlers last so they never see a half-registered add-on.
-_MODULES = (properties, preferences, operators, panel, style_panel, identity, live_link,
-            render_engine, shot_export)
+# Registration order: property groups before the classes that point at them, panels after
+# their parents; live_link's handlers last so they never see a half-registered add-on.
+_MODULES = (properties, preferences, operators, panel, style_panel, identity, texture_codes,
+            live_link, render_engine, shot_export)
 
 
 def register():

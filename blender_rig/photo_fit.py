@@ -6,6 +6,7 @@ What ``apply_fit`` sets:
 * identity and expression shape keys (``Shape###`` / ``Exp###``; values beyond a key's slider
   range are clamped, coefficients the rig has no key for are dropped), then the bones are
   moved onto the new identity's joints (``rig_builder.update_joints``);
+* the texture code, when the fit has one (``texture_codes``);
 * the head's rotation as the photo shows it: relative to the scene camera when there is one
   (what ``scene_reader`` reads back as ``pose.global``: root = R_a^T R_c R_g), else relative
   to the rig's front; the jaw's rotation; neck and eyes at rest;
@@ -27,7 +28,7 @@ import numpy as np
 
 from ..portrait_rig import client as wire
 from ..portrait_rig import sh
-from . import preferences, rig_builder, world_sh
+from . import preferences, rig_builder, texture_codes, world_sh
 from .transforms import (as_matrix, axis_angle_to_matrix, matrix_to_quaternion,
                          rotation_part)
 
@@ -66,6 +67,8 @@ def apply_fit(rig, scene, reply: dict, *, light: bool = True) -> dict:
     params = RigParams.from_dict(reply["params"])
     counts = _set_coefficients(mesh_obj, params.shape, params.expression)
     rig_builder.update_joints(arm_obj)
+    if params.appearance.texture:
+        texture_codes.set_codes(arm_obj, params.appearance.texture)
 
     R_frame = frame_to_world(arm_obj, scene)
     R_arm = rotation_part(as_matrix(arm_obj.matrix_world))

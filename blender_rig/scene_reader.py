@@ -23,6 +23,9 @@ Camera: perspective -> ``fov_y`` from lens, sensor and sensor fit at the render 
 (resolution x pixel aspect); lens shift is not sent. Orthographic -> DECA's orthographic
 camera with scale = 2 / (vertical ortho extent) and tx = ty = 0. near / far = clip range.
 
+Appearance: passed through; its texture code, unless given, is the rig's
+(``texture_codes``, at the evaluated frame).
+
 Lighting: the World (``world_sh.world_to_sh``; no World is no light) and, with
 ``include_lights``, the scene's lamps that render (not ``hide_render``) as seen from the head
 (the mean of the posed joints; ``world_sh.lights_to_sh``), both in the camera frame.
@@ -35,7 +38,7 @@ import math
 import numpy as np
 
 from ..portrait_rig.params import Appearance, Camera, Lighting, Pose, RigParams
-from . import rig_builder, world_sh
+from . import rig_builder, texture_codes, world_sh
 from .transforms import as_matrix, matrix_to_axis_angle, rotation_part
 
 POSE_FIELDS = ("global_", "neck", "jaw", "eye_left", "eye_right")   # per bone of BONE_NAMES
@@ -95,6 +98,8 @@ def read_params(armature_obj, scene, *, include_lights: bool = False, appearance
         appearance = Appearance()
     elif isinstance(appearance, dict):
         appearance = Appearance.from_dict(appearance)
+    if not appearance.texture:
+        appearance.texture = texture_codes.read_codes(arm_obj)     # evaluated: animated
     return RigParams(shape=shape.tolist(), expression=expression.tolist(), pose=pose,
                      translation=translation.tolist(), camera=camera_params(cam_obj, scene),
                      lighting=Lighting(light.tolist()), appearance=appearance)

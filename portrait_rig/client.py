@@ -242,6 +242,16 @@ class Client:
         reply = self._wait_for(rid)
         return reply.header, reply.payload
 
+    def fetch_texture(self, components: int = protocol.TEXTURE_COMPONENTS
+                      ) -> tuple[dict, bytearray]:
+        """The server's texture space (mean and the first ``components`` directions): ``(header,
+        payload)`` for ``portrait_rig.texture_space.TextureSpace.from_wire`` (None when the
+        server has none). The first request makes the server read the file: seconds."""
+        rid = self.next_id()
+        self.send({"type": "texture", "id": rid, "components": components})
+        reply = self._wait_for(rid, max(60.0, self.timeout))
+        return reply.header, reply.payload
+
     def fit(self, photo: bytes, timeout: float | None = None) -> dict:
         """Fit the server's face model to a portrait photo (PNG or JPEG bytes) and wait for
         the ``fit`` reply: ``params`` (a RigParams dict framing the FFHQ-aligned crop with

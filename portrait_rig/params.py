@@ -33,7 +33,9 @@ SCHEMA_VERSION = 1
 # (degrees sent as radians, millimetres as metres) and garbage.
 MAX_SHAPE = 400           # FLAME 2023 has 300 identity components; leave headroom.
 MAX_EXPRESSION = 400
+MAX_TEXTURE = 300         # FLAME's texture space has 200 components, BFM's albedo 199
 MAX_COEFFICIENT = 20.0    # components are in standard deviations; |x| > 20 is never a face
+MAX_TEXTURE_COEFFICIENT = 100.0   # texture codes weight the file's directions as they are
 MAX_ANGLE = 4 * math.pi   # axis-angle norm (two full turns covers keyframe unwrapping)
 MAX_TRANSLATION = 100.0   # metres
 MAX_SH = 1e5            # HDR environments with a sun reach the thousands
@@ -75,12 +77,13 @@ def _vector(path: str, value: Any, length: int, limit: float) -> list[float]:
     return [_number(f"{path}[{i}]", v, limit) for i, v in enumerate(value)]
 
 
-def _coefficients(path: str, value: Any, max_len: int) -> list[float]:
+def _coefficients(path: str, value: Any, max_len: int,
+                  limit: float = MAX_COEFFICIENT) -> list[float]:
     if not isinstance(value, (list, tuple)):
         raise ParamError(path, f"expected a list of numbers, got {type(value).__name__}")
     if len(value) > max_len:
         raise ParamError(path, f"at most {max_len} values, got {len(value)}")
-    return [_number(f"{path}[{i}]", v, MAX_COEFFICIENT) for i, v in enumerate(value)]
+    return [_number(f"{path}[{i}]", v, limit) for i, v in enumerate(value)]
 
 
 def _rotation(path: str, value: Any) -> list[float]:
@@ -246,7 +249,10 @@ class Appearance:
     (DiffusionRig's global latent; the photo identity of ``dualstylegan``), ``personal_model``
     (a personalised checkpoint by name), ``identity`` (a photo inverted on the server, by name),
     ``edits`` (StyleGAN: strength of each named latent edit direction the server offers, e.g.
-    ``{"age": 2.0}``), and the exemplar style of ``dualstylegan``:
+    ``{"age": 2.0}``), ``texture`` (coefficients of the server's texture space,
+    FLAME_texture.npz: DECA's ``tex`` code, 50 values from a fit, up to the file's component
+    count; shorter lists are zero-padded, so ``[]`` is the mean texture), and the exemplar
+    style of ``dualstylegan``:
 
     ``style_family`` (a style folder's name, e.g. "cartoon"; None: the server's default),
     ``style_exemplar`` (index of the exemplar in the family's code file, the official
@@ -271,14 +277,16 @@ class Appearance:
     style_colour: float = 1.0
     style_weights: list[float] | None = None
     style_reconstruct: bool = False
+    texture: list[float] = field(default_factory=list)
 
     KEYS = ("seed", "truncation", "latent_file", "reference_photo", "personal_model",
             "identity", "edits", "style_family", "style_exemplar", "style_seed", "style_image",
-            "style_structure", "style_colour", "style_weights", "style_reconstruct")
+            "style_structure", "style_colour", "style_weights", "style_reconstruct", "texture")
 
     def to_dict(self) -> dict:
         out = {name: getattr(self, name) for name in self.KEYS}
         out["edits"] = dict(self.edits)
+        out["texture"] = list(self.texture)
         if self.style_weights is not None:
             out["style_weights"] = list(self.style_weights)
         return out
@@ -330,6 +338,9 @@ class Appearance:
             if not isinstance(data["style_reconstruct"], bool):
                 raise ParamError(f"{path}.style_reconstruct", "expected true or false")
             app.style_reconstruct = data["style_reconstruct"]
+        if "texture" in data:
+            app.texture = _coefficients(f"{path}.texture", data["texture"], MAX_TEXTURE,
+                                        MAX_TEXTURE_COEFFICIENT)
         return app
 
 

@@ -42,6 +42,9 @@ MODES = ("live", "batch")
 # "Shots"): the add-on sends that many, the server smooths over them.
 SHOT_RADIUS = 2
 
+# Texture directions a ``texture`` request asks for by default: DECA's tex code has 50.
+TEXTURE_COMPONENTS = 50
+
 # Error codes sent in ``error`` messages.
 E_BAD_MESSAGE = "bad_message"        # framing or JSON broken, unknown type, missing fields
 E_BAD_PARAMS = "bad_params"          # rig parameters rejected (message names the field)

@@ -238,21 +238,29 @@ def test_flame_texture_albedo_is_sampled_per_pixel(flame_model, tmp_path):
     assert cols[group == 0].float().mean() > cols[group == 1].float().mean() + 5
 
 
-def test_flame_texture_codes_follow_the_texture_space(tmp_path):
+@pytest.mark.parametrize("save, size", [(np.savez, 2 * TEX), (np.savez_compressed, 48)])
+def test_flame_texture_codes_follow_the_texture_space(tmp_path, save, size):
     rng = np.random.default_rng(3)
     path = tmp_path / "FLAME_texture.npz"
-    mean, tex_dir = rng.uniform(0, 255, (TEX, TEX, 3)), rng.normal(0, 10, (TEX, TEX, 3, 200))
-    np.savez(path, mean=mean, tex_dir=tex_dir, vt=rng.uniform(0, 1, (10, 2)),
-             ft=rng.integers(0, 10, (7, 3)))
-    texture = FlameTexture(path)
+    mean, tex_dir = rng.uniform(0, 255, (TEX, TEX, 3)), rng.normal(0, 10, (TEX, TEX, 3, 60))
+    save(path, mean=mean, tex_dir=tex_dir, vt=rng.uniform(0, 1, (10, 2)),
+         ft=rng.integers(0, 10, (7, 3)))
+    texture = FlameTexture(path, size=size)
+    assert texture.n_components == 60
     code = rng.normal(size=(2, 50))
-    maps = texture.albedo_map(torch.from_numpy(code), size=2 * TEX).numpy()
+    maps = texture.albedo_map(torch.from_numpy(code)).numpy()
+    # DECA: the map at the code, BGR -> RGB, resized with nearest-neighbour sampling.
     expected = (mean[None] + np.einsum("hwck,bk->bhwc", tex_dir[..., :50], code)) / 255
-    expected = expected[..., ::-1].transpose(0, 3, 1, 2)             # BGR -> RGB, NCHW
-    expected = expected.repeat(2, axis=2).repeat(2, axis=3)          # nearest-neighbour resize
-    np.testing.assert_allclose(maps, expected, atol=1e-5)
-    np.testing.assert_allclose(texture.albedo_map(size=TEX)[0].numpy(),
-                               mean[..., ::-1].transpose(2, 0, 1) / 255, atol=1e-6)
+    expected = torch.from_numpy(expected[..., ::-1].transpose(0, 3, 1, 2).copy())
+    expected = torch.nn.functional.interpolate(expected, size=(size, size), mode="nearest")
+    np.testing.assert_allclose(maps, expected.numpy(), atol=1e-5)
+    mean_map = texture.albedo_map()
+    np.testing.assert_allclose(mean_map, texture.albedo_map(torch.zeros(1, 50)))
+    np.testing.assert_allclose(mean_map[0].numpy(), torch.nn.functional.interpolate(
+        torch.from_numpy(mean[None, ..., ::-1].transpose(0, 3, 1, 2) / 255), size=(size, size),
+        mode="nearest")[0].numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="appearance.texture: 61 values, .* 60 components"):
+        texture.albedo_map(torch.ones(1, 61))
     with pytest.raises(TextureError, match="7 triangles"):
         texture.check_faces(9976)
 
@@ -267,4 +275,8 @@ def test_flame_texture_rejects_malformed_files(tmp_path):
     np.savez(path, mean=np.zeros((4, 4, 3)), tex_dir=np.zeros((4, 4, 3, 2)),
              vt=np.zeros((3, 2)), ft=np.full((2, 3), 5))
     with pytest.raises(TextureError, match="indices into vt"):
+        FlameTexture(path)
+    np.savez(path, mean=np.zeros((4, 4, 3)), tex_dir=np.zeros((4, 5, 3, 2)),
+             vt=np.zeros((3, 2)), ft=np.zeros((2, 3)))
+    with pytest.raises(TextureError, match=r"tex_dir has shape \(4, 5, 3, 2\), expected \[4, 4, 3, K\]"):
         FlameTexture(path)

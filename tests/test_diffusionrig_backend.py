@@ -86,7 +86,10 @@ def test_frames_are_fixed_per_seed(client, home):
     again = pixels(client.render(rig(home, seed=3), W, H, format="rgba8"))
     other = pixels(client.render(rig(home, seed=4), W, H, format="rgba8"))
     image = pixels(first)
-    assert image.shape == (H, W, 4) and (image[..., 3] == 255).all()
+    # The aligned square is smaller than this landscape frame: opaque in the middle, and
+    # transparent (its own background colour) at the sides.
+    assert image.shape == (H, W, 4) and (image[H // 4: -H // 4, W // 3: -W // 3, 3] == 255).all()
+    assert (image[:, :3, 3] == 0).all() and (image[:, -3:, 3] == 0).all()
     assert image[..., :3].std() > 5                               # an image, not a constant
     assert np.array_equal(image, again)
     assert np.abs(image.astype(int) - other).mean() > 5
@@ -148,7 +151,7 @@ def test_batched_requests_share_one_network_batch(home, small_face):
     from server.backends import RenderRequest, create_backend
 
     backend = create_backend("diffusionrig", small_face, steps=str(STEPS),
-                             resolution=str(RESOLUTION),
+                             resolution=str(RESOLUTION), framing="rig",
                              checkpoint=str(home / "diffusionrig" / "model.safetensors"))
     requests = [RenderRequest(RigParams.from_dict(rig(home, seed=s)), W, H) for s in (5, 6)]
     alone = [backend.render([r])[0].image.astype(int) for r in requests]
@@ -311,6 +314,11 @@ def test_backend_options_are_checked(home, small_face):
         create_backend("diffusionrig", small_face, checkpoint=checkpoint, precision="fp16")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         create_backend("diffusionrig", small_face, checkpoint=str(home / "none.pt"))
+    with pytest.raises(ValueError, match="framing: expected one of ffhq, centre, rig"):
+        create_backend("diffusionrig", small_face, checkpoint=checkpoint, framing="tight")
+    # A sphere has no face to find landmarks on: the error says what to do.
+    with pytest.raises(ValueError, match="landmark_embedding.npy.*framing=rig"):
+        create_backend("diffusionrig", small_face, checkpoint=checkpoint)
 
 
 @pytest.mark.usefixtures("single_thread")
@@ -320,6 +328,7 @@ def test_fast_sampler_previews_and_cancellation_in_process(home, small_face):
 
     backend = create_backend("diffusionrig", small_face, sampler="dpm++", steps="4",
                              resolution=str(RESOLUTION), personal_dir=str(home / "personal"),
+                             framing="rig",
                              checkpoint=str(home / "diffusionrig" / "model.safetensors"))
     params = RigParams.from_dict(rig(home, seed=2))
     seen = []

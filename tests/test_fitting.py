@@ -328,7 +328,7 @@ def test_photo_fitter_takes_deca_codes_into_the_rig(deca_model, tmp_path):
     np.testing.assert_allclose(p.expression, exp, rtol=1e-6)
     np.testing.assert_allclose(p.pose.global_ + p.pose.jaw, pose, rtol=1e-6)
     np.testing.assert_allclose(p.lighting.sh, light.reshape(9, 3), rtol=1e-6)
-    np.testing.assert_allclose(result.extras["tex"], tex, rtol=1e-6)
+    np.testing.assert_allclose(p.appearance.texture, tex, rtol=1e-6)
     crop = DecaCrop.from_landmarks(fit.alignment.aligned_landmarks)
     np.testing.assert_allclose([p.camera.scale, p.camera.tx, p.camera.ty],
                                camera_in_image(cam, crop, 256), rtol=1e-6)

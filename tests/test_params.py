@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from portrait_rig.params import (MAX_EXPRESSION, ParamError, RigParams, SCHEMA_VERSION)
+from portrait_rig.params import (MAX_EXPRESSION, MAX_TEXTURE, ParamError, RigParams,
+                                 SCHEMA_VERSION)
 
 
 def full_params() -> RigParams:
@@ -17,7 +18,8 @@ def full_params() -> RigParams:
         "translation": [0.0, 0.01, -0.5],
         "camera": {"type": "orthographic", "scale": 9.5, "tx": 0.01, "ty": -0.02},
         "lighting": {"sh": [[3.0, 2.9, 2.8]] + [[0.1 * k, 0.0, -0.1] for k in range(8)]},
-        "appearance": {"seed": 42, "truncation": 0.5, "personal_model": "alice"},
+        "appearance": {"seed": 42, "truncation": 0.5, "personal_model": "alice",
+                       "texture": [0.25, -1.5, 30.0]},
     }
     return RigParams.from_dict(data)
 
@@ -69,6 +71,10 @@ def test_missing_fields_take_defaults():
     ({"appearance": {"seed": 1.5}}, "appearance.seed"),
     ({"appearance": {"latent_file": 7}}, "appearance.latent_file"),
     ({"appearance": {"style": "anime"}}, "appearance.style"),
+    ({"appearance": {"texture": [0.0, float("nan")]}}, "appearance.texture[1]"),
+    ({"appearance": {"texture": [1e3]}}, "appearance.texture[0]"),
+    ({"appearance": {"texture": [0.0] * (MAX_TEXTURE + 1)}}, "appearance.texture"),
+    ({"appearance": {"texture": {"0": 1.0}}}, "appearance.texture"),
     ({"colour": 1}, "colour"),
     ({"version": 99}, "version"),
 ])
@@ -111,4 +117,5 @@ def test_copy_is_independent():
     params = full_params()
     other = params.copy()
     other.pose.jaw[0] = 0.5
-    assert params.pose.jaw[0] == 0.2
+    other.appearance.texture[0] = 2.0
+    assert params.pose.jaw[0] == 0.2 and params.appearance.texture[0] == 0.25

@@ -62,13 +62,13 @@ def files(tmp_path_factory, face_model):
 @pytest.fixture(scope="module")
 def rigged(files, face_model):
     return create_backend("stylerig", face_model, "cpu", generator=str(files["sg2"]),
-                          rignet=str(files["rignet"]))
+                          rignet=str(files["rignet"]), framing="rig")
 
 
 @pytest.fixture(scope="module")
 def plain(files, face_model):
     return create_backend("stylerig", face_model, "cpu", generator=str(files["sg2"]),
-                          rignet="none")
+                          rignet="none", framing="rig")
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,8 @@ def test_server_renders_stylerig_frames(files, rigged):
     params = rig(seed=4, yaw=0.3, jaw=0.2, expression=[1.0, -0.5])
     with ServerProcess("--backend", "stylerig", "--model", "demo", "--quiet",
                        "--option", f"stylerig.generator={files['sg2']}",
-                       "--option", f"stylerig.rignet={files['rignet']}") as proc, \
+                       "--option", f"stylerig.rignet={files['rignet']}",
+                       "--option", "stylerig.framing=rig") as proc, \
             Client(proc.host, proc.port, timeout=60.0) as client:
         assert client.hello["default_backend"] == "stylerig"
         assert "stylerig" in [b["name"] for b in client.hello["backends"]]
@@ -149,7 +150,8 @@ def test_same_seed_same_frame_other_seed_other_face(rigged):
 
 
 def test_without_rignet_only_identity_changes_the_image(plain, capsys, files, face_model):
-    create_backend("stylerig", face_model, "cpu", generator=str(files["sg2"]), rignet="none")
+    create_backend("stylerig", face_model, "cpu", generator=str(files["sg2"]), rignet="none",
+                   framing="rig")
     assert "no RigNet weights" in capsys.readouterr().err
     assert "identity only" in plain.summary()
     base = render(plain, rig(seed=1))
@@ -373,3 +375,35 @@ def test_a_rignet_for_another_generator_or_face_model_is_refused(files, face_mod
     with pytest.raises(ValueError, match=r"face model 'FLAME 2020' \(5023 vertices\).*"
                                          r"stylerig.rignet=none"):
         make("other_face.safetensors")
+
+
+# ---------------------------------------------------------------------------- StyleGAN2 framing
+
+@pytest.fixture(scope="module")
+def framed(files):
+    """StyleGAN2 with its portrait placed through the FFHQ framing of the demo head."""
+    from portrait_rig.face_source import load_face_data
+
+    demo = FaceModel(load_face_data("demo"))
+    return create_backend("stylerig", demo, "cpu", generator=str(files["sg2"]), rignet="none")
+
+
+def test_stylegan2_portraits_are_placed_where_the_head_is(framed, files):
+    from server.backends.framing import place
+
+    G = files["G2"]
+    native = G.synthesis(identity_ws(G, 6), noise_mode="const")
+    centred = rig(seed=6)
+    moved = rig(seed=6, roll=0.4, translation=(0.03, -0.02, 0.0))
+    images = {}
+    for name, params in (("centred", centred), ("moved", moved)):
+        framing = framed.framer.framings(framed.framer.codes([params], 64, 48), "ffhq")
+        (rgb, alpha), = place(native, framing, [(64, 48)])
+        image = render(framed, params, 64, 48).image
+        expected = (rgb * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        assert differ(image[..., :3], expected) <= 1
+        np.testing.assert_array_equal(image[..., 3], (alpha[0] * 255).round().byte().numpy())
+        images[name] = image
+    # Roll and position, which StyleGAN2 cannot draw, now move the portrait.
+    assert differ(images["centred"], images["moved"]) > 20
+    assert 0 < images["moved"][..., 3].mean() < 255

@@ -59,7 +59,11 @@ SPECS: dict[str, BackendSpec] = {spec.name: spec for spec in (
          Option("directions", None, "folder of edit directions (InterFaceGAN / "
                 "stylegan3-editing .npy); default: the model folder's stylegan/directions/",
                 file_or()),
-         Option("max_personal", 2, "pivotal-tuning generators kept loaded", integer(1, 64))),
+         Option("max_personal", 2, "pivotal-tuning generators kept loaded", integer(1, 64)),
+         Option("framing", "ffhq", "StyleGAN2: 'ffhq' (the FFHQ-aligned portrait placed where "
+                "the rig's head is, at its size and roll), 'centre' (moved to the head's FFHQ "
+                "centre only) or 'rig' (the portrait fills the frame)",
+                choice("ffhq", "centre", "rig"))),
         files=paths.stylerig_files),
     BackendSpec(
         "diffusionrig", "diffusionrig", "DiffusionRigBackend",
@@ -77,6 +81,10 @@ SPECS: dict[str, BackendSpec] = {spec.name: spec for spec in (
                 "fits the face model), 'none' (vertex albedo) or a FLAME_texture.npz",
                 file_or("auto", "none")),
          Option("resolution", 256, "the size the model samples at", integer(8, 1024)),
+         Option("framing", "ffhq", "'ffhq' (the network sees the head FFHQ-aligned, as it was "
+                "trained, and the portrait is placed back), 'centre' (only the FFHQ centre "
+                "placed, as the official inference) or 'rig' (the rig's own framing)",
+                choice("ffhq", "centre", "rig")),
          Option("personal_dir", None, "folder of personal models; default: the model "
                 "folder's personal/", file_or()),
          Option("max_models", 2, "checkpoints kept loaded, stage 1 included", integer(1, 64))),

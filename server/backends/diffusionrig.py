@@ -1,10 +1,14 @@
 """The DiffusionRig backend: photoreal portraits of the rig through DiffusionRig's UNet.
 
-Per batch of requests: map each request's rig parameters to DECA's codes and render the
-physical buffers in DECA's conventions (``server.renderer.deca``), look up each request's global
-latent z, draw its fixed initial noise, and run one sampler over the whole batch with the
-UNet conditioned on both. The model generates a square of ``resolution`` pixels covering the
-requested frame (side max(width, height)); it is resized to that side and centre-cropped.
+Per batch of requests: map each request's rig parameters to DECA's codes, find the head's
+FFHQ-aligned framing from the posed mesh's landmarks (``server.backends.framing``), render the
+physical buffers in that framing in DECA's conventions (``server.renderer.deca``; the texture
+at ``appearance.texture``), look up each request's global latent z, draw its fixed initial
+noise, and run one sampler over the whole batch with the UNet conditioned on both. The model
+generates the aligned square at ``resolution`` pixels, the framing places it back into the
+requested frame (alpha: the generated square's coverage). With ``framing`` "rig" the square
+covering the frame (side max(width, height)) is generated instead, resized and centre-cropped.
+Frames of a shot with ``smooth`` and neighbours get their framing smoothed over them.
 
 Appearance (``params.appearance``):
 
@@ -24,7 +28,7 @@ parameters and seed give the same frame and an edit changes only what it edits.
 Live previews: a request with ``on_preview`` receives the sampler's x0 prediction after each
 step but the last; a batch whose requests are all ``cancelled`` stops between steps.
 
-Timings (milliseconds, for the whole batch): ``buffers`` (DECA codes, posing, buffers),
+Timings (milliseconds, for the whole batch): ``buffers`` (DECA codes, framing, buffers),
 ``latent`` (latent files and photo encodings not yet cached), ``sample`` (all UNet steps
 and previews), ``image`` (x0 to 8-bit frames), ``passes``.
 """
@@ -41,6 +45,7 @@ import torch
 
 from portrait_rig.params import Appearance, RigParams
 from server import paths
+from server.backends.framing import HeadFramer, check_framing, identity_framings, place
 from server.renderer.deca import DecaBufferRenderer, DecaCodes
 from server.diffusion import NoiseSchedule, ddim_sample, dpm_solver_pp_sample, initial_noise
 from server.renderer.face_model import FaceModel
@@ -52,9 +57,8 @@ from server.renderer.buffers import CHANNELS
 from server.renderer.texture import choose_texture
 
 from server.backends.base import (LRU, Backend, RenderCancelled, RenderRequest, RenderResult,
-                                  StageTimer, check_request, cover_frame, file_stamp,
-                                  opaque_rgba, resolve_precision, stop_if_cancelled,
-                                  torch_device)
+                                  StageTimer, check_request, file_stamp, resolve_precision,
+                                  stop_if_cancelled, torch_device)
 
 SAMPLERS = {"ddim": 20, "dpm++": 10}              # name -> default number of steps
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -68,14 +72,18 @@ class DiffusionRigBackend(Backend):
     ``sampler`` ("ddim": the official deterministic DDIM on the respaced grid; "dpm++":
     DPM-Solver++(2M)), ``steps``, ``precision``, ``texture`` ("auto" uses the FLAME texture
     space when it fits the face model), ``resolution`` (the architecture itself is read from
-    the checkpoint), ``personal_dir`` and ``max_models`` (the stage-1 model is never evicted,
+    the checkpoint), ``framing`` ("ffhq": the network sees the head FFHQ-aligned, as it was
+    trained; "centre": only the FFHQ centre placed, as the official inference script does;
+    "rig": the rig's own framing; ``server.backends.framing``), ``personal_dir`` and
+    ``max_models`` (the stage-1 model is never evicted,
     and the personal model in use always stays)."""
 
     name = "diffusionrig"
 
     def __init__(self, face_model: FaceModel, device: str = "cpu", checkpoint=None,
                  sampler: str = "ddim", steps=None, precision: str = "auto",
-                 texture: str = "auto", resolution=256, personal_dir=None, max_models=2):
+                 texture: str = "auto", resolution=256, framing: str = "ffhq",
+                 personal_dir=None, max_models=2):
         super().__init__(face_model, device)
         self.torch_device = torch_device(device)
         self.sampler = sampler
@@ -86,6 +94,7 @@ class DiffusionRigBackend(Backend):
         self.precision = resolve_precision(precision, self.torch_device)
         self.resolution = resolution
         self.max_models = max_models
+        self.framing = check_framing(framing)
         self.personal_dir = Path(personal_dir).expanduser() if personal_dir else None
         self.checkpoint = (Path(checkpoint).expanduser() if checkpoint
                            else paths.diffusionrig_checkpoint())
@@ -101,6 +110,7 @@ class DiffusionRigBackend(Backend):
             face_model = FaceModel(face_model.data, self.torch_device)
         self.buffers = DecaBufferRenderer(
             face_model, choose_texture(texture, face_model.faces.shape[0], self.torch_device))
+        self.framer = HeadFramer(face_model) if self.framing != "rig" else None
         self._latents = LRU(_CACHE_ENTRIES)
         self._noise = LRU(_CACHE_ENTRIES)
 
@@ -108,7 +118,8 @@ class DiffusionRigBackend(Backend):
         cfg = self._models[None].config
         texture = "FLAME texture space" if self.buffers.texture is not None else "vertex albedo"
         return (f"{self.checkpoint} (DiffusionRig {self.resolution} px, {cfg.model_channels} "
-                f"channels), {self.sampler} {self.steps} steps, {texture}, on "
+                f"channels), {self.sampler} {self.steps} steps, {texture}, framing "
+                f"{self.framing}, on "
                 f"{self.torch_device}, {self.precision}")
 
     # ------------------------------------------------------------------------ setup
@@ -181,9 +192,11 @@ class DiffusionRigBackend(Backend):
         lap = StageTimer(self.torch_device)
         size, device = self.resolution, self.torch_device
         stop_if_cancelled(requests)
-        codes = _cat_codes([self.buffers.codes([r.params], r.width, r.height)
-                            for r in requests])
-        buffers = self.buffers.render(codes, size)
+        codes = DecaCodes.cat([self.buffers.codes([r.params], r.width, r.height)
+                               for r in requests])
+        framings = self._framings(requests, codes)
+        aligned = self.framer.reframe(codes, framings) if self.framer else codes
+        buffers = self.buffers.render(aligned, size)
         condition = self.buffers.conditioning(buffers)
         lap("buffers")
         z = torch.stack([self._latent(model_key, model, r.params.appearance) for r in requests])
@@ -201,7 +214,8 @@ class DiffusionRigBackend(Backend):
             stop_if_cancelled(requests)
             if step + 1 == steps or not previews:
                 return
-            images = self._images(x0[previews], [requests[i] for i in previews])
+            images = self._images(x0[previews], [requests[i] for i in previews],
+                                  framings[previews])
             for i, image in zip(previews, images):
                 requests[i].on_preview(step + 1, steps,
                                        RenderResult(image, timings={"elapsed": lap.elapsed()}))
@@ -212,41 +226,56 @@ class DiffusionRigBackend(Backend):
             x0 = dpm_solver_pp_sample(denoise, noise, self.schedule, timesteps=self.timesteps,
                                       callback=callback)
         lap("sample")
-        images = self._images(x0, requests)
+        images = self._images(x0, requests, framings)
         lap("image")
         results = [RenderResult(image) for image in images]
         if any(r.passes for r in requests):
             for j, (request, result) in enumerate(zip(requests, results)):
-                result.passes = self._passes(request, codes, j, buffers)
+                result.passes = self._passes(request, codes, j,
+                                             buffers if aligned is codes else None)
             lap("passes")
         for result in results:
             result.timings = dict(lap.times)
         return results
 
-    def _images(self, x0: torch.Tensor, requests: list[RenderRequest]) -> list[np.ndarray]:
-        """x0 [B, 3, S, S] in [-1, 1] -> uint8 RGBA frames [H, W, 4] (alpha 255): resized to
-        the square covering each frame, centre-cropped."""
-        pixels = ((x0.float() + 1) * 0.5).clamp(0, 1)
-        out = []
+    def _framings(self, requests: list[RenderRequest], codes: DecaCodes) -> np.ndarray:
+        """[B, 4] framing of each request (``server.backends.framing``), smoothed over the
+        shot's neighbours for frames that carry them."""
+        if self.framer is None:
+            return identity_framings(len(requests))
+        framings = self.framer.framings(codes, self.framing)
         for j, request in enumerate(requests):
-            image = cover_frame(pixels[j: j + 1], request.width, request.height)
-            rgb = (image * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-            out.append(np.ascontiguousarray(opaque_rgba(rgb)[0]))
+            shot = request.shot
+            if shot is not None and shot.smooth and shot.neighbors:
+                _, window, centre = shot.window(request.params)
+                framings[j] = self.framer.shot_framing(window, centre, request.width,
+                                                       request.height, self.framing)
+        return framings
+
+    def _images(self, x0: torch.Tensor, requests: list[RenderRequest],
+                framings: np.ndarray) -> list[np.ndarray]:
+        """x0 [B, 3, S, S] in [-1, 1] -> uint8 RGBA frames [H, W, 4]: each portrait placed
+        into its frame through its framing, alpha its coverage."""
+        pixels = (x0.float() + 1) * 0.5
+        placed = place(pixels, framings, [(r.width, r.height) for r in requests])
+        out = []
+        for rgb, alpha in placed:
+            rgba = torch.cat([rgb.clamp(0, 1), alpha]).permute(1, 2, 0)
+            out.append(np.ascontiguousarray((rgba * 255).round().to(torch.uint8).cpu().numpy()))
         return out
 
     def _passes(self, request: RenderRequest, codes: DecaCodes, j: int,
                 buffers) -> dict[str, np.ndarray]:
-        """The requested buffers in the frame: DECA's buffers at the covering square's size,
-        centre-cropped (albedo and rendered as the model sees them, display-referred)."""
+        """The requested buffers in the frame: DECA's buffers of the rig's framing at the
+        covering square's size, centre-cropped (albedo and rendered as the model sees them,
+        display-referred). ``buffers``: the batch's, when they were rendered in that framing."""
         if not request.passes:
             return {}
         side = max(request.width, request.height)
-        if side == self.resolution:
+        if side == self.resolution and buffers is not None:
             packed = buffers.packed[j]
         else:
-            one = DecaCodes(*(getattr(codes, f)[j: j + 1] for f in
-                              ("shape", "exp", "pose", "cam", "light")))
-            packed = self.buffers.render(one, side).packed[0]
+            packed = self.buffers.render(codes.take([j]), side).packed[0]
         top, left = (side - request.height) // 2, (side - request.width) // 2
         packed = packed[top: top + request.height, left: left + request.width].cpu().numpy()
         return {name: np.ascontiguousarray(packed[..., slice(*CHANNELS[name])])
@@ -322,8 +351,4 @@ def _seed(request: RenderRequest) -> int:
     seed = request.params.appearance.seed
     return 0 if seed is None else seed
 
-
-def _cat_codes(parts: list[DecaCodes]) -> DecaCodes:
-    names = ("shape", "exp", "pose", "cam", "light")
-    return DecaCodes(*(torch.cat([getattr(p, n) for p in parts]) for n in names))
 

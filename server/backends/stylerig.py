@@ -17,15 +17,18 @@ Per batch of requests:
    become the generator's input transform (``make_transform(roll, tx, ty)``). The transform is
    a single buffer of the input layer, so frames with different transforms compute their
    Fourier-feature input one transform at a time (cheap: one small layer) and then run every
-   synthesis layer as one batch. StyleGAN2 has no such transform: roll and position are not
-   rendered there.
+   synthesis layer as one batch. StyleGAN2 has no such transform: it draws the FFHQ-aligned
+   portrait it was trained on, which is placed into the frame through the head's FFHQ
+   framing (``server.backends.framing``, from the 68 landmarks of the rig's posed mesh), so
+   roll, position and size follow the rig; alpha is the generated square's coverage.
 4. One synthesis call per generator (the base one, or a request's pivotal-tuning personal
    model, ``appearance.personal_model``; StyleSpace edits added to its style vectors) at the
    generator's resolution S, noise mode 'const' (a
    fixed noise image, so equal latents give equal frames); the [-1, 1] output becomes sRGB
    uint8 as NVIDIA's scripts write it (x * 127.5 + 128, clamped, truncated), resized (torch
    bicubic, antialiased when shrinking) to the square max(width, height) covering the frame
-   and centre-cropped. Alpha is 255.
+   and centre-cropped (StyleGAN3, or ``framing`` "rig"; alpha 255), or placed through the
+   FFHQ framing (StyleGAN2).
 
 Without RigNet weights the backend draws plain StyleGAN portraits: identity (and, with
 StyleGAN3, roll and position) follow the rig, pose, expression and light do not. It says so
@@ -37,7 +40,8 @@ their latents go through steps 1-3 with the frame's own, ``server.backends.shots
 (fine layers averaged, then the 5-tap kernel renormalised over the frames present) and
 ``smooth_transforms`` are applied over that window, and the frame keeps its own row. So the
 smoothing window is exactly what the request carries; a frame without neighbours (a lone
-frame, a render started from Blender's UI) is rendered unsmoothed.
+frame, a render started from Blender's UI) is rendered unsmoothed. StyleGAN2's framings are
+smoothed over the same window.
 
 Extra passes (normal, albedo, ...) come from the preview backend's buffer renderer, of the
 face model in the rig's pose and camera. The generator's portrait is not fitted to that
@@ -64,6 +68,7 @@ from server.models.stylegan3 import StyleGAN3Generator, make_transform
 from server.renderer.head_view import head_views
 from server.backends.directions import Directions, styles_offset
 from server.backends.shots import smooth_latents, smooth_transforms
+from server.backends.framing import HeadFramer, check_framing, place
 from server.backends.stylegan_rig import RigLatents, RigPasses, frame_images, request_windows
 
 from server.backends.base import (LRU, Backend, RenderRequest, RenderResult, StageTimer,
@@ -79,14 +84,17 @@ class StyleRigBackend(Backend):
     ("fp16": every synthesis layer but StyleGAN2's 4x4 block in float16, activations clamped
     to +-256 as NVIDIA's mixed precision does; "native": the checkpoint's own mixed precision,
     float16 in its ``num_fp16_res`` highest resolutions), ``max_identities``,
-    ``directions`` (the folder of edit directions) and ``max_personal`` (personal generators
-    kept loaded)."""
+    ``directions`` (the folder of edit directions), ``max_personal`` (personal generators
+    kept loaded) and ``framing`` ("ffhq": StyleGAN2's FFHQ-aligned portrait placed where the
+    rig's head is, at its size and roll; "centre": only moved to the head's FFHQ centre;
+    "rig": the portrait fills the frame; StyleGAN3 places the head with its input transform
+    either way)."""
 
     name = "stylerig"
 
     def __init__(self, face_model: FaceModel, device: str = "cpu", generator=None,
                  rignet="auto", precision: str = "auto", max_identities=64, directions=None,
-                 max_personal=2):
+                 max_personal=2, framing: str = "ffhq"):
         super().__init__(face_model, device)
         self.torch_device = torch_device(device)
         cuda = self.torch_device.type == "cuda"
@@ -115,6 +123,9 @@ class StyleRigBackend(Backend):
         if cuda:
             torch.backends.cudnn.benchmark = True      # fixed shapes: pick the fastest kernels
         self._passes = RigPasses(face_model, device)
+        self.framing = check_framing(framing)
+        self.framer = (HeadFramer(face_model) if self.framing != "rig" and not self.is_stylegan3
+                       else None)
 
     def summary(self) -> str:
         G = self.G
@@ -142,11 +153,14 @@ class StyleRigBackend(Backend):
         # The frames to compute: each request's window (itself, and the neighbours it is
         # smoothed over), one after the other; ``windows`` holds (first row, length, centre).
         params, windows = request_windows(requests)
-        views = []
-        if self.rignet is not None or self.is_stylegan3:
-            for request, (start, length, _) in zip(requests, windows):
-                views += head_views(params[start: start + length], request.width,
-                                    request.height)
+        views, framings = [], []
+        for request, (start, length, centre) in zip(requests, windows):
+            window = params[start: start + length]
+            if self.rignet is not None or self.is_stylegan3:
+                views += head_views(window, request.width, request.height)
+            if self.framer is not None:         # StyleGAN2: smoothed like the latents
+                framings.append(self.framer.shot_framing(window, centre, request.width,
+                                                         request.height, self.framing))
 
         for p in params:
             self.directions.check(p.appearance.edits)
@@ -171,7 +185,14 @@ class StyleRigBackend(Backend):
         transforms = torch.stack(frame_transforms) if transforms is not None else None
         images = self._synthesize(requests, ws, transforms)
         lap("synthesis")
-        results = [RenderResult(image) for image in frame_images(images, requests)]
+        if framings:
+            placed = place(images, np.stack(framings), [(r.width, r.height) for r in requests])
+            frames = [np.ascontiguousarray(torch.cat(
+                [(rgb * 127.5 + 128).clamp(0, 255), (alpha * 255).round()]).to(torch.uint8)
+                .permute(1, 2, 0).cpu().numpy()) for rgb, alpha in placed]
+        else:
+            frames = frame_images(images, requests)
+        results = [RenderResult(image) for image in frames]
         lap("image")
         if any(r.passes for r in requests):
             self._passes.add(requests, results)

@@ -42,6 +42,10 @@ def add_fitting_options(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s)")
     parser.add_argument("--detector", default="hog", choices=("hog", "cnn"),
                         help="dlib face detector (default %(default)s)")
+    parser.add_argument("--texture", default="auto",
+                        help="'auto', 'none' or a FLAME_texture.npz, as the diffusionrig "
+                             "backend's option: the albedo space whose code photos are fitted "
+                             "with and the buffers use (default %(default)s)")
 
 
 def fitter_from_args(args, settings=None):
@@ -56,8 +60,11 @@ def fitter_from_args(args, settings=None):
     deca = args.deca_model or (paths.deca_model() if paths.deca_model().is_file() else None)
     embedding = args.embedding or (paths.landmark_embedding()
                                    if paths.landmark_embedding().is_file() else None)
+    from server.renderer.texture import choose_texture
+
     fitter = PhotoFitter(model, deca_model=deca, embedding=embedding, method=args.fit_method,
-                         size=args.fit_size, detector=args.detector, settings=settings)
+                         size=args.fit_size, detector=args.detector, settings=settings,
+                         texture=choose_texture(args.texture, model.faces.shape[0]))
     return model, fitter
 
 

@@ -37,12 +37,14 @@ class PhotoFitter:
     ``deca_model``: path of DECA's ``deca_model.tar`` (used for FLAME models); ``embedding``:
     a FLAME landmark embedding file (else one is detected on a render of the model);
     ``method``: "auto" (DECA when it applies, else optimisation), "deca" or "optimisation";
-    ``size``: the aligned crop's side; ``detector``: "hog" or "cnn".
+    ``size``: the aligned crop's side; ``detector``: "hog" or "cnn"; ``texture``: the model's
+    texture space (a ``FlameTexture``), whose code the optimisation fits (DECA's encoder
+    predicts it).
     """
 
     def __init__(self, model: FaceModel, deca_model=None, embedding=None,
                  method: str = "auto", size: int = 256, detector: str = "hog",
-                 settings: FitSettings | None = None):
+                 settings: FitSettings | None = None, texture=None):
         if method not in METHODS:
             raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
         is_flame = model.data.n_vertices == FLAME_VERTICES
@@ -56,6 +58,9 @@ class PhotoFitter:
         self.encoder: DecaEncoder | None = (load_deca_encoder(deca_model, model.device)
                                             if use_deca else None)
         self.method = "deca" if use_deca else "optimisation"
+        if texture is not None:
+            texture.check_faces(model.data.n_faces)
+        self.texture = texture
 
     def fit(self, photo) -> PhotoFit:
         """``photo``: encoded image bytes (PNG, JPEG...), a PIL image or an RGB array.
@@ -68,7 +73,8 @@ class PhotoFitter:
         if self.encoder is not None:
             result = self._fit_deca(aligned, landmarks)
         else:
-            result = fit_aligned(aligned, landmarks, self.model, self.embedding, self.settings)
+            result = fit_aligned(aligned, landmarks, self.model, self.embedding, self.settings,
+                                 texture=self.texture)
         return PhotoFit(result=result, aligned=aligned, alignment=alignment, face=face)
 
     def _fit_deca(self, aligned: np.ndarray, landmarks: np.ndarray) -> FitResult:
@@ -79,14 +85,14 @@ class PhotoFitter:
         return FitResult(params=params, albedo_gain=gain,
                          vertex_albedo=self.model.data.vertex_albedo.astype(np.float64),
                          landmarks=fitted, target_landmarks=landmarks,
-                         landmark_valid=self.embedding.valid.copy(), method="deca",
-                         extras={"tex": codes.tex.tolist()})
+                         landmark_valid=self.embedding.valid.copy(), method="deca")
 
 
 def rig_from_deca(codes: PhotoCodes, model: FaceModel, camera: tuple[float, float, float]):
     """Rig parameters from DECA codes for a FLAME ``model`` and an image camera
-    (scale, tx, ty) (``server.photo.deca.camera_in_image``)."""
-    from portrait_rig.params import Camera, Lighting, Pose, RigParams
+    (scale, tx, ty) (``server.photo.deca.camera_in_image``); the texture code goes to
+    ``appearance.texture``."""
+    from portrait_rig.params import Appearance, Camera, Lighting, Pose, RigParams
 
     def floats(values):
         return [float(v) for v in values]
@@ -96,7 +102,8 @@ def rig_from_deca(codes: PhotoCodes, model: FaceModel, camera: tuple[float, floa
                      pose=Pose(global_=floats(codes.pose[:3]), jaw=floats(codes.pose[3:])),
                      camera=Camera(type="orthographic", scale=camera[0], tx=camera[1],
                                    ty=camera[2]),
-                     lighting=Lighting(sh=[floats(row) for row in codes.light]))
+                     lighting=Lighting(sh=[floats(row) for row in codes.light]),
+                     appearance=Appearance(texture=floats(codes.tex)))
 
 
 def project_landmarks(landmark_model: LandmarkModel, model: FaceModel, params,

@@ -3,7 +3,9 @@
 Input: an aligned crop (``server.photo.align_face``) and its 68 landmarks. Output: the face
 model's identity and expression coefficients, the global and jaw rotations, DECA's
 orthographic camera for the crop (NDC = scale * (X + [tx, ty]), +Y up, the crop spanning
-[-1, 1]), a DECA SH light and an albedo estimate (the model's albedo tinted by an RGB gain).
+[-1, 1]), a DECA SH light and an albedo estimate: with a texture space (``FLAME_texture.npz``
+for a FLAME model) DECA's texture code, the first ``n_texture`` coefficients
+(``appearance.texture``); otherwise the model's albedo tinted by an RGB gain.
 
 Energy, minimised with Adam in four stages:
 
@@ -12,12 +14,14 @@ Energy, minimised with Adam in four stages:
       + w_photo * mean_face |rendered - photo|   photometric L1 over the pixels the face
                                                  covers inside the landmarks' outline
       + w_shape |shape|^2 + w_exp |exp|^2 + w_jaw |jaw|^2                 coefficient priors
+      + w_texture |tex|^2                                                 (with a texture space)
       + (w_white |L - mean_rgb(L)|^2 + w_light |L[1:]|^2) / L[0]^2         light priors
 
 1. rigid: camera and global rotation on the landmarks (from a closed-form scale/offset start);
 2. shape: + identity, expression and jaw, on the landmarks with their priors;
-3. light: SH light and albedo gain on the photometric term with the stage-2 geometry held
-   (its pixels' normals and albedo rendered once), from the linear least-squares light;
+3. light: SH light and albedo gain (or texture code) on the photometric term with the stage-2
+   geometry held (its pixels' normals and albedo, or texture samples, rendered once), from the
+   linear least-squares light;
 4. refine: everything on the whole energy, through the differentiable renderer (the
    photometric term also moves the geometry: depth cues the landmarks cannot see), with
    a fifth of the geometry step sizes since it starts close.
@@ -28,7 +32,8 @@ albedo x shading, the albedo being the model's linear albedo sRGB-encoded (displ
 like DECA's texture), no linearisation. Light and albedo are
 ambiguous up to a per-channel factor; the light is kept white (band 0 equal across RGB) by
 ``w_white`` and the gain is normalised to a mean log of zero, so brightness goes into the light
-and skin colour into the albedo gain.
+and skin colour into the albedo gain (or the texture code, sampled per pixel from the texture
+space as DECA does, ``server.renderer.texture``).
 """
 
 from __future__ import annotations
@@ -40,12 +45,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from portrait_rig.params import Camera, Lighting, Pose, RigParams
+from portrait_rig.params import Appearance, Camera, Lighting, Pose, RigParams
 from server.models.deca_encoder import N_EXPRESSION as DECA_EXPRESSION, N_SHAPE as DECA_SHAPE
+from server.models.deca_encoder import N_TEXTURE as DECA_TEXTURE
 from server.renderer.face_model import FaceModel
 from server.photo.landmarks import BROW_LEFT, BROW_RIGHT, JAW, N_LANDMARKS
 from server.renderer import BufferRenderer, CameraBatch, project, screen_space, sh_basis
 from portrait_rig.colour import linear_to_srgb, srgb_to_linear
+from server.renderer.texture import FlameTexture, sample_albedo, texel_grid, textured
 
 from server.photo.embedding import LandmarkEmbedding, LandmarkModel
 
@@ -64,19 +71,22 @@ class FitSettings:
     lr_scale: float = 0.01            # log camera scale,
     lr_offset: float = 0.001          # camera offset (model units: metres),
     lr_light: float = 0.02            # fraction of band 0,
-    lr_albedo: float = 0.01           # log gain
+    lr_albedo: float = 0.01           # log gain,
+    lr_texture: float = 0.05          # texture coefficients
     w_photo: float = 30.0
     w_shape: float = 0.05
     w_expression: float = 0.05
     w_jaw: float = 5.0
     w_white: float = 10.0
     w_light: float = 0.001
+    w_texture: float = 0.01
     n_shape: int = DECA_SHAPE
     n_expression: int = DECA_EXPRESSION
+    n_texture: int = DECA_TEXTURE
 
     def __post_init__(self):
         for name in ("rigid_steps", "shape_steps", "light_steps", "refine_steps", "n_shape",
-                     "n_expression"):
+                     "n_expression", "n_texture"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
@@ -112,7 +122,8 @@ class FitResult:
 class _Variables:
     """The optimised tensors and their mapping to rig quantities."""
 
-    def __init__(self, model: FaceModel, n_shape: int, n_expression: int, sh0: torch.Tensor):
+    def __init__(self, model: FaceModel, n_shape: int, n_expression: int, n_texture: int,
+                 sh0: torch.Tensor):
         z = lambda *s: torch.zeros(*s, dtype=torch.float32)   # noqa: E731
         self.shape = z(1, min(n_shape, model.n_shape))
         self.expression = z(1, min(n_expression, model.n_expression))
@@ -122,6 +133,7 @@ class _Variables:
         self.offset = z(1, 2)            # tx, ty in model units
         self.light = sh0.clone()[None]   # [1, 9, 3]
         self.log_gain = z(1, 3)
+        self.texture = z(1, n_texture)
         self.model = model
 
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,7 +169,8 @@ class _Variables:
             pose=Pose(global_=floats(self.rotation), jaw=floats(self.jaw)),
             camera=Camera(type="orthographic", scale=float(self.log_scale.exp()),
                           tx=float(self.offset[0, 0]), ty=float(self.offset[0, 1])),
-            lighting=Lighting(sh=[floats(row) for row in self.light[0]]))
+            lighting=Lighting(sh=[floats(row) for row in self.light[0]]),
+            appearance=Appearance(texture=floats(self.texture)))
 
 
 def landmark_weights(valid: np.ndarray) -> torch.Tensor:
@@ -183,13 +196,16 @@ def face_outline_mask(landmarks: np.ndarray, image_size: int, size: int) -> np.n
 
 def fit_aligned(image: np.ndarray, landmarks: np.ndarray, model: FaceModel,
                 embedding: LandmarkEmbedding, settings: FitSettings | None = None,
-                sh_start: np.ndarray | None = None) -> FitResult:
+                sh_start: np.ndarray | None = None,
+                texture: FlameTexture | None = None) -> FitResult:
     """Fit ``model`` to an aligned crop.
 
     image RGB uint8 [S, S, 3]; landmarks [68, 2] in its pixels (dlib convention);
     ``embedding`` places them on ``model``'s mesh; ``sh_start`` [9, 3] is the light the
     least-squares start falls back to where the face covers too few pixels (default: grey
-    ambient light). Runs on the model's device without touching global torch state.
+    ambient light); ``texture``: the model's texture space (on its device), whose code is
+    fitted instead of an albedo gain. Runs on the model's device without touching global
+    torch state.
     """
     settings = settings or FitSettings()
     image = np.asarray(image)
@@ -201,13 +217,15 @@ def fit_aligned(image: np.ndarray, landmarks: np.ndarray, model: FaceModel,
     if landmarks.shape != (N_LANDMARKS, 2) or not np.isfinite(landmarks).all():
         raise ValueError(f"landmarks: expected finite [{N_LANDMARKS}, 2], got {landmarks.shape}")
     embedding.check(model.data)
+    if texture is not None:
+        texture.check_faces(model.data.n_faces)
 
     with torch.enable_grad():
-        return _Fit(image, landmarks, model, embedding, settings, sh_start).run()
+        return _Fit(image, landmarks, model, embedding, settings, sh_start, texture).run()
 
 
 class _Fit:
-    def __init__(self, image, landmarks, model, embedding, settings, sh_start):
+    def __init__(self, image, landmarks, model, embedding, settings, sh_start, texture):
         self.settings, self.model, self.embedding = settings, model, embedding
         self.size = image.shape[0]
         self.target = torch.as_tensor(landmarks + 0.5, dtype=torch.float32)  # renderer pixels
@@ -224,7 +242,9 @@ class _Fit:
             sh0[0] = 0.5 * math.sqrt(4 * math.pi)
         else:
             sh0 = torch.as_tensor(np.asarray(sh_start, dtype=np.float32).reshape(9, 3))
-        self.var = _Variables(model, settings.n_shape, settings.n_expression, sh0)
+        self.texture = texture
+        n_texture = min(settings.n_texture, texture.n_components) if texture else 0
+        self.var = _Variables(model, settings.n_shape, settings.n_expression, n_texture, sh0)
         # DECA's albedo is display-referred (texture code values), the model's is linear:
         # encode it as ``server.renderer.deca`` does, so the light is the one its buffers use.
         self.albedo = torch.as_tensor(linear_to_srgb(model.data.vertex_albedo),
@@ -246,7 +266,13 @@ class _Fit:
     def render(self, vertices, tinted: bool = True):
         r = self.settings.render_size
         albedo = self.albedo * self.var.gain()[0] if tinted else self.albedo
-        return self.renderer.render(vertices, albedo, self.var.light[0], self.var.cameras(), r, r)
+        cameras = self.var.cameras()
+        buffers = self.renderer.render(vertices, albedo, self.var.light[0], cameras, r, r)
+        if self.texture is None:
+            return buffers
+        maps = self.texture.albedo_map(self.var.texture if tinted else None)
+        return textured(buffers, maps, self.texture.face_uv, vertices, cameras,
+                        self.renderer.faces)
 
     def face_mask(self, buffers) -> torch.Tensor:
         return (buffers.mask[0, ..., 0] > 0) & self.outline
@@ -258,26 +284,47 @@ class _Fit:
             return buffers.rendered.sum() * 0.0
         return (buffers.rendered[0] - self.photo).abs()[mask].mean()
 
-    def face_pixels(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """SH basis [N, 9], untinted albedo [N, 3] and photo [N, 3] of the current geometry's
-        face pixels (None when the face covers fewer than 50)."""
+    def face_pixels(self) -> tuple[torch.Tensor, ...] | None:
+        """SH basis [N, 9], untinted albedo [N, 3], the texture directions there [N, 3, K]
+        (None without a texture space) and the photo [N, 3] of the current geometry's face
+        pixels (None when the face covers fewer than 50)."""
         with torch.no_grad():
-            buffers = self.render(self.var.mesh(), tinted=False)
+            vertices = self.var.mesh()
+            buffers = self.render(vertices, tinted=False)
             mask = self.face_mask(buffers)
             if int(mask.sum()) < 50:
                 return None
-            return sh_basis(buffers.normal[0][mask]), buffers.albedo[0][mask], self.photo[mask]
+            directions = None
+            if self.texture is not None and self.var.texture.shape[1]:
+                k = self.var.texture.shape[1]
+                maps = self.texture.directions(k)                       # [3, S, S, K]
+                maps = maps.permute(0, 3, 1, 2).reshape(1, 3 * k, *maps.shape[1:3])
+                grid = texel_grid(buffers, self.texture.face_uv, vertices,
+                                  self.var.cameras(), self.renderer.faces)
+                directions = sample_albedo(maps, grid)[0][mask].view(-1, 3, k)
+            return (sh_basis(buffers.normal[0][mask]), buffers.albedo[0][mask], directions,
+                    self.photo[mask])
+
+    def pixel_albedo(self, pixels) -> torch.Tensor:
+        """Albedo [N, 3] of ``face_pixels`` at the current gain or texture code."""
+        _, albedo, directions, _ = pixels
+        if directions is None:
+            return albedo * self.var.gain()
+        return albedo + directions @ self.var.texture[0]
 
     def shading_energy(self, pixels) -> torch.Tensor:
-        """``photo_energy`` on fixed geometry: only light and albedo gain vary."""
-        basis, albedo, photo = pixels
-        return (albedo * self.var.gain() * (basis @ self.var.light[0]) - photo).abs().mean()
+        """``photo_energy`` on fixed geometry: only light and albedo gain (or texture) vary."""
+        basis, photo = pixels[0], pixels[-1]
+        return (self.pixel_albedo(pixels) * (basis @ self.var.light[0]) - photo).abs().mean()
 
     def geometry_priors(self) -> dict[str, torch.Tensor]:
         s, v = self.settings, self.var
         return {"shape": s.w_shape * (v.shape ** 2).sum(),
                 "expression": s.w_expression * (v.expression ** 2).sum(),
                 "jaw": s.w_jaw * (v.jaw ** 2).sum()}
+
+    def texture_prior(self) -> dict[str, torch.Tensor]:
+        return {"texture": self.settings.w_texture * (self.var.texture ** 2).sum()}
 
     def light_priors(self) -> dict[str, torch.Tensor]:
         s, light = self.settings, self.var.light[0]
@@ -302,13 +349,19 @@ class _Fit:
         pixels = self.face_pixels() if s.light_steps + s.refine_steps else None
         if pixels is not None:
             self.start_light(pixels)
-            light = [(v.light, s.lr_light * float(v.light[0, 0].abs().mean())),
-                     (v.log_gain, s.lr_albedo)]
+            albedo = ((v.texture, s.lr_texture) if self.texture is not None
+                      else (v.log_gain, s.lr_albedo))
+            light = [(v.light, s.lr_light * float(v.light[0, 0].abs().mean())), albedo]
+
+            def priors():
+                return {**self.light_priors(),
+                        **(self.texture_prior() if self.texture is not None else {})}
+
             self.stage("light", s.light_steps, light, lambda: {
-                **self.light_priors(), "photo": s.w_photo * self.shading_energy(pixels)})
+                **priors(), "photo": s.w_photo * self.shading_energy(pixels)})
             self.stage("refine", s.refine_steps,
                        [(t, lr * 0.2) for t, lr in geometry] + light, lambda: {
-                           **landmarks(), **self.light_priors(),
+                           **landmarks(), **priors(),
                            "photo": s.w_photo * self.photo_energy(self.render(v.mesh()))})
         with torch.no_grad():
             fitted = self.project_landmarks().numpy() - 0.5
@@ -337,7 +390,7 @@ class _Fit:
     def start_light(self, pixels) -> None:
         """Least-squares light for the current geometry (gain 1): per channel,
         min |albedo * (B(n) L) - photo|^2 + ridge on bands 1-8, then band 0 made white."""
-        basis, albedo, photo = (t.double() for t in pixels)
+        basis, albedo, photo = (t.double() for t in (pixels[0], pixels[1], pixels[-1]))
         ridge = torch.full((9,), self.settings.w_light / self.settings.w_photo,
                            dtype=torch.float64)
         ridge[0] = 1e-9

@@ -6,8 +6,9 @@ into the 256 x 256 FFHQ-aligned photo. This module reproduces them from a ``RigP
 
 * Codes (``DecaCodes``): FLAME with DECA's slicing - the first 100 identity and 50 expression
   components, pose = global (3) + jaw (3) axis-angle with neck and eyes at zero, an
-  orthographic camera (s, tx, ty) and 9 x 3 SH light. ``deca_codes`` maps the rig's richer
-  parameters onto them (its docstring lists the approximations).
+  orthographic camera (s, tx, ty), 9 x 3 SH light and the texture code (``appearance.texture``,
+  DECA's ``tex``). ``deca_codes`` maps the rig's richer parameters onto them (its docstring
+  lists the approximations).
 * Projection: NDC = s * (X + [tx, ty]) on the posed mesh, +Y up; the frame's rows run top to
   bottom, so the forehead is at the top and the subject's left (+X) on the image's right.
   DECA projects into its 224 crop and maps the result into the aligned photo with the crop's
@@ -17,9 +18,10 @@ into the 256 x 256 FFHQ-aligned photo. This module reproduces them from a ``RigP
   ``normal``: unit vertex normals of the posed mesh (area-weighted face normals, normalised) in
   DECA's world frame (= the camera frame: +Z towards the viewer), interpolated with screen
   barycentrics (exact for an orthographic camera) and not renormalised, in [-1, 1];
-  ``albedo``: display-referred code values / 255 in [0, 1], from FLAME's texture space sampled
-  per pixel (``renderer.texture``) or from the face model's per-vertex albedo, which is linear
-  and so sRGB-encoded per vertex first; ``shading``: DECA's SH irradiance of the interpolated
+  ``albedo``: display-referred code values / 255 in [0, 1], from FLAME's texture space at each
+  request's texture code, sampled per pixel (``renderer.texture``), or, for a face model
+  without a texture space (the demo head; texture codes are then ignored), from its per-vertex
+  albedo, which is linear and so sRGB-encoded per vertex first; ``shading``: DECA's SH irradiance of the interpolated
   normal; ``rendered`` = albedo * shading, unclamped.
 * ``conditioning`` stacks them as the UNet takes them: [B, 9, S, S] = (rendered, normal,
   albedo), NCHW.
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from portrait_rig.face_data import FaceData
 from portrait_rig.params import RigParams
@@ -39,11 +42,11 @@ from portrait_rig.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 from server.models.deca_encoder import N_EXPRESSION, N_SHAPE
 from server.renderer.face_model import FaceModel
 from server.renderer.head_view import camera_light, camera_rotation, head_rotation
-from server.renderer import BufferRenderer, Buffers, CameraBatch, project, screen_space
-from server.renderer.buffers import barycentrics
+from server.renderer import BufferRenderer, Buffers, CameraBatch
 from portrait_rig.colour import linear_to_srgb
-from server.renderer.texture import FlameTexture, sample_albedo, uv_grid
+from server.renderer.texture import FlameTexture, textured
 
+CODE_FIELDS = ("shape", "exp", "pose", "cam", "light", "tex")
 
 
 @dataclass
@@ -51,17 +54,32 @@ class DecaCodes:
     """DECA's codes for a batch, float32 CPU tensors.
 
     shape [B, 100], exp [B, 50], pose [B, 6] (global then jaw axis-angle), cam [B, 3]
-    (s, tx, ty) for a square frame, light [B, 9, 3]. Components the face model lacks (the demo
-    head has fewer than 100 identity components) stay zero and are unused.
+    (s, tx, ty) for a square frame, light [B, 9, 3], tex [B, n] (texture codes zero-padded to
+    the longest of the batch; n = 0 when every request uses the mean texture). Components the
+    face model lacks (the demo head has fewer than 100 identity components) stay zero and are
+    unused.
     """
     shape: torch.Tensor
     exp: torch.Tensor
     pose: torch.Tensor
     cam: torch.Tensor
     light: torch.Tensor
+    tex: torch.Tensor
 
     def __len__(self) -> int:
         return self.shape.shape[0]
+
+    def take(self, indices) -> "DecaCodes":
+        """The codes of items ``indices`` (a list of ints or a slice)."""
+        return DecaCodes(*(getattr(self, f)[indices] for f in CODE_FIELDS))
+
+    @staticmethod
+    def cat(parts: list["DecaCodes"]) -> "DecaCodes":
+        """One batch of several (texture codes zero-padded to the longest)."""
+        n = max(p.tex.shape[1] for p in parts)
+        tex = torch.cat([F.pad(p.tex, (0, n - p.tex.shape[1])) for p in parts])
+        return DecaCodes(*(torch.cat([getattr(p, f) for p in parts]) for f in CODE_FIELDS[:-1]),
+                         tex)
 
 
 class RigGeometry:
@@ -123,6 +141,8 @@ def deca_codes(params: list[RigParams], geometry: RigGeometry, width: int,
       ears for a head 1.2 m away); long lenses make it negligible.
     * Light: DECA shades camera-frame normals, the rig's SH is given in the model frame, so it
       is rotated into the camera frame (``head_view.camera_light``).
+    * Texture: ``appearance.texture`` as it is (DECA's ``tex``), zero-padded to the batch's
+      longest.
     """
     side = max(width, height)
     batch = len(params)
@@ -131,6 +151,7 @@ def deca_codes(params: list[RigParams], geometry: RigGeometry, width: int,
     pose = np.zeros((batch, 6))
     cam = np.zeros((batch, 3))
     light = np.zeros((batch, 9, 3))
+    tex = np.zeros((batch, max(len(p.appearance.texture) for p in params)))
     for b, p in enumerate(params):
         p.validate_for_model(geometry.n_shape, geometry.n_expression)
         n_s, n_e = min(len(p.shape), N_SHAPE), min(len(p.expression), N_EXPRESSION)
@@ -162,19 +183,36 @@ def deca_codes(params: list[RigParams], geometry: RigGeometry, width: int,
             cam[b] = (p.camera.scale * height / side, p.camera.tx + offset[0],
                       p.camera.ty + offset[1])
         light[b] = camera_light(p)
+        tex[b, :len(p.appearance.texture)] = p.appearance.texture
 
     def t(array):
         return torch.from_numpy(array).float()
 
-    return DecaCodes(t(shape), t(exp), t(pose), t(cam), t(light))
+    return DecaCodes(t(shape), t(exp), t(pose), t(cam), t(light), t(tex))
+
+
+def pose_inputs(codes: DecaCodes, model: FaceModel):
+    """``FaceModel.pose``'s shape [B, S], expression [B, E] and pose [B, J, 3] for DECA codes
+    (global and jaw rotations from the codes, the other joints at rest), on the model's
+    device."""
+    batch = len(codes)
+    shape = torch.zeros(batch, model.n_shape)
+    expression = torch.zeros(batch, model.n_expression)
+    n_s, n_e = min(model.n_shape, N_SHAPE), min(model.n_expression, N_EXPRESSION)
+    shape[:, :n_s], expression[:, :n_e] = codes.shape[:, :n_s], codes.exp[:, :n_e]
+    pose = torch.zeros(batch, model.parents.shape[0], 3)
+    pose[:, 0], pose[:, 2] = codes.pose[:, :3], codes.pose[:, 3:]
+    device = model.device
+    return shape.to(device), expression.to(device), pose.to(device)
 
 
 class DecaBufferRenderer:
     """Poses the face model with DECA codes and renders DiffusionRig's buffers.
 
     ``texture`` (a ``FlameTexture`` on the model's device, for a face model with FLAME's
-    topology) gives the albedo; without it the face model's per-vertex albedo is used.
-    ``rasterizer`` as ``BufferRenderer`` ("auto": numba on the CPU, torch elsewhere).
+    topology) gives the albedo at each item's texture code; without it the face model's
+    per-vertex albedo is used. ``rasterizer`` as ``BufferRenderer`` ("auto": numba on the
+    CPU, torch elsewhere).
     """
 
     def __init__(self, face_model: FaceModel, texture: FlameTexture | None = None,
@@ -186,39 +224,20 @@ class DecaBufferRenderer:
         # DECA's albedo is display-referred (texture code values), the face model's linear.
         encoded = linear_to_srgb(face_model.data.vertex_albedo)
         self.vertex_albedo = torch.as_tensor(encoded, dtype=torch.float32, device=self.device)
-        self.texture = texture
-        self.albedo_map = None
         if texture is not None:
             texture.check_faces(face_model.faces.shape[0])
-            self.albedo_map = texture.albedo_map()
+        self.texture = texture
 
     def codes(self, params: list[RigParams], width: int, height: int) -> DecaCodes:
         return deca_codes(params, self.geometry, width, height)
 
     def vertices(self, codes: DecaCodes) -> torch.Tensor:
         """DECA-posed vertices [B, V, 3] in DECA's world frame (no translation)."""
-        batch, model = len(codes), self.model
-        shape = torch.zeros(batch, model.n_shape)
-        expression = torch.zeros(batch, model.n_expression)
-        n_s, n_e = min(model.n_shape, N_SHAPE), min(model.n_expression, N_EXPRESSION)
-        shape[:, :n_s], expression[:, :n_e] = codes.shape[:, :n_s], codes.exp[:, :n_e]
-        pose = torch.zeros(batch, 5, 3)
-        pose[:, 0], pose[:, 2] = codes.pose[:, :3], codes.pose[:, 3:]
-        device = self.device
-        vertices, _ = model.pose(shape.to(device), expression.to(device), pose.to(device))
-        return vertices
+        return self.model.pose(*pose_inputs(codes, self.model))[0]
 
     def cameras(self, codes: DecaCodes) -> CameraBatch:
         """DECA's orthographic cameras as the renderer's ``CameraBatch``."""
-        batch, device = len(codes), self.device
-        cam = codes.cam.to(device)
-        return CameraBatch(rotation=torch.eye(3, device=device).expand(batch, 3, 3),
-                           location=torch.zeros(batch, 3, device=device),
-                           focal=torch.ones(batch, device=device),
-                           near=torch.zeros(batch, device=device),
-                           far=torch.full((batch,), math.inf, device=device),
-                           scale=cam[:, 0].contiguous(), offset=cam[:, 1:].contiguous(),
-                           perspective=torch.zeros(batch, dtype=torch.bool, device=device))
+        return orthographic_cameras(codes.cam.to(self.device))
 
     def render(self, codes: DecaCodes, size: int) -> Buffers:
         """Buffers [B, size, size, C] (see the module notes)."""
@@ -226,20 +245,26 @@ class DecaBufferRenderer:
         cameras = self.cameras(codes)
         light = codes.light.to(self.device)
         buffers = self.renderer.render(vertices, self.vertex_albedo, light, cameras, size, size)
-        if self.albedo_map is None:
+        if self.texture is None:
             return buffers
-        ndc, depth = project(vertices, cameras, size, size)
-        pixel_xy, _, w = screen_space(ndc, depth, cameras, size, size)
-        pixel, _, _, weights = barycentrics(pixel_xy, w, self.renderer.faces, buffers.triangle,
-                                            size, size)
-        grid = uv_grid(self.texture.face_uv, buffers.triangle, pixel, weights)
-        albedo = sample_albedo(self.albedo_map, grid) * buffers.mask
-        packed = torch.cat([buffers.mask, buffers.depth, buffers.normal, albedo,
-                            buffers.shading, albedo * buffers.shading], dim=-1)
-        return Buffers.from_packed(buffers.triangle, packed)
+        maps = self.texture.albedo_map(codes.tex.to(self.device))
+        return textured(buffers, maps, self.texture.face_uv, vertices, cameras,
+                        self.renderer.faces)
 
     @staticmethod
     def conditioning(buffers: Buffers) -> torch.Tensor:
         """The UNet's physical condition [B, 9, S, S]: rendered, normal, albedo (NCHW)."""
         return torch.cat([buffers.rendered, buffers.normal, buffers.albedo],
                          dim=-1).permute(0, 3, 1, 2).contiguous()
+
+
+def orthographic_cameras(cam: torch.Tensor) -> CameraBatch:
+    """DECA's cameras (s, tx, ty) [B, 3] as the renderer's ``CameraBatch`` on cam's device."""
+    batch, device = cam.shape[0], cam.device
+    return CameraBatch(rotation=torch.eye(3, device=device).expand(batch, 3, 3),
+                       location=torch.zeros(batch, 3, device=device),
+                       focal=torch.ones(batch, device=device),
+                       near=torch.zeros(batch, device=device),
+                       far=torch.full((batch,), math.inf, device=device),
+                       scale=cam[:, 0].contiguous(), offset=cam[:, 1:].contiguous(),
+                       perspective=torch.zeros(batch, dtype=torch.bool, device=device))

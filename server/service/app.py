@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from dataclasses import dataclass, field
 
 from portrait_rig import __version__, protocol
@@ -55,7 +56,12 @@ class RenderServer:
         self._server: asyncio.base_events.Server | None = None
         self._model_header, self._model_buffers = face_data.to_wire()
         self._model_nbytes = sum(buf.nbytes for buf in self._model_buffers)
-        self.fit_service = FitService(face_data, config.deca_model, config.landmark_embedding)
+        self.texture_option = config.backend_options.get("diffusionrig", {}).get(
+            "texture", "auto")
+        self.fit_service = FitService(face_data, config.deca_model, config.landmark_embedding,
+                                      self.texture_option)
+        self._texture_lock = threading.Lock()
+        self._texture = None                    # FlameTexture, or False: the server has none
         self.invert_service = InvertService(config.backend_options, config.device)
 
     # ------------------------------------------------------------------ replies
@@ -82,6 +88,25 @@ class RenderServer:
         """The ``model`` reply: header, then the arrays' own buffers (no copy)."""
         header = dict(self._model_header, type="model", id=rid)
         return [protocol.encode_header(header, self._model_nbytes), *self._model_buffers]
+
+    def texture_message(self, rid, components: int) -> list:
+        """The ``texture`` reply (docs/protocol.md): the texture space the ``diffusionrig``
+        backend samples, its mean and first ``components`` directions; no arrays when the
+        server has none for its face model. Blocking: the first call reads the file."""
+        from server.renderer.texture import choose_texture
+
+        with self._texture_lock:
+            if self._texture is None:
+                self._texture = choose_texture(self.texture_option,
+                                               self.face_data.n_faces) or False
+            texture = self._texture
+            if not texture:
+                header, buffers = {"size": 0, "components": 0, "source": "", "arrays": []}, []
+            else:
+                texture.check_faces(self.face_data.n_faces)
+                header, buffers = texture.client_space(components).to_wire()
+        nbytes = sum(buf.nbytes for buf in buffers)
+        return [protocol.encode_header(dict(header, type="texture", id=rid), nbytes), *buffers]
 
     @staticmethod
     def log(text: str) -> None:

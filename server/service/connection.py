@@ -17,6 +17,7 @@ import time
 import traceback
 
 from portrait_rig import protocol
+from portrait_rig.params import MAX_TEXTURE
 
 from server.service.fitting import FitError
 from server.service.frame_codec import encode_frame
@@ -194,7 +195,7 @@ class Connection:
                 f"(burst {self.app.config.burst}) on this connection"), received)
             return
         handler = {"ping": self._ping, "model": self._model, "render": self._render,
-                   "vertices": self._vertices,
+                   "vertices": self._vertices, "texture": self._texture,
                    "fit": lambda h, r: self._fit(h, payload, r),
                    "invert": lambda h, r: self._invert(h, payload, r),
                    "identities": self._identities}.get(kind)
@@ -203,7 +204,7 @@ class Connection:
                 raise RequestError(protocol.E_BAD_MESSAGE,
                                    "hello: already received" if kind == "hello" else
                                    f"type: unknown message type {kind!r} (expected ping, "
-                                   "model, render, vertices, fit, invert or identities)",
+                                   "model, texture, render, vertices, fit, invert or identities)",
                                    "type")
             handler(header, received)
         except RequestError as exc:
@@ -220,6 +221,26 @@ class Connection:
     def _model(self, header: dict, received: float) -> None:
         self.send(self.app.model_message(_id_of(header)))
         self._log_request(_id_of(header), "model", "ok", received)
+
+    def _texture(self, header: dict, received: float) -> None:
+        components = header.get("components", protocol.TEXTURE_COMPONENTS)
+        if isinstance(components, bool) or not isinstance(components, int) \
+                or not 0 <= components <= MAX_TEXTURE:
+            raise RequestError(protocol.E_BAD_MESSAGE, f"components: expected an integer in "
+                               f"0..{MAX_TEXTURE}, got {components!r}", "components")
+        asyncio.ensure_future(self._send_texture(_id_of(header), components, received))
+
+    async def _send_texture(self, rid, components: int, received: float) -> None:
+        """Read the texture space on a worker thread (the file is large; the loop serves)."""
+        try:
+            message = await asyncio.to_thread(self.app.texture_message, rid, components)
+        except (OSError, ValueError) as exc:
+            self._fail(rid, "texture", RequestError(protocol.E_INTERNAL, f"the server's "
+                                                    f"texture space is unreadable: {exc}"),
+                       received)
+            return
+        self.send(message)
+        self._log_request(rid, "texture", "ok", received)
 
     def _render(self, header: dict, received: float) -> None:
         data = self.app.face_data

@@ -63,24 +63,28 @@ def read_photo(photo: bytes):
 
 class FitService:
     """Fits photos to ``face_data`` (a ``FaceData``). ``deca_model`` and ``embedding``: files
-    (None: the defaults above, used when present and the face model is FLAME)."""
+    (None: the defaults above, used when present and the face model is FLAME); ``texture``:
+    the texture space as the ``diffusionrig`` backend's option names it ("auto", "none" or
+    a file), whose code the optimisation fits."""
 
-    def __init__(self, face_data, deca_model=None, embedding=None):
+    def __init__(self, face_data, deca_model=None, embedding=None, texture: str = "auto"):
         self.face_data = face_data
-        self.deca_model, self.embedding = deca_model, embedding
+        self.deca_model, self.embedding, self.texture = deca_model, embedding, texture
         self._fitter = None
         self._lock = threading.Lock()
 
     def _get_fitter(self):
         if self._fitter is None:
             from server.renderer.face_model import FaceModel
+            from server.renderer.texture import choose_texture
             from server.photo import FLAME_VERTICES, PhotoFitter
 
             flame = self.face_data.n_vertices == FLAME_VERTICES
             deca = self.deca_model or (default_deca_model() if flame else None)
             embedding = self.embedding or (default_embedding() if flame else None)
+            texture = choose_texture(self.texture, self.face_data.n_faces)   # ValueError
             self._fitter = PhotoFitter(FaceModel(self.face_data, "cpu"), deca_model=deca,
-                                       embedding=embedding)
+                                       embedding=embedding, texture=texture)
         return self._fitter
 
     def fit(self, photo: bytes) -> dict:

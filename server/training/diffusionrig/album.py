@@ -7,8 +7,9 @@
   reported and skipped.
 * ``album_data``: a personal album in memory, as DiffusionRig's stage 2 trains on it: every
   photo's identity replaced by the album's mean shape (``create_data.py --use_meanshape``),
-  buffers rendered in DECA's conventions (``server.renderer.deca``, exactly as the
-  ``diffusionrig`` backend renders them at inference), images in [-1, 1].
+  each keeping its own texture code (``appearance.texture``, DECA's ``tex``: the official
+  data uses every photo's), buffers rendered in DECA's conventions (``server.renderer.deca``,
+  exactly as the ``diffusionrig`` backend renders them at inference), images in [-1, 1].
 * ``FolderData``: a stage-1 dataset folder (``<stem>.png`` aligned crops with their
   ``<stem>.json`` rig parameters, as ``write_dataset`` writes them), read lazily and rendered
   per batch.
@@ -58,11 +59,16 @@ def list_photos(folder) -> list[Path]:
 
 def fitter_key(fitter) -> str:
     """What makes two fits of one photo equal: the method, crop size, fitting settings and
-    the face model's and embedding's content."""
+    the face model's, embedding's and texture space's content."""
     data = fitter.model.data
     digest = hashlib.sha256()
-    for array in (data.v_template, data.faces, data.shapedirs, data.exprdirs,
-                  data.vertex_albedo, fitter.embedding.triangles, fitter.embedding.barycentric):
+    arrays = [data.v_template, data.faces, data.shapedirs, data.exprdirs, data.vertex_albedo,
+              fitter.embedding.triangles, fitter.embedding.barycentric]
+    texture = getattr(fitter, "texture", None)
+    if texture is not None:
+        arrays += [texture.mean.cpu().numpy(), texture.face_uv.cpu().numpy(),
+                   np.array([texture.n_components])]
+    for array in arrays:
         digest.update(np.ascontiguousarray(array).tobytes())
     digest.update(json.dumps({"method": fitter.method, "size": fitter.size,
                               "detector": fitter.detector.detector,

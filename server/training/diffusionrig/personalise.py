@@ -42,10 +42,10 @@ ALBUM_DIR, ALBUM_FILE = "album", "album.json"
 
 
 def make_fitter(face_model, deca_model=None, embedding=None, method="auto", fit_size=256,
-                detector="hog", fit_settings=None):
+                detector="hog", fit_settings=None, texture=None):
     from server.photo import PhotoFitter
     return PhotoFitter(face_model, deca_model=deca_model, embedding=embedding, method=method,
-                       size=fit_size, detector=detector, settings=fit_settings)
+                       size=fit_size, detector=detector, settings=fit_settings, texture=texture)
 
 
 def personalise(photos, checkpoint, out_dir, config: TrainConfig = TrainConfig(),
@@ -63,7 +63,8 @@ def personalise(photos, checkpoint, out_dir, config: TrainConfig = TrainConfig()
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
     face_model = face_model or FaceModel(load_face_data("demo"))
-    fitter = fitter or make_fitter(face_model)
+    texture = choose_texture(texture, face_model.faces.shape[0])
+    fitter = fitter or make_fitter(face_model, texture=texture)
     photo_paths = list_photos(photos)
     if not photo_paths:
         raise ValueError(f"no photos ({', '.join(PHOTO_SUFFIXES)}) in {photos}")
@@ -79,7 +80,6 @@ def personalise(photos, checkpoint, out_dir, config: TrainConfig = TrainConfig()
     log(f"album: {len(fitted)} photos ({stats['fitted']} fitted, {stats['cached']} from the "
         f"cache, {len(stats['skipped'])} skipped)")
     shape = mean_shape(fitted)
-    texture = choose_texture(texture, face_model.faces.shape[0])
     data = album_data(fitted, face_model, image_size, texture)
     if ctx.is_main:
         (out_dir / ALBUM_FILE).write_text(json.dumps({
@@ -115,8 +115,6 @@ def add_training_options(parser: argparse.ArgumentParser, defaults: TrainConfig)
                         help="'auto': fp16 autocast on CUDA, fp32 on the CPU")
     parser.add_argument("--image-size", type=int, default=256,
                         help="the model's image size (256 for the official model)")
-    parser.add_argument("--texture", default="auto",
-                        help="'auto', 'none' or a FLAME_texture.npz (as the backend's option)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda[:N]")
     parser.add_argument("--restart", action="store_true",

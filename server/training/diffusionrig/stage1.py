@@ -89,6 +89,9 @@ def main(argv=None) -> int:
     t.add_argument("--face-model", default="demo",
                    help="'demo', 'flame' or a FLAME .pkl, as the dataset was fitted with")
     add_training_options(t, STAGE1_DEFAULTS)
+    t.add_argument("--texture", default="auto",
+                   help="'auto', 'none' or a FLAME_texture.npz, as the diffusionrig backend's "
+                        "option: the buffers' albedo")
     args = parser.parse_args(argv)
     def run():
         if args.command == "prepare":
