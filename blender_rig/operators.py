@@ -1,5 +1,5 @@
-"""Operators: add a rig, re-place its joints, connect / disconnect the live link, start or
-stop a local server, apply expression presets."""
+"""Operators: add a rig, connect / disconnect the live link, start or stop a local server,
+apply expression presets, fit the rig to a photo."""
 
 from __future__ import annotations
 
@@ -72,21 +72,6 @@ class PORTRAIT_RIG_OT_add_rig(bpy.types.Operator):
             settings.rig = rig
         self.report({'INFO'}, f"Added '{rig.name}': {rig[rig_builder.PROP_SHAPE_COUNT]} identity "
                               f"and {rig[rig_builder.PROP_EXPRESSION_COUNT]} expression keys")
-        return {'FINISHED'}
-
-
-class PORTRAIT_RIG_OT_update_joints(bpy.types.Operator):
-    """Move the rig's joints to where the current identity shape keys put them"""
-    bl_idname = "portrait_rig.update_joints"
-    bl_label = "Update Joints"
-    bl_options = {'REGISTER', 'UNDO'}
-
-    @classmethod
-    def poll(cls, context):
-        return active_rig(context) is not None
-
-    def execute(self, context):
-        rig_builder.update_joints(active_rig(context))
         return {'FINISHED'}
 
 
@@ -232,7 +217,6 @@ class PORTRAIT_RIG_OT_fit_to_photo(bpy.types.Operator):
 
 CLASSES = (
     PORTRAIT_RIG_OT_add_rig,
-    PORTRAIT_RIG_OT_update_joints,
     PORTRAIT_RIG_OT_connect,
     PORTRAIT_RIG_OT_disconnect,
     PORTRAIT_RIG_OT_start_server,

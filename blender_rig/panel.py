@@ -34,7 +34,6 @@ class VIEW3D_PT_portrait_rig(_SidebarPanel, bpy.types.Panel):
         layout = self.layout
         col = layout.column(align=True)
         col.operator("portrait_rig.add_rig", icon='ADD')
-        col.operator("portrait_rig.update_joints", icon='BONE_DATA')
         col.operator("portrait_rig.fit_to_photo", icon='IMAGE_DATA')
         rig = active_rig(context)
         if rig is not None:

@@ -4,8 +4,7 @@ message, docs/protocol.md) and the answer is set on the rig.
 What ``apply_fit`` sets:
 
 * identity and expression shape keys (``Shape###`` / ``Exp###``; values beyond a key's slider
-  range are clamped, coefficients the rig has no key for are dropped), then the bones are
-  moved onto the new identity's joints (``rig_builder.update_joints``);
+  range are clamped, coefficients the rig has no key for are dropped);
 * the head's rotation as the photo shows it: relative to the scene camera when there is one
   (what ``scene_reader`` reads back as ``pose.global``: root = R_a^T R_c R_g), else relative
   to the rig's front; the jaw's rotation; neck and eyes at rest;
@@ -27,7 +26,7 @@ import numpy as np
 
 from ..portrait_rig import client as wire
 from ..portrait_rig import sh
-from . import preferences, rig_builder, world_sh
+from . import compat, preferences, rig_builder, world_sh
 from .transforms import (as_matrix, axis_angle_to_matrix, matrix_to_quaternion,
                          rotation_part)
 
@@ -65,7 +64,6 @@ def apply_fit(rig, scene, reply: dict, *, light: bool = True) -> dict:
     arm_obj, mesh_obj = rig_builder.rig_parts(rig)
     params = RigParams.from_dict(reply["params"])
     counts = _set_coefficients(mesh_obj, params.shape, params.expression)
-    rig_builder.update_joints(arm_obj)
 
     R_frame = frame_to_world(arm_obj, scene)
     R_arm = rotation_part(as_matrix(arm_obj.matrix_world))
@@ -133,9 +131,8 @@ def set_world_light(scene, code: np.ndarray, R_frame_to_world: np.ndarray):
     image.update()
     world_sh.clear_cache()                         # same image, new pixels
     world = bpy.data.worlds.get(LIGHT_NAME) or bpy.data.worlds.new(LIGHT_NAME)
-    if world.node_tree is None:                    # before Blender 5.0 worlds start without
-        world.use_nodes = True                     # nodes (the switch is deprecated since)
-    nodes, links = world.node_tree.nodes, world.node_tree.links
+    tree = compat.node_tree(world)
+    nodes, links = tree.nodes, tree.links
     nodes.clear()
     texture = nodes.new("ShaderNodeTexEnvironment")
     texture.image = image

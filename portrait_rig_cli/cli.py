@@ -58,13 +58,14 @@ def main(argv=None) -> int:
     if args.command == "demo":
         if args.frames < 2:
             parser().error("--frames must be at least 2")
-        from . import demo
+        from . import demo, extension
         try:
-            return demo.run(args)
+            status = demo.run(args)
         except (RuntimeError, OSError, ValueError) as exc:
             # Blender's render errors arrive as RuntimeError("Error: Portrait Rig: ...").
             print(f"portrait-rig demo: {exc}".rstrip(), file=sys.stderr)
-            return 1
+            status = 1
+        return extension.exit_status(status)
     return 2
 
 

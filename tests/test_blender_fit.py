@@ -16,6 +16,8 @@ from PIL import Image  # noqa: E402
 from blender_env import (blender, bpy, draw, extension, extension_repository,  # noqa: E402,F401
                          render_server)
 
+pytestmark = pytest.mark.blender
+
 
 def stage_rig(extension, server):
     """A camera 1.2 m in front of the rig, turned 10 degrees about Blender's Z, and a rig
