@@ -14,7 +14,8 @@ What ``apply_fit`` sets:
   link's lighting source set to that World;
 * optionally the photo as the rig's DiffusionRig reference photo.
 
-bpy is used only on the main thread; the network call blocks (a fit takes seconds).
+bpy is used only on the main thread; the fit itself (seconds) runs on a worker thread
+(``fit_task``, driven by ``tasks``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 
 from ..portrait_rig import client as wire
 from ..portrait_rig import sh
-from . import compat, preferences, rig_builder, world_sh
+from . import compat, preferences, rig_builder, tasks, world_sh
 from .transforms import (as_matrix, axis_angle_to_matrix, matrix_to_quaternion,
                          rotation_part)
 
@@ -35,17 +36,43 @@ LIGHT_NAME = "Portrait Rig Fitted Light"
 ENVIRONMENT_SIZE = (32, 64)          # rows, columns: what world_sh samples anyway
 
 
-def request_fit(photo: bytes, prefs=None) -> dict:
-    """The server's ``fit`` reply for ``photo`` (PNG/JPEG bytes), using the add-on's
-    connection preferences. Raises ValueError (network policy), ConnectionError,
-    TimeoutError or ``ServerError`` (e.g. code ``no_face``)."""
+def fit_request(prefs=None):
+    """A function ``photo bytes -> fit reply`` that asks the server set in the preferences
+    (read here, on the main thread) and touches no bpy data, for a worker thread. Raises
+    ValueError when the network policy forbids the host; the function raises
+    ConnectionError, TimeoutError or ``ServerError`` (e.g. code ``no_face``)."""
     prefs = prefs or preferences.get()
     host, port = prefs.server_address()
     if (error := preferences.network_error(host)) is not None:
         raise ValueError(error)
-    with wire.Client(host, port, token=prefs.token or None, timeout=30.0,
-                     client_name="Blender Portrait Rig") as client:
-        return client.fit(photo, timeout=FIT_TIMEOUT_S)
+    token = prefs.token or None
+
+    def request(photo: bytes) -> dict:
+        with wire.Client(host, port, token=token, timeout=30.0,
+                         client_name="Blender Portrait Rig") as client:
+            return client.fit(photo, timeout=FIT_TIMEOUT_S)
+    return request
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def fit_task(rig_name: str, path: str, *, light: bool = True, use_as_reference: bool = True):
+    """The Fit Rig to Photo task (``tasks``): the photo read and fitted on worker threads,
+    then set on the rig (looked up again: the user may have changed the scene meanwhile).
+    Returns (reply, counts)."""
+    request = fit_request()
+    photo = yield tasks.Wait(read_file, path, text="reading the photo")
+    reply = yield tasks.Wait(request, photo, text="fitting on the server")
+    rig = bpy.data.objects.get(rig_name)
+    if rig is None or rig_builder.find_rig(rig) is None:
+        raise ValueError(f"the rig '{rig_name}' is gone")
+    counts = apply_fit(rig, bpy.context.scene, reply, light=light)
+    if use_as_reference:
+        rig.portrait_rig.reference_photo = path
+    return reply, counts
 
 
 def frame_to_world(rig, scene) -> np.ndarray:

@@ -74,5 +74,5 @@ def test_a_photo_without_a_face_changes_nothing(extension, render_server, tmp_pa
         bpy.ops.portrait_rig.fit_to_photo(filepath=str(blank))
     assert [tuple(b.rotation_quaternion) for b in rig.pose.bones] == before
     assert rig.portrait_rig.reference_photo == ""
-    with pytest.raises(RuntimeError, match="Fit to photo"):
+    with pytest.raises(RuntimeError, match="Fit Rig to Photo: .*missing.jpg"):
         bpy.ops.portrait_rig.fit_to_photo(filepath=str(tmp_path / "missing.jpg"))

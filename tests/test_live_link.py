@@ -5,7 +5,6 @@ function the timer calls (``blender_env.pump``)."""
 from __future__ import annotations
 
 import math
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -180,24 +179,22 @@ def test_dead_server_never_blocks_blender(extension, tmp_path):
     shown = " ".join(draw(extension.module("blender_rig.panel").VIEW3D_PT_portrait_rig_connection))
     assert shown.startswith("Error: ") and error.split()[0] in shown
 
-    # The handlers keep handing over parameters (the worker keeps retrying) and stay fast.
+    # The handlers keep handing over parameters while the worker keeps retrying: they never
+    # wait for the socket (bench/bench_handlers.py measures their cost).
     key = rig_builder.rig_mesh(rig).data.shape_keys.key_blocks["Exp000"]
     for value in (0.5, 1.0, 1.5):
         key.value = value
-        start = time.perf_counter()
         bpy.context.view_layer.update()                    # runs the depsgraph handler
-        assert time.perf_counter() - start < 0.5            # Blender's update, ours included
         assert live_link._session.worker.slot.take() is not None
         key.value = value + 0.1
-        start = time.perf_counter()
         live_link.on_frame_change_post(bpy.context.scene)   # read, compare, hand over
-        assert time.perf_counter() - start < 0.05
+        assert live_link._session.worker.slot.take() is not None
         live_link.drain_frames()
 
     worker = live_link._session.worker
-    start = time.perf_counter()
+    assert worker.is_alive()
     assert bpy.ops.portrait_rig.disconnect() == {'FINISHED'}
-    assert time.perf_counter() - start < 0.05
+    assert not live_link.is_running()                     # returned without joining it
     worker.join(live_link.CONNECT_TIMEOUT_S + 1.0)
     assert not worker.is_alive()
 
