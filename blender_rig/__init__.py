@@ -3,8 +3,9 @@
 Modules: ``rig_builder`` (build / update the rig from a face model), ``scene_reader`` (scene
 -> ``RigParams``), ``world_sh`` (World and lamps -> spherical-harmonics light), ``properties``,
 ``preferences``, ``operators``, ``panel`` (UI), ``presets`` (expression presets),
-``live_link`` (parameters to the server, frames back) and ``image_output`` (frames into the
-"Portrait Rig" image).
+``live_link`` (parameters to the server, frames back), ``image_output`` (frames into the
+"Portrait Rig" image), ``tasks`` (long operators without freezing Blender) and ``compat``
+(what differs between Blender 4.2, 4.5 and 5.0).
 
 ``register`` / ``unregister`` are symmetric: disabling the add-on removes its classes, menu
 entries, properties on Scene and Object, handlers and timers, stops the live link and the

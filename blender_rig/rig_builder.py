@@ -156,31 +156,38 @@ def build_rig_steps(context, face: FaceData, *, name: str = "PortraitRig",
         mesh_obj = bpy.data.objects.new(f"{name}_mesh", _build_mesh(f"{name}_mesh", face))
         collection.objects.link(mesh_obj)
         mesh_obj.parent = arm_obj
-        mesh_obj.data.materials.append(_build_material(f"{name}_skin", face))
-        _store_joint_data(mesh_obj.data, face, n_shape, n_expression)
         yield 0.1, "mesh"
-        _add_vertex_groups(mesh_obj, face.weights)
+        mesh_obj.data.materials.append(_build_material(f"{name}_skin", face))
+        joint_dirs = _joint_dirs(face, n_shape, n_expression)
+        yield 0.11, "joints"
+        _store_joint_data(mesh_obj.data, face, joint_dirs)
+        yield 0.12, "skin weights"
+        clock = _Slicer(budget_s)
+        for fraction in _add_vertex_groups(mesh_obj, face.weights, clock):
+            yield 0.12 + 0.13 * fraction, "skin weights"
         modifier = mesh_obj.modifiers.new("Armature", 'ARMATURE')
         modifier.object = arm_obj
         modifier.use_vertex_groups = True
         modifier.use_bone_envelopes = False
         modifier.use_deform_preserve_volume = False   # linear blend skinning, as FLAME
-        yield 0.15, "skin weights"
         keys = _key_specs(face, n_shape, n_expression)
-        clock = _Slicer(budget_s)
         mesh_obj.shape_key_add(name="Basis", from_mix=False)
         for i, key in enumerate(keys):
             _add_shape_key(mesh_obj, face.v_template, key)
             if clock.due():
-                yield 0.15 + 0.6 * (i + 1) / len(keys), "shape keys"
+                yield 0.25 + 0.55 * (i + 1) / len(keys), "shape keys"
         _name_components(mesh_obj, face, n_shape, n_expression)
         _add_pose_drivers(mesh_obj, arm_obj)
         yield 0.8, "pose correctives"
-        joints_obj = _build_joint_object(f"{name}_joints", face, n_shape, n_expression,
-                                         collection, arm_obj)
-        for i, count in enumerate(_drive_joint_keys(joints_obj, mesh_obj, clock)):
-            if count:
-                yield 0.8 + 0.15 * count / (n_shape + n_expression), "joints"
+        joints_obj = _build_joint_object(f"{name}_joints", face, collection, arm_obj)
+        keys = _joint_key_specs(joint_dirs)
+        basis = _joint_basis(face)
+        for i, key in enumerate(keys):
+            _add_shape_key(joints_obj, basis, key)
+            if clock.due():
+                yield 0.8 + 0.1 * (i + 1) / len(keys), "joints"
+        for count in _drive_joint_keys(joints_obj, mesh_obj, clock):
+            yield 0.9 + 0.1 * count / max(len(keys), 1), "joints"
         _add_joint_constraints(arm_obj, joints_obj)
     except BaseException:                             # GeneratorExit too: a cancelled build
         _remove(arm_obj, mesh_obj, joints_obj)
@@ -268,21 +275,30 @@ def _build_material(name: str, face: FaceData):
     return material
 
 
-def _store_joint_data(mesh, face: FaceData, n_shape: int, n_expression: int) -> None:
+def _joint_dirs(face: FaceData, n_shape: int, n_expression: int) -> tuple:
+    """The regressor's products with the created identity and expression blend shapes:
+    ([J, 3, S], [J, 3, E]) float64, joints per unit coefficient. Multiplied in float32 (the
+    arrays' own precision; a float64 copy of FLAME's blend shapes costs more than the rest
+    of a build slice)."""
+    return tuple((face.J_regressor @ dirs[:, :, :count].reshape(len(dirs), -1))
+                 .astype(np.float64).reshape(face.n_joints, 3, count)
+                 for dirs, count in ((face.shapedirs, n_shape), (face.exprdirs, n_expression)))
+
+
+def _store_joint_data(mesh, face: FaceData, joint_dirs: tuple) -> None:
     """The joint regressor and its products with the template and the created keys."""
     regressor = face.J_regressor.astype(np.float64)
     mesh[PROP_REGRESSOR] = regressor.ravel().tolist()
     mesh[PROP_JOINT_TEMPLATE] = (regressor @ face.v_template).ravel().tolist()
-    for prop, dirs, count in ((PROP_JOINT_SHAPEDIRS, face.shapedirs, n_shape),
-                              (PROP_JOINT_EXPRDIRS, face.exprdirs, n_expression)):
-        joint_dirs = regressor @ dirs[:, :, :count].reshape(len(dirs), -1)   # [J, 3 * K]
-        mesh[prop] = joint_dirs.ravel().tolist()
+    mesh[PROP_JOINT_SHAPEDIRS] = joint_dirs[0].ravel().tolist()
+    mesh[PROP_JOINT_EXPRDIRS] = joint_dirs[1].ravel().tolist()
 
 
-def _add_vertex_groups(mesh_obj, weights: np.ndarray) -> None:
+def _add_vertex_groups(mesh_obj, weights: np.ndarray, clock: _Slicer):
     """One vertex group per deforming bone (``DEFORM_NAMES``). ``VertexGroup.add`` sets one
     weight for a list of vertices, so vertices are batched by equal weight (FLAME's weights
-    are mostly 0 or 1)."""
+    are mostly 0 or 1; the rest take a call each). Yields the fraction done whenever
+    ``clock`` says a slice is over."""
     for joint, bone in enumerate(DEFORM_NAMES):
         group = mesh_obj.vertex_groups.new(name=bone)
         column = weights[:, joint]
@@ -290,8 +306,10 @@ def _add_vertex_groups(mesh_obj, weights: np.ndarray) -> None:
         values, inverse = np.unique(column[indices], return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         batches = np.split(indices[order], np.cumsum(np.bincount(inverse))[:-1])
-        for value, batch in zip(values.tolist(), batches):
+        for i, (value, batch) in enumerate(zip(values.tolist(), batches)):
             group.add(batch.tolist(), value, 'REPLACE')
+            if clock.due():
+                yield (joint + i / len(values)) / len(DEFORM_NAMES)
 
 
 @contextmanager
@@ -433,17 +451,26 @@ def _add_pose_drivers(mesh_obj, arm_obj) -> None:
             driver.expression = expression
 
 
-def _build_joint_object(name: str, face: FaceData, n_shape: int, n_expression: int,
-                        collection, arm_obj):
-    """The joint object: vertex j-1 at J_j - B_j for joints j = 1..4 (J regressed with the
-    current keys, B the bone's rest head), through shape keys named like the mesh's
-    identity and expression keys; a vertex group per control bone holds its vertex."""
+def _joint_basis(face: FaceData) -> np.ndarray:
+    """[4, 3] J_j - B_j of joints 1-4 at zero coefficients (B: the rest heads)."""
     regressor = face.J_regressor.astype(np.float64)
-    rest = face.joints()
+    return (regressor @ face.v_template)[1:] - face.joints()[1:]
+
+
+def _joint_key_specs(joint_dirs: tuple) -> list[_KeySpec]:
+    """The joint object's keys: the regressor's products with the mesh's identity and
+    expression keys (``_joint_dirs``, joints 1-4), named like them."""
+    return [_KeySpec(pattern.format(k), dirs[1:, :, k], *COEFFICIENT_RANGE)
+            for pattern, dirs in zip((SHAPE_KEY, EXPRESSION_KEY), joint_dirs)
+            for k in range(dirs.shape[2])]
+
+
+def _build_joint_object(name: str, face: FaceData, collection, arm_obj):
+    """The joint object (module notes) with its Basis; ``_joint_key_specs`` are its keys.
+    A vertex group per control bone of joints 1-4 holds that joint's vertex."""
     mesh = bpy.data.meshes.new(name)
     mesh.vertices.add(len(BONE_NAMES) - 1)
-    basis = (regressor @ face.v_template)[1:] - rest[1:]
-    mesh.vertices.foreach_set("co", basis.astype(np.float32).ravel())
+    mesh.vertices.foreach_set("co", _joint_basis(face).astype(np.float32).ravel())
     obj = bpy.data.objects.new(name, mesh)
     collection.objects.link(obj)
     obj.parent = arm_obj
@@ -454,18 +481,12 @@ def _build_joint_object(name: str, face: FaceData, n_shape: int, n_expression: i
     for joint, bone in enumerate(BONE_NAMES[1:]):
         obj.vertex_groups.new(name=bone).add([joint], 1.0, 'REPLACE')
     obj.shape_key_add(name="Basis", from_mix=False)
-    for pattern, dirs, count in ((SHAPE_KEY, face.shapedirs, n_shape),
-                                 (EXPRESSION_KEY, face.exprdirs, n_expression)):
-        joint_dirs = np.einsum("jv,vck->jck", regressor, dirs[:, :, :count])[1:]
-        for k in range(count):
-            _add_shape_key(obj, basis, _KeySpec(pattern.format(k), joint_dirs[:, :, k],
-                                                *COEFFICIENT_RANGE))
     return obj
 
 
 def _drive_joint_keys(joints_obj, mesh_obj, clock: _Slicer):
     """Drive each joint-object key by the mesh's key of the same name (a copy of its value);
-    yields the number of keys done whenever ``clock`` says a slice is over."""
+    yields the number of keys done whenever ``clock`` says a slice is over, and at the end."""
     source = mesh_obj.data.shape_keys
     blocks = joints_obj.data.shape_keys.key_blocks
     for done, block in enumerate(blocks[1:], start=1):
@@ -479,7 +500,7 @@ def _drive_joint_keys(joints_obj, mesh_obj, clock: _Slicer):
         target.data_path = f'key_blocks["{block.name}"].value'
         if clock.due():
             yield done
-    yield 0
+    yield len(blocks) - 1
 
 
 def _add_joint_constraints(arm_obj, joints_obj) -> None:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Generator
 import bpy
 
 TIMER_S = 0.02              # how often a running task is stepped
-SLICE_S = 0.03              # a step keeps running slices until this much time has passed
+SLICE_S = 0.01              # a step starts no further slice once this much time has passed
 
 
 @dataclass
@@ -209,7 +209,7 @@ class TaskOperator:
         if event.type == 'ESC' or self._cancel_requested:
             runner.cancel()
             return self._end(context)
-        if event.type != 'TIMER' or event.timer != self._timer:
+        if event.type != 'TIMER':          # (any timer's event: an extra step is harmless)
             # While a worker waits the user keeps working; while the task edits data on
             # this thread, input waits for it (so nothing the task holds is undone).
             return {'PASS_THROUGH'} if runner.waiting else {'RUNNING_MODAL'}

@@ -46,7 +46,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import bpy
 import numpy as np
 
 from ..portrait_rig import sh

@@ -13,7 +13,6 @@ import sys
 import threading
 import tomllib
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
