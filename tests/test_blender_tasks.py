@@ -64,6 +64,9 @@ def test_add_rig_fetches_off_the_main_thread_and_builds_in_slices(extension, ren
     keys = [[k.name for k in rig_builder.rig_mesh(bpy.data.objects[name]).data.shape_keys
              .key_blocks] for name in ("Sliced", "Blocking")]
     assert keys[0] == keys[1] and sum(name.startswith("Exp") for name in keys[0]) == 10
+    # Invoked (a button) where no window runs events (blender -b, the module): to the end.
+    assert bpy.ops.portrait_rig.add_rig('INVOKE_DEFAULT', name="Invoked") == {'FINISHED'}
+    assert rig_builder.rig_mesh(bpy.data.objects["Invoked"]) is not None
 
 
 def test_a_cancelled_build_leaves_nothing_behind(extension, render_server):
