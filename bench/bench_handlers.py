@@ -10,7 +10,20 @@ rig (5023 vertices; random content from tests/flame_fixture.py) with the prefere
 * ``drain_frames`` writing one frame into the image (sRGB decode, flip, foreach_set).
 
 The live link points at a port where nothing listens: the handlers never touch the socket,
-so their cost does not depend on the server. Figures on a shared 2-core VM vary by +-20%.
+so their cost does not depend on the server.
+
+Then the long operators as they run from the interface (``blender_rig.tasks``): each modal
+timer event runs one ``Runner.step``, the only time the operator holds Blender's main thread,
+and the runner records every step's duration. Printed: the steps' maximum, p95 and count,
+and the total time, for
+
+* "Add Portrait Rig" from a render server serving a FLAME-layout model file (5023
+  vertices; the preferences' 100 + 50 keys): model download on a worker, rig built in slices;
+* "Fit Rig to Photo" (the demo head's server, scikit-image's astronaut photo, when dlib and
+  scikit-image are installed): fit on the server from a worker, result set on the rig.
+
+Target: no step over 100 ms, i.e. the interface never stops answering for longer than that.
+Figures on a shared 2-core VM vary by +-20%.
 
     python bench/bench_handlers.py [--count 300] [--size 512]
 """
@@ -129,8 +142,55 @@ def main() -> None:
         summary(f"drain_frames, one {args.size}x{args.size} rgba8 frame", drains)
 
         live_link.stop()
+        bench_tasks(ext, Path(tmp))
         blender_env.disable_extension()
         blender_env.remove_repository()
+
+
+def step_task(tasks, generator, label: str):
+    """Step a task the way the modal operator's timer does; returns its runner."""
+    runner = tasks.Runner(generator, label)
+    while not runner.step():
+        time.sleep(tasks.TIMER_S)
+    if runner.error is not None:
+        raise runner.error
+    return runner
+
+
+def report_steps(label: str, runner) -> None:
+    steps = np.array(runner.slices_ms)
+    print(f"{label:<58} max {steps.max():7.1f} ms   p95 {np.percentile(steps, 95):6.1f} ms"
+          f"   ({len(steps)} steps, {time.perf_counter() - runner.started:.1f} s in all)")
+
+
+def bench_tasks(ext, tmp: Path) -> None:
+    from flame_fixture import write_flame_fixture
+    from server_process import ServerProcess
+    tasks = ext.module("blender_rig.tasks")
+    operators = ext.module("blender_rig.operators")
+    photo_fit = ext.module("blender_rig.photo_fit")
+    prefs = ext.preferences
+    prefs.face_source = 'SERVER'
+    model = tmp / "generic_model.pkl"
+    write_flame_fixture(model)
+    with ServerProcess("--model", str(model), "--backend", "preview", "--quiet") as server:
+        prefs.server_host, prefs.server_port = server.host, server.port
+        runner = step_task(tasks, operators.add_rig_task("Bench Rig"), "Add Portrait Rig")
+        report_steps("Add Portrait Rig, FLAME layout, 100 + 50 keys: main thread", runner)
+    try:
+        from skimage.data import astronaut
+        import dlib  # noqa: F401
+        from PIL import Image
+    except ImportError:
+        print("Fit Rig to Photo: skipped (needs dlib and scikit-image)")
+        return
+    photo = tmp / "astronaut.png"
+    Image.fromarray(astronaut()).save(photo)
+    with ServerProcess("--model", "demo", "--backend", "preview", "--quiet") as server:
+        prefs.server_host, prefs.server_port = server.host, server.port
+        rig = step_task(tasks, operators.add_rig_task("Fit Rig"), "Add Portrait Rig").result
+        runner = step_task(tasks, photo_fit.fit_task(rig.name, str(photo)), "Fit Rig to Photo")
+        report_steps("Fit Rig to Photo, demo head, astronaut: main thread", runner)
 
 
 if __name__ == "__main__":

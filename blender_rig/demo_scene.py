@@ -23,7 +23,7 @@ import bpy
 import numpy as np
 
 from ..portrait_rig import sh
-from . import presets, rig_builder
+from . import compat, presets, rig_builder
 from .transforms import axis_angle_to_quaternion
 
 FPS = 24
@@ -105,9 +105,7 @@ def add_light_sweep(scene, frames: int):
     image.pixels.foreach_set(light_sweep_pixels(width, height).ravel())
     image.pack()                         # saved inside the .blend (as OpenEXR)
     world = bpy.data.worlds.new("Light Sweep")
-    if world.node_tree is None:
-        world.use_nodes = True
-    tree = world.node_tree
+    tree = compat.node_tree(world)
     background = next(n for n in tree.nodes if n.bl_idname == "ShaderNodeBackground")
     texture = tree.nodes.new("ShaderNodeTexEnvironment")
     texture.image = image
@@ -121,19 +119,11 @@ def add_light_sweep(scene, frames: int):
     for frame, angle in ((1, 0.0), (frames + 1, 2 * math.pi)):
         rotation.default_value = (0.0, 0.0, angle)
         rotation.keyframe_insert("default_value", frame=frame)
-    for curve in _fcurves(tree):
+    for curve in compat.fcurves(tree):
         for point in curve.keyframe_points:
             point.interpolation = 'LINEAR'          # a steady sweep, no easing
     scene.world = world
     return world
-
-
-def _fcurves(id_data) -> list:
-    """The F-curves of ``id_data``'s action (its slot's channel bag, Blender 4.4+)."""
-    from bpy_extras import anim_utils
-    animation = id_data.animation_data
-    bag = anim_utils.action_get_channelbag_for_slot(animation.action, animation.action_slot)
-    return list(bag.fcurves) if bag is not None else []
 
 
 def _frame(frames: int, fraction: float) -> int:

@@ -21,8 +21,6 @@ Timers do not run without Blender's event loop (``bpy`` as a module, ``blender -
 the caller drives ``drain_frames`` itself.
 
 One rig streams at a time (``Scene.portrait_rig.rig``): the server renders one head per frame.
-Identity shape-key changes of any rig also re-place its joints (``rig_builder.update_joints``),
-debounced on a timer because that edits bones, which a depsgraph handler must not do.
 """
 
 from __future__ import annotations
@@ -47,7 +45,6 @@ IDLE_POLL_S = 0.25             # the worker's wake-up period when nothing is in 
 RENDER_TIMEOUT_S = 120.0       # no reply for this long: drop the connection and reconnect
 MAX_IN_FLIGHT = 4              # live requests beyond the server's latest-wins safety margin
 TIMER_INTERVAL_S = 1.0 / 120.0
-JOINT_UPDATE_DELAY_S = 0.3     # identity edits settle this long before joints move
 FRAME_FORMAT = "rgba8"         # raw pixels in Blender's RGBA layout (see image_output)
 
 # States shown in the panel.
@@ -252,8 +249,6 @@ class _Session:
 
 _session: _Session | None = None
 _start_error = ""                         # why the last start() refused, shown while stopped
-_identity: dict[str, tuple] = {}          # rig name -> identity values last seen
-_joints_due: dict[str, float] = {}        # rig name -> monotonic time to re-place joints
 
 
 def is_running() -> bool:
@@ -371,25 +366,14 @@ def sync(scene, depsgraph=None) -> None:
     session.last_key = key
     session.worker.slot.put(RenderJob(params, settings.width, settings.height,
                                       settings.backend or None))
-    _note_identity(rig, tuple(params.shape))
 
 
 @persistent
 def on_depsgraph_update_post(scene, depsgraph):
-    settings = scene.portrait_rig
-    streamed = settings.rig if _session is not None and settings.live else None
-    relevant = False
-    for update in depsgraph.updates:
-        target = update.id
-        if isinstance(target, bpy.types.Image):
-            continue                       # our own frames (and image edits) change no rig
-        relevant = True
-        if update.is_updated_geometry and isinstance(target, bpy.types.Object) \
-                and target.type == 'MESH':
-            rig = rig_builder.find_rig(target.original)
-            if rig is not None and rig != streamed:     # the streamed rig is noted in sync
-                _note_identity(rig, _identity_values(target.original))
-    if relevant:
+    if _session is None:
+        return
+    # Our own frames (and image edits) change no rig.
+    if any(not isinstance(update.id, bpy.types.Image) for update in depsgraph.updates):
         sync(scene, depsgraph)
 
 
@@ -403,8 +387,6 @@ def on_load_post(*_args):
     """A new file: its scenes decide again whether to stream; the connection stays."""
     if _session is not None:
         _session.last_key = None
-    _identity.clear()
-    _joints_due.clear()
 
 
 HANDLERS = (
@@ -412,43 +394,6 @@ HANDLERS = (
     (bpy.app.handlers.frame_change_post, on_frame_change_post),
     (bpy.app.handlers.load_post, on_load_post),
 )
-
-
-# ----------------------------------------------------------------------------------------
-# Identity -> joints (debounced on a timer)
-
-def _identity_values(mesh_obj) -> tuple:
-    key = mesh_obj.data.shape_keys if mesh_obj is not None else None
-    if key is None:
-        return ()
-    return tuple(rig_builder.coefficient_values(key)[0].tolist())
-
-
-def _note_identity(rig, values: tuple) -> None:
-    name = rig.name
-    previous = _identity.get(name)
-    _identity[name] = values
-    if previous is None or previous == values:
-        return
-    _joints_due[name] = time.monotonic() + JOINT_UPDATE_DELAY_S
-    if not bpy.app.timers.is_registered(apply_joint_updates):
-        bpy.app.timers.register(apply_joint_updates, first_interval=JOINT_UPDATE_DELAY_S)
-
-
-def apply_joint_updates(force: bool = False) -> float | None:
-    """Timer: re-place the joints of rigs whose identity settled. ``force`` skips the wait.
-    Returns the seconds until the next check, or None when nothing is left."""
-    now = time.monotonic()
-    for name, due in list(_joints_due.items()):
-        if not force and due > now:
-            continue
-        del _joints_due[name]
-        rig = bpy.data.objects.get(name)
-        if rig is not None and rig_builder.find_rig(rig) is rig:
-            rig_builder.update_joints(rig)
-    if not _joints_due:
-        return None
-    return max(min(_joints_due.values()) - now, 0.01)
 
 
 # ----------------------------------------------------------------------------------------
@@ -503,10 +448,7 @@ def unregister():
     for handlers, function in HANDLERS:
         while function in handlers:
             handlers.remove(function)
-    for timer in (drain_frames, apply_joint_updates):
-        if bpy.app.timers.is_registered(timer):
-            bpy.app.timers.unregister(timer)
+    if bpy.app.timers.is_registered(drain_frames):
+        bpy.app.timers.unregister(drain_frames)
     global _start_error
     _start_error = ""
-    _identity.clear()
-    _joints_due.clear()

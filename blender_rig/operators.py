@@ -1,5 +1,5 @@
-"""Operators: add a rig, re-place its joints, connect / disconnect the live link, start or
-stop a local server, apply expression presets."""
+"""Operators: add a rig, connect / disconnect the live link, start or stop a local server,
+apply expression presets, fit the rig to a photo."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from bpy.props import BoolProperty, EnumProperty, StringProperty
 from ..portrait_rig import client as wire
 from ..portrait_rig import face_source
 from ..portrait_rig.face_data import FaceData
-from . import live_link, photo_fit, preferences, presets, rig_builder
+from . import live_link, photo_fit, preferences, presets, rig_builder, tasks
 
 MODEL_TIMEOUT_S = 30.0     # FLAME's arrays are ~30 MiB: generous even off this machine
 
 
 def fetch_server_model(host: str, port: int, token: str = "") -> FaceData:
-    """The face model the server renders with (blocking; user-initiated)."""
+    """The face model the server renders with (blocking: from a worker thread, or where no
+    user waits)."""
     if (error := preferences.network_error(host)) is not None:
         raise ValueError(error)
     with wire.Client(host, port, token=token or None, timeout=MODEL_TIMEOUT_S,
@@ -24,15 +25,30 @@ def fetch_server_model(host: str, port: int, token: str = "") -> FaceData:
     return FaceData.from_wire(header, payload)
 
 
-def load_face_model(prefs) -> FaceData:
-    """The face model chosen in the preferences (blocking; user-initiated)."""
+def face_model_loader(prefs):
+    """A function that loads the face model chosen in the preferences without touching bpy
+    (for a worker thread): the preferences are read here, on the main thread."""
     if prefs.face_source == 'SERVER':
         host, port = prefs.server_address()
-        return fetch_server_model(host, port, prefs.token)
+        if (error := preferences.network_error(host)) is not None:
+            raise ValueError(error)
+        token = prefs.token
+        return lambda: fetch_server_model(host, port, token)
     path = bpy.path.abspath(prefs.face_file)
     if not path:
         raise ValueError("No model file set (Preferences > Add-ons > Portrait Rig)")
-    return face_source.load_face_data(path)
+    return lambda: face_source.load_face_data(path)
+
+
+def add_rig_task(name: str):
+    """The Add Portrait Rig task (``tasks``): the face model from a worker thread, then the
+    rig built in slices in the context current then. Returns the armature."""
+    prefs = preferences.get()
+    counts = prefs.shape_key_count, prefs.expression_key_count
+    face = yield tasks.Wait(face_model_loader(prefs), text="loading the face model")
+    rig = yield from rig_builder.build_rig_steps(bpy.context, face, name=name,
+                                                 n_shape=counts[0], n_expression=counts[1])
+    return rig
 
 
 def active_rig(context):
@@ -40,11 +56,12 @@ def active_rig(context):
     return rig_builder.find_rig(obj) if obj is not None else None
 
 
-class PORTRAIT_RIG_OT_add_rig(bpy.types.Operator):
+class PORTRAIT_RIG_OT_add_rig(tasks.TaskOperator, bpy.types.Operator):
     """Add a face rig built from the face model chosen in the add-on's preferences"""
     bl_idname = "portrait_rig.add_rig"
     bl_label = "Add Portrait Rig"
     bl_options = {'REGISTER', 'UNDO'}
+    errors = (OSError, ValueError, wire.ServerError)       # RigError is a ValueError
 
     name: StringProperty(name="Name", default="Portrait Rig")
 
@@ -52,16 +69,13 @@ class PORTRAIT_RIG_OT_add_rig(bpy.types.Operator):
     def poll(cls, context):
         return context.mode == 'OBJECT'
 
-    def execute(self, context):
-        prefs = preferences.get()
-        try:
-            data = load_face_model(prefs)
-            rig = rig_builder.build_rig(context, data, name=self.name,
-                                        n_shape=prefs.shape_key_count,
-                                        n_expression=prefs.expression_key_count)
-        except (OSError, ValueError, wire.ServerError) as exc:   # RigError is a ValueError
-            self.report({'ERROR'}, f"Face model: {exc}")
-            return {'CANCELLED'}
+    def invoke(self, context, event):
+        return self.start_modal(context)
+
+    def task(self, context):
+        return add_rig_task(self.name)
+
+    def finish(self, context, rig):
         for obj in context.selected_objects:
             obj.select_set(False)
         rig.location = context.scene.cursor.location
@@ -72,21 +86,6 @@ class PORTRAIT_RIG_OT_add_rig(bpy.types.Operator):
             settings.rig = rig
         self.report({'INFO'}, f"Added '{rig.name}': {rig[rig_builder.PROP_SHAPE_COUNT]} identity "
                               f"and {rig[rig_builder.PROP_EXPRESSION_COUNT]} expression keys")
-        return {'FINISHED'}
-
-
-class PORTRAIT_RIG_OT_update_joints(bpy.types.Operator):
-    """Move the rig's joints to where the current identity shape keys put them"""
-    bl_idname = "portrait_rig.update_joints"
-    bl_label = "Update Joints"
-    bl_options = {'REGISTER', 'UNDO'}
-
-    @classmethod
-    def poll(cls, context):
-        return active_rig(context) is not None
-
-    def execute(self, context):
-        rig_builder.update_joints(active_rig(context))
         return {'FINISHED'}
 
 
@@ -188,12 +187,13 @@ class PORTRAIT_RIG_OT_expression_preset(bpy.types.Operator):
         return {'FINISHED'}
 
 
-class PORTRAIT_RIG_OT_fit_to_photo(bpy.types.Operator):
+class PORTRAIT_RIG_OT_fit_to_photo(tasks.TaskOperator, bpy.types.Operator):
     """Fit the rig to a portrait photo on the render server: identity, expression, head and
     jaw pose, and optionally the light"""
     bl_idname = "portrait_rig.fit_to_photo"
     bl_label = "Fit Rig to Photo"
     bl_options = {'REGISTER', 'UNDO'}
+    errors = (OSError, ValueError, wire.ServerError)        # TimeoutError is an OSError
 
     filepath: StringProperty(subtype='FILE_PATH', options={'SKIP_SAVE'})
     filter_image: BoolProperty(default=True, options={'HIDDEN', 'SKIP_SAVE'})
@@ -204,41 +204,55 @@ class PORTRAIT_RIG_OT_fit_to_photo(bpy.types.Operator):
     use_as_reference: BoolProperty(
         name="Use as Reference Photo", default=True,
         description="Also make the photo the rig's appearance reference (DiffusionRig)")
+    modal: BoolProperty(default=False, options={'HIDDEN', 'SKIP_SAVE'})
 
     @classmethod
     def poll(cls, context):
         return active_rig(context) is not None and context.mode in {'OBJECT', 'POSE'}
 
     def invoke(self, context, event):
+        self.modal = True                 # the file browser's execute then runs modal
         context.window_manager.fileselect_add(self)
         return {'RUNNING_MODAL'}
 
     def execute(self, context):
-        rig = active_rig(context)
-        path = bpy.path.abspath(self.filepath)
-        try:
-            with open(path, "rb") as fh:
-                photo = fh.read()
-            reply = photo_fit.request_fit(photo)
-            counts = photo_fit.apply_fit(rig, context.scene, reply, light=self.set_light)
-        except (OSError, ValueError, TimeoutError, wire.ServerError) as exc:
-            self.report({'ERROR'}, f"Fit to photo: {exc}")
-            return {'CANCELLED'}
-        if self.use_as_reference:
-            rig.portrait_rig.reference_photo = path
+        if self.modal:
+            return self.start_modal(context)
+        return super().execute(context)
+
+    def task(self, context):
+        return photo_fit.fit_task(active_rig(context).name, bpy.path.abspath(self.filepath),
+                                  light=self.set_light, use_as_reference=self.use_as_reference)
+
+    def finish(self, context, result):
+        reply, counts = result
         self.report({'INFO'}, photo_fit.describe(reply, counts))
+        return {'FINISHED'}
+
+
+class PORTRAIT_RIG_OT_cancel_tasks(bpy.types.Operator):
+    """Cancel the Portrait Rig operations running in the background"""
+    bl_idname = "portrait_rig.cancel_tasks"
+    bl_label = "Cancel"
+
+    @classmethod
+    def poll(cls, context):
+        return bool(tasks.running())
+
+    def execute(self, context):
+        tasks.cancel_all()
         return {'FINISHED'}
 
 
 CLASSES = (
     PORTRAIT_RIG_OT_add_rig,
-    PORTRAIT_RIG_OT_update_joints,
     PORTRAIT_RIG_OT_connect,
     PORTRAIT_RIG_OT_disconnect,
     PORTRAIT_RIG_OT_start_server,
     PORTRAIT_RIG_OT_stop_server,
     PORTRAIT_RIG_OT_expression_preset,
     PORTRAIT_RIG_OT_fit_to_photo,
+    PORTRAIT_RIG_OT_cancel_tasks,
 )
 
 

@@ -7,7 +7,7 @@ import textwrap
 
 import bpy
 
-from . import live_link, preferences, presets, rig_builder
+from . import live_link, preferences, presets, rig_builder, tasks
 from .image_output import IMAGE_NAME
 from .operators import active_rig
 
@@ -34,8 +34,11 @@ class VIEW3D_PT_portrait_rig(_SidebarPanel, bpy.types.Panel):
         layout = self.layout
         col = layout.column(align=True)
         col.operator("portrait_rig.add_rig", icon='ADD')
-        col.operator("portrait_rig.update_joints", icon='BONE_DATA')
         col.operator("portrait_rig.fit_to_photo", icon='IMAGE_DATA')
+        for runner in tasks.running():            # long operations: progress and Cancel
+            row = layout.row()
+            row.label(text=runner.status(), icon='SORTTIME')
+            row.operator("portrait_rig.cancel_tasks", text="", icon='CANCEL')
         rig = active_rig(context)
         if rig is not None:
             mesh = rig_builder.rig_mesh(rig)

@@ -4,8 +4,7 @@ message, docs/protocol.md) and the answer is set on the rig.
 What ``apply_fit`` sets:
 
 * identity and expression shape keys (``Shape###`` / ``Exp###``; values beyond a key's slider
-  range are clamped, coefficients the rig has no key for are dropped), then the bones are
-  moved onto the new identity's joints (``rig_builder.update_joints``);
+  range are clamped, coefficients the rig has no key for are dropped);
 * the texture code, when the fit has one (``texture_codes``);
 * the head's rotation as the photo shows it: relative to the scene camera when there is one
   (what ``scene_reader`` reads back as ``pose.global``: root = R_a^T R_c R_g), else relative
@@ -16,7 +15,8 @@ What ``apply_fit`` sets:
   link's lighting source set to that World;
 * optionally the photo as the rig's DiffusionRig reference photo.
 
-bpy is used only on the main thread; the network call blocks (a fit takes seconds).
+bpy is used only on the main thread; the fit itself (seconds) runs on a worker thread
+(``fit_task``, driven by ``tasks``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 
 from ..portrait_rig import client as wire
 from ..portrait_rig import sh
-from . import preferences, rig_builder, texture_codes, world_sh
+from . import compat, preferences, rig_builder, tasks, texture_codes, world_sh
 from .transforms import (as_matrix, axis_angle_to_matrix, matrix_to_quaternion,
                          rotation_part)
 
@@ -37,17 +37,43 @@ LIGHT_NAME = "Portrait Rig Fitted Light"
 ENVIRONMENT_SIZE = (32, 64)          # rows, columns: what world_sh samples anyway
 
 
-def request_fit(photo: bytes, prefs=None) -> dict:
-    """The server's ``fit`` reply for ``photo`` (PNG/JPEG bytes), using the add-on's
-    connection preferences. Raises ValueError (network policy), ConnectionError,
-    TimeoutError or ``ServerError`` (e.g. code ``no_face``)."""
+def fit_request(prefs=None):
+    """A function ``photo bytes -> fit reply`` that asks the server set in the preferences
+    (read here, on the main thread) and touches no bpy data, for a worker thread. Raises
+    ValueError when the network policy forbids the host; the function raises
+    ConnectionError, TimeoutError or ``ServerError`` (e.g. code ``no_face``)."""
     prefs = prefs or preferences.get()
     host, port = prefs.server_address()
     if (error := preferences.network_error(host)) is not None:
         raise ValueError(error)
-    with wire.Client(host, port, token=prefs.token or None, timeout=30.0,
-                     client_name="Blender Portrait Rig") as client:
-        return client.fit(photo, timeout=FIT_TIMEOUT_S)
+    token = prefs.token or None
+
+    def request(photo: bytes) -> dict:
+        with wire.Client(host, port, token=token, timeout=30.0,
+                         client_name="Blender Portrait Rig") as client:
+            return client.fit(photo, timeout=FIT_TIMEOUT_S)
+    return request
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def fit_task(rig_name: str, path: str, *, light: bool = True, use_as_reference: bool = True):
+    """The Fit Rig to Photo task (``tasks``): the photo read and fitted on worker threads,
+    then set on the rig (looked up again: the user may have changed the scene meanwhile).
+    Returns (reply, counts)."""
+    request = fit_request()
+    photo = yield tasks.Wait(read_file, path, text="reading the photo")
+    reply = yield tasks.Wait(request, photo, text="fitting on the server")
+    rig = bpy.data.objects.get(rig_name)
+    if rig is None or rig_builder.find_rig(rig) is None:
+        raise ValueError(f"the rig '{rig_name}' is gone")
+    counts = apply_fit(rig, bpy.context.scene, reply, light=light)
+    if use_as_reference:
+        rig.portrait_rig.reference_photo = path
+    return reply, counts
 
 
 def frame_to_world(rig, scene) -> np.ndarray:
@@ -66,7 +92,6 @@ def apply_fit(rig, scene, reply: dict, *, light: bool = True) -> dict:
     arm_obj, mesh_obj = rig_builder.rig_parts(rig)
     params = RigParams.from_dict(reply["params"])
     counts = _set_coefficients(mesh_obj, params.shape, params.expression)
-    rig_builder.update_joints(arm_obj)
     if params.appearance.texture:
         texture_codes.set_codes(arm_obj, params.appearance.texture)
 
@@ -136,9 +161,8 @@ def set_world_light(scene, code: np.ndarray, R_frame_to_world: np.ndarray):
     image.update()
     world_sh.clear_cache()                         # same image, new pixels
     world = bpy.data.worlds.get(LIGHT_NAME) or bpy.data.worlds.new(LIGHT_NAME)
-    if world.node_tree is None:                    # before Blender 5.0 worlds start without
-        world.use_nodes = True                     # nodes (the switch is deprecated since)
-    nodes, links = world.node_tree.nodes, world.node_tree.links
+    tree = compat.node_tree(world)
+    nodes, links = tree.nodes, tree.links
     nodes.clear()
     texture = nodes.new("ShaderNodeTexEnvironment")
     texture.image = image

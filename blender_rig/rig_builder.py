@@ -1,20 +1,24 @@
-"""Build a Portrait Rig from a face model, and keep its bones on the current identity.
+"""Build a Portrait Rig from a face model whose mesh equals FLAME's skinning exactly.
 
 Rig layout (``scene_reader`` and the rest of the add-on rely on it):
 
 * Armature object ``<name>`` rotated +90 deg about X, so the model frame's +Y up is Blender's
   +Z and the face looks along Blender's -Y (at the Front view). Armature space IS the model
-  frame (metres). Bones ``root``, ``neck``, ``jaw``, ``eye_L``, ``eye_R`` are FLAME joints
-  0-4 (parents from the model: root <- neck <- jaw, eye_L, eye_R); each head sits on its
-  joint for the current identity, each bone points along armature +Y with roll 0, so its rest
-  rotation is the identity and its local pose rotation is the FLAME local rotation in the
-  model frame. Rotation mode 'QUATERNION'; locations are locked except the root's (which
-  moves the whole head) and scales are locked (the model has a metric size).
+  frame (metres). Control bones ``root``, ``neck``, ``jaw``, ``eye_L``, ``eye_R`` are FLAME
+  joints 0-4, rest heads on the template's joints, each pointing along armature +Y with roll
+  0, so its rest rotation is the identity and its local pose rotation is the FLAME local
+  rotation in the model frame. Rotation mode 'QUATERNION'; locations are locked except the
+  root's (which moves the whole head) and scales are locked (the model has a metric size).
+  Bone collections "Controls" and "Deform" (hidden).
+* Deforming bones ``DEF-neck``, ``DEF-jaw``, ``DEF-eye_L``, ``DEF-eye_R``: children of the
+  control bone of the same joint, same rest head; ``root`` deforms itself. A control bone's
+  parent is its FLAME parent's deforming bone (``DEF-neck`` for jaw and eyes, ``root`` for
+  the neck).
 * Mesh object ``<name>_mesh``, parented to the armature with an identity transform, so its
   vertex coordinates are model-frame coordinates. Armature modifier (linear blend skinning),
-  vertex groups named after the bones holding the skin weights, smooth shading, UV layer
-  ``uv`` (when the model has UVs), colour attribute ``albedo`` (linear, per vertex) feeding
-  the base colour of a Principled BSDF material ``<name>_skin``.
+  vertex groups named after the deforming bones (``DEFORM_NAMES``) holding the skin weights,
+  smooth shading, UV layer ``uv`` (when the model has UVs), colour attribute ``albedo``
+  (linear, per vertex) feeding the base colour of a Principled BSDF material ``<name>_skin``.
 * Shape keys: ``Basis`` (template), identity ``Shape000``.. and expression ``Exp000``..
   (one per unit coefficient, sliders -3..3; the component's display name, when the model has
   one, is in the Key's ``portrait_rig_component_names`` dict), pose correctives
@@ -22,6 +26,12 @@ Rig layout (``scene_reader`` and the rest of the add-on rely on it):
   major, sliders -2..2). Each pose key is driven by a simple-expression driver of its bone's
   local quaternion (Transform Channel variables in local space), so correctives follow
   keyframes, constraints and ``-a`` renders without "Auto Run Python Scripts".
+* Joint object ``<name>_joints`` (hidden, unselectable, not rendered), parented to the
+  armature: one vertex per joint 1-4 at J_j - B_j, the joint FLAME regresses from the
+  current identity AND expression minus the bone's rest head. Its shape keys carry the
+  regressor's products with the mesh's identity and expression keys, each driven by (a copy
+  of) the mesh key of the same name, so the vertex follows every key exactly, animated or
+  not. A vertex group per control bone holds its vertex.
 * Armature custom properties: ``portrait_rig_model``, ``portrait_rig_source``,
   ``portrait_rig_version`` (the model's name, source, version), ``portrait_rig_shape_count``,
   ``portrait_rig_expression_count`` (keys created). Mesh data custom properties: the joint
@@ -31,24 +41,36 @@ Rig layout (``scene_reader`` and the rest of the add-on rely on it):
   ``portrait_rig_joint_exprdirs`` [J*3*E], row-major [J, 3, K]). Joints for any
   coefficients are then a [J*3, K] product instead of a pass over the vertices.
 
-Joints and identity: FLAME regresses joints from the shaped mesh. ``update_joints`` moves the
-bones (edit mode) to the joints of the current identity keys with zero expression; whoever
-changes identity values (an operator, a handler) calls it. Expression is deliberately left
-out: rest positions cannot follow animated expressions, and ``scene_reader`` compensates the
-root joint's expression-dependent shift exactly through the head translation.
+Joints exactly as FLAME. FLAME rotates joint j about J_j = B_j + d_j, regressed from the mesh
+with identity and expression; rest heads cannot move with animated keys. Two Copy Location
+constraints (local space, from the joint object's vertex) make up for d_j: the control bone's
+location is +d_j (its head sits on J_j, posed by its parent: FLAME's joint transform G_j) and
+its deforming bone's is -d_j after the control's rotation (G_j T(-d_j), whose skinning
+G_j T(-d_j) T(-B_j) = G_j T(-J_j) is FLAME's). With the parent link through the parent's
+deforming bone the chain composes exactly, at any identity, expression and pose, in every
+evaluation (viewport, playback, ``-a`` renders). The root's pivot is B_0 instead of J_0, a
+pure translation of the whole head that ``scene_reader`` compensates through the head
+translation.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import bpy
 import numpy as np
 
 from ..portrait_rig.face_data import FaceData
+from . import compat
 
-BONE_NAMES = ("root", "neck", "jaw", "eye_L", "eye_R")   # FLAME joints 0-4
+BONE_NAMES = ("root", "neck", "jaw", "eye_L", "eye_R")   # FLAME joints 0-4: the controls
+DEFORM_PREFIX = "DEF-"
+DEFORM_NAMES = ("root", *(DEFORM_PREFIX + name for name in BONE_NAMES[1:]))   # skin weights
+JOINT_CONSTRAINT = "Portrait Rig joint"
+SLICE_S = 0.02               # build_rig_steps yields after about this much work
 # Bone display length as a fraction of the model's height (display only).
 BONE_LENGTH = (0.25, 0.2, 0.12, 0.06, 0.06)
 
@@ -90,10 +112,25 @@ def build_rig(context, face: FaceData, *, name: str = "PortraitRig", n_shape: in
     """Create the rig described in the module notes and return its armature object.
 
     ``face``: the face model. ``n_shape`` / ``n_expression``: how many identity / expression
-    keys to create (the first components; None: all). ``collection``: where to link the two
+    keys to create (the first components; None: all). ``collection``: where to link the
     objects (default: the context's collection), which must be in the context's view layer
     (bones are created in edit mode). Uses the data API except for the mode switch.
     """
+    steps = build_rig_steps(context, face, name=name, n_shape=n_shape,
+                            n_expression=n_expression, collection=collection)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def build_rig_steps(context, face: FaceData, *, name: str = "PortraitRig",
+                    n_shape: int | None = None, n_expression: int | None = None,
+                    collection=None, budget_s: float = SLICE_S):
+    """``build_rig`` in slices: a generator that yields ``(fraction done, what)`` about every
+    ``budget_s`` seconds of work and returns the armature (``tasks.Task`` drives it between
+    Blender's events). Closing it early removes what was built."""
     if face.n_joints != len(BONE_NAMES):
         raise RigError(f"the rig needs FLAME's {len(BONE_NAMES)} joints, the face model has "
                        f"{face.n_joints}")
@@ -102,7 +139,8 @@ def build_rig(context, face: FaceData, *, name: str = "PortraitRig", n_shape: in
     if collection is None:
         collection = context.collection or context.scene.collection
 
-    arm_obj, mesh_obj = bpy.data.objects.new(name, bpy.data.armatures.new(name)), None
+    arm_obj = bpy.data.objects.new(name, bpy.data.armatures.new(name))
+    mesh_obj = joints_obj = None
     try:
         arm_obj.rotation_euler = (np.pi / 2, 0.0, 0.0)
         arm_obj.show_in_front = True
@@ -113,32 +151,73 @@ def build_rig(context, face: FaceData, *, name: str = "PortraitRig", n_shape: in
         arm_obj[PROP_EXPRESSION_COUNT] = n_expression
         collection.objects.link(arm_obj)
         _build_bones(context, arm_obj, face)          # first: fails if not editable here
+        yield 0.05, "bones"
 
         mesh_obj = bpy.data.objects.new(f"{name}_mesh", _build_mesh(f"{name}_mesh", face))
         collection.objects.link(mesh_obj)
         mesh_obj.parent = arm_obj
+        yield 0.1, "mesh"
         mesh_obj.data.materials.append(_build_material(f"{name}_skin", face))
-        _store_joint_data(mesh_obj.data, face, n_shape, n_expression)
-        _add_vertex_groups(mesh_obj, face.weights)
+        joint_dirs = _joint_dirs(face, n_shape, n_expression)
+        yield 0.11, "joints"
+        _store_joint_data(mesh_obj.data, face, joint_dirs)
+        yield 0.12, "skin weights"
+        clock = _Slicer(budget_s)
+        for fraction in _add_vertex_groups(mesh_obj, face.weights, clock):
+            yield 0.12 + 0.13 * fraction, "skin weights"
         modifier = mesh_obj.modifiers.new("Armature", 'ARMATURE')
         modifier.object = arm_obj
         modifier.use_vertex_groups = True
         modifier.use_bone_envelopes = False
         modifier.use_deform_preserve_volume = False   # linear blend skinning, as FLAME
-        _add_shape_keys(mesh_obj, face, n_shape, n_expression)
+        keys = _key_specs(face, n_shape, n_expression)
+        mesh_obj.shape_key_add(name="Basis", from_mix=False)
+        for i, key in enumerate(keys):
+            _add_shape_key(mesh_obj, face.v_template, key)
+            if clock.due():
+                yield 0.25 + 0.55 * (i + 1) / len(keys), "shape keys"
+        _name_components(mesh_obj, face, n_shape, n_expression)
         _add_pose_drivers(mesh_obj, arm_obj)
-    except BaseException:
-        _remove(arm_obj, mesh_obj)
+        yield 0.8, "pose correctives"
+        joints_obj = _build_joint_object(f"{name}_joints", face, collection, arm_obj)
+        keys = _joint_key_specs(joint_dirs)
+        basis = _joint_basis(face)
+        for i, key in enumerate(keys):
+            _add_shape_key(joints_obj, basis, key)
+            if clock.due():
+                yield 0.8 + 0.1 * (i + 1) / len(keys), "joints"
+        for count in _drive_joint_keys(joints_obj, mesh_obj, clock):
+            yield 0.9 + 0.1 * count / max(len(keys), 1), "joints"
+        _add_joint_constraints(arm_obj, joints_obj)
+    except BaseException:                             # GeneratorExit too: a cancelled build
+        _remove(arm_obj, mesh_obj, joints_obj)
         raise
     return arm_obj
 
 
-def _remove(arm_obj, mesh_obj) -> None:
+class _Slicer:
+    """Says when ``budget_s`` seconds have passed since it last said so."""
+
+    def __init__(self, budget_s: float):
+        self.budget_s = budget_s
+        self.start = time.perf_counter()
+
+    def due(self) -> bool:
+        now = time.perf_counter()
+        if now - self.start < self.budget_s:
+            return False
+        self.start = now
+        return True
+
+
+def _remove(arm_obj, mesh_obj, joints_obj=None) -> None:
     """Delete a half-built rig and the datablocks made for it."""
-    if mesh_obj is not None:
-        mesh = mesh_obj.data
+    for obj in (mesh_obj, joints_obj):
+        if obj is None:
+            continue
+        mesh = obj.data
         materials = [m for m in mesh.materials if m is not None]
-        bpy.data.objects.remove(mesh_obj)
+        bpy.data.objects.remove(obj)
         bpy.data.meshes.remove(mesh)
         for material in materials:
             bpy.data.materials.remove(material)
@@ -183,9 +262,7 @@ def _build_mesh(name: str, face: FaceData):
 def _build_material(name: str, face: FaceData):
     """Principled BSDF whose base colour is the per-vertex ``albedo`` attribute."""
     material = bpy.data.materials.new(name)
-    if material.node_tree is None:             # Blender < 5.0 creates materials without nodes
-        material.use_nodes = True
-    nodes = material.node_tree.nodes
+    nodes = compat.node_tree(material).nodes
     bsdf = next((n for n in nodes if n.bl_idname == "ShaderNodeBsdfPrincipled"), None)
     if bsdf is None:
         raise RigError("a new material has no Principled BSDF node")
@@ -198,29 +275,41 @@ def _build_material(name: str, face: FaceData):
     return material
 
 
-def _store_joint_data(mesh, face: FaceData, n_shape: int, n_expression: int) -> None:
+def _joint_dirs(face: FaceData, n_shape: int, n_expression: int) -> tuple:
+    """The regressor's products with the created identity and expression blend shapes:
+    ([J, 3, S], [J, 3, E]) float64, joints per unit coefficient. Multiplied in float32 (the
+    arrays' own precision; a float64 copy of FLAME's blend shapes costs more than the rest
+    of a build slice)."""
+    return tuple((face.J_regressor @ dirs[:, :, :count].reshape(len(dirs), -1))
+                 .astype(np.float64).reshape(face.n_joints, 3, count)
+                 for dirs, count in ((face.shapedirs, n_shape), (face.exprdirs, n_expression)))
+
+
+def _store_joint_data(mesh, face: FaceData, joint_dirs: tuple) -> None:
     """The joint regressor and its products with the template and the created keys."""
     regressor = face.J_regressor.astype(np.float64)
     mesh[PROP_REGRESSOR] = regressor.ravel().tolist()
     mesh[PROP_JOINT_TEMPLATE] = (regressor @ face.v_template).ravel().tolist()
-    for prop, dirs, count in ((PROP_JOINT_SHAPEDIRS, face.shapedirs, n_shape),
-                              (PROP_JOINT_EXPRDIRS, face.exprdirs, n_expression)):
-        joint_dirs = regressor @ dirs[:, :, :count].reshape(len(dirs), -1)   # [J, 3 * K]
-        mesh[prop] = joint_dirs.ravel().tolist()
+    mesh[PROP_JOINT_SHAPEDIRS] = joint_dirs[0].ravel().tolist()
+    mesh[PROP_JOINT_EXPRDIRS] = joint_dirs[1].ravel().tolist()
 
 
-def _add_vertex_groups(mesh_obj, weights: np.ndarray) -> None:
-    """One vertex group per bone. ``VertexGroup.add`` sets one weight for a list of vertices,
-    so vertices are batched by equal weight (FLAME's weights are mostly 0 or 1)."""
-    for joint, bone in enumerate(BONE_NAMES):
+def _add_vertex_groups(mesh_obj, weights: np.ndarray, clock: _Slicer):
+    """One vertex group per deforming bone (``DEFORM_NAMES``). ``VertexGroup.add`` sets one
+    weight for a list of vertices, so vertices are batched by equal weight (FLAME's weights
+    are mostly 0 or 1; the rest take a call each). Yields the fraction done whenever
+    ``clock`` says a slice is over."""
+    for joint, bone in enumerate(DEFORM_NAMES):
         group = mesh_obj.vertex_groups.new(name=bone)
         column = weights[:, joint]
         (indices,) = np.nonzero(column > 0)
         values, inverse = np.unique(column[indices], return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         batches = np.split(indices[order], np.cumsum(np.bincount(inverse))[:-1])
-        for value, batch in zip(values.tolist(), batches):
+        for i, (value, batch) in enumerate(zip(values.tolist(), batches)):
             group.add(batch.tolist(), value, 'REPLACE')
+            if clock.due():
+                yield (joint + i / len(values)) / len(DEFORM_NAMES)
 
 
 @contextmanager
@@ -257,21 +346,40 @@ def _bone_edit_mode(context, arm_obj):
 
 
 def _build_bones(context, arm_obj, face: FaceData) -> None:
+    """The control bones on the template's joints, FLAME's tree between them through the
+    deforming bones, and the deforming bones (hidden) on the control bones (module notes)."""
     joints = face.joints()
     height = float(np.ptp(face.v_template[:, 1])) or 1.0
+    armature = arm_obj.data
+    controls = armature.collections.new("Controls")
+    deform = armature.collections.new("Deform")
+    deform.is_visible = False
     with _bone_edit_mode(context, arm_obj) as edit_bones:
         for joint, (bone_name, fraction) in enumerate(zip(BONE_NAMES, BONE_LENGTH)):
             bone = edit_bones.new(bone_name)
             _place(bone, joints[joint], fraction * height)
             if face.parents[joint] >= 0:
-                bone.parent = edit_bones[BONE_NAMES[face.parents[joint]]]
+                bone.parent = edit_bones[DEFORM_NAMES[face.parents[joint]]]
             bone.use_connect = False
-            bone.use_deform = True
+            bone.use_deform = joint == 0
+            controls.assign(bone)
+            if joint:
+                child = edit_bones.new(DEFORM_NAMES[joint])
+                _place(child, joints[joint], 0.5 * fraction * height)
+                child.parent = bone
+                child.use_connect = False
+                child.use_deform = True
+                deform.assign(child)
     for joint, bone_name in enumerate(BONE_NAMES):
         pose_bone = arm_obj.pose.bones[bone_name]
         pose_bone.rotation_mode = 'QUATERNION'
         pose_bone.lock_location = (joint != 0,) * 3
         pose_bone.lock_scale = (True, True, True)
+    for bone_name in DEFORM_NAMES[1:]:
+        pose_bone = arm_obj.pose.bones[bone_name]
+        pose_bone.lock_location = pose_bone.lock_scale = (True, True, True)
+        pose_bone.lock_rotation = (True, True, True)
+        pose_bone.lock_rotation_w = True
 
 
 def _place(edit_bone, head, length: float) -> None:
@@ -282,25 +390,41 @@ def _place(edit_bone, head, length: float) -> None:
     edit_bone.roll = 0.0
 
 
-def _add_shape_keys(mesh_obj, face: FaceData, n_shape: int, n_expression: int) -> None:
-    template = face.v_template
-    mesh_obj.shape_key_add(name="Basis", from_mix=False)
+@dataclass(frozen=True)
+class _KeySpec:
+    name: str
+    offsets: np.ndarray          # [V, 3] per unit value
+    low: float
+    high: float
+
+
+def _key_specs(face: FaceData, n_shape: int, n_expression: int) -> list[_KeySpec]:
+    specs = []
+    for pattern, dirs, (low, high) in (
+            (SHAPE_KEY, face.shapedirs[:, :, :n_shape], COEFFICIENT_RANGE),
+            (EXPRESSION_KEY, face.exprdirs[:, :, :n_expression], COEFFICIENT_RANGE),
+            (POSE_KEY, face.posedirs, POSE_KEY_RANGE)):
+        specs += [_KeySpec(pattern.format(k), dirs[:, :, k], low, high)
+                  for k in range(dirs.shape[2])]
+    return specs
+
+
+def _add_shape_key(obj, basis: np.ndarray, spec: _KeySpec):
+    block = obj.shape_key_add(name=spec.name, from_mix=False)
+    block.data.foreach_set("co", (basis + spec.offsets).ravel())
+    block.slider_min, block.slider_max = spec.low, spec.high
+    block.value = 0.0            # new keys start at 1 (Blender 5.0)
+    return block
+
+
+def _name_components(mesh_obj, face: FaceData, n_shape: int, n_expression: int) -> None:
     names = {}
-    groups = ((SHAPE_KEY, face.shapedirs[:, :, :n_shape], COEFFICIENT_RANGE, "shape"),
-              (EXPRESSION_KEY, face.exprdirs[:, :, :n_expression], COEFFICIENT_RANGE,
-               "expression"),
-              (POSE_KEY, face.posedirs, POSE_KEY_RANGE, None))
-    for pattern, dirs, (low, high), kind in groups:
-        for k in range(dirs.shape[2]):
-            key_name = pattern.format(k)
-            block = mesh_obj.shape_key_add(name=key_name, from_mix=False)
-            block.data.foreach_set("co", (template + dirs[:, :, k]).ravel())
-            block.slider_min, block.slider_max = low, high
-            block.value = 0.0            # new keys start at 1 (Blender 5.0)
-            if kind and k < len(getattr(face, f"{kind}_names")):
-                display = face.component_name(kind, k)
-                if display != key_name:
-                    names[key_name] = display
+    for pattern, kind, count in ((SHAPE_KEY, "shape", n_shape),
+                                 (EXPRESSION_KEY, "expression", n_expression)):
+        for k in range(min(count, len(getattr(face, f"{kind}_names")))):
+            display = face.component_name(kind, k)
+            if display != pattern.format(k):
+                names[pattern.format(k)] = display
     mesh_obj.data.shape_keys[PROP_COMPONENT_NAMES] = names
 
 
@@ -325,6 +449,70 @@ def _add_pose_drivers(mesh_obj, arm_obj) -> None:
                 target.rotation_mode = 'QUATERNION'
                 target.transform_space = 'LOCAL_SPACE'
             driver.expression = expression
+
+
+def _joint_basis(face: FaceData) -> np.ndarray:
+    """[4, 3] J_j - B_j of joints 1-4 at zero coefficients (B: the rest heads)."""
+    regressor = face.J_regressor.astype(np.float64)
+    return (regressor @ face.v_template)[1:] - face.joints()[1:]
+
+
+def _joint_key_specs(joint_dirs: tuple) -> list[_KeySpec]:
+    """The joint object's keys: the regressor's products with the mesh's identity and
+    expression keys (``_joint_dirs``, joints 1-4), named like them."""
+    return [_KeySpec(pattern.format(k), dirs[1:, :, k], *COEFFICIENT_RANGE)
+            for pattern, dirs in zip((SHAPE_KEY, EXPRESSION_KEY), joint_dirs)
+            for k in range(dirs.shape[2])]
+
+
+def _build_joint_object(name: str, face: FaceData, collection, arm_obj):
+    """The joint object (module notes) with its Basis; ``_joint_key_specs`` are its keys.
+    A vertex group per control bone of joints 1-4 holds that joint's vertex."""
+    mesh = bpy.data.meshes.new(name)
+    mesh.vertices.add(len(BONE_NAMES) - 1)
+    mesh.vertices.foreach_set("co", _joint_basis(face).astype(np.float32).ravel())
+    obj = bpy.data.objects.new(name, mesh)
+    collection.objects.link(obj)
+    obj.parent = arm_obj
+    obj.hide_select = True
+    obj.hide_render = True
+    obj.display_type = 'BOUNDS'
+    obj.hide_set(True)
+    for joint, bone in enumerate(BONE_NAMES[1:]):
+        obj.vertex_groups.new(name=bone).add([joint], 1.0, 'REPLACE')
+    obj.shape_key_add(name="Basis", from_mix=False)
+    return obj
+
+
+def _drive_joint_keys(joints_obj, mesh_obj, clock: _Slicer):
+    """Drive each joint-object key by the mesh's key of the same name (a copy of its value);
+    yields the number of keys done whenever ``clock`` says a slice is over, and at the end."""
+    source = mesh_obj.data.shape_keys
+    blocks = joints_obj.data.shape_keys.key_blocks
+    for done, block in enumerate(blocks[1:], start=1):
+        driver = block.driver_add("value").driver
+        driver.type = 'AVERAGE'
+        variable = driver.variables.new()
+        variable.type = 'SINGLE_PROP'
+        target = variable.targets[0]
+        target.id_type = 'KEY'
+        target.id = source
+        target.data_path = f'key_blocks["{block.name}"].value'
+        if clock.due():
+            yield done
+    yield len(blocks) - 1
+
+
+def _add_joint_constraints(arm_obj, joints_obj) -> None:
+    """Control bone j: location J_j - B_j; its deforming bone: the opposite (module notes)."""
+    for bone in BONE_NAMES[1:]:
+        for owner, invert in ((bone, False), (DEFORM_PREFIX + bone, True)):
+            constraint = arm_obj.pose.bones[owner].constraints.new('COPY_LOCATION')
+            constraint.name = JOINT_CONSTRAINT
+            constraint.target = joints_obj
+            constraint.subtarget = bone
+            constraint.owner_space = constraint.target_space = 'LOCAL'
+            constraint.invert_x = constraint.invert_y = constraint.invert_z = invert
 
 
 # ============================================================================= finding
@@ -446,22 +634,3 @@ def coefficient_values(key) -> tuple[np.ndarray, np.ndarray]:
     if layout is None or not layout.matches(key):
         layout = _layout_cache[uid] = KeyLayout(key)
     return layout.values(key)
-
-
-def update_joints(arm_obj) -> bool:
-    """Move the bones to the joints of the current identity (zero expression). Returns
-    whether anything moved: calling it again at once does nothing, so it is safe from
-    depsgraph handlers. Needs the armature in the active view layer."""
-    arm_obj, mesh_obj = rig_parts(arm_obj)
-    key = mesh_obj.data.shape_keys
-    shape = coefficient_values(key)[0] if key is not None else ()
-    joints = joint_data(mesh_obj.data).joints(shape)
-    bones = arm_obj.data.bones
-    if arm_obj.mode != 'EDIT':
-        current = np.array([bones[name].head_local for name in BONE_NAMES])
-        if np.abs(current - joints).max() < 1e-7:
-            return False
-    with _bone_edit_mode(bpy.context, arm_obj) as edit_bones:
-        for joint, name in enumerate(BONE_NAMES):
-            _place(edit_bones[name], joints[joint], edit_bones[name].length)
-    return True

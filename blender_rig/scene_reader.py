@@ -10,9 +10,9 @@ ignored: the model has a metric size), the root bone's posed rotation R_root and
     translation  = R_c^T (R_a p_root + t_a - t_c) - J0 + R_g (J0 - B0),   R_g = R_c^T R_a R_root
 
 where B0 is the root bone's rest head and J0 the server's root joint, regressed from the
-mesh with the current identity AND expression (FLAME's definition). B0 = J0 whenever the
-bones sit on the current identity (``rig_builder.update_joints``) and expression is zero;
-the last term keeps the head in place otherwise. Neck, jaw and eyes send their local
+mesh with the current identity AND expression (FLAME's definition); the last term keeps the
+head in place where they differ (the rig's other joints follow FLAME's exactly, see
+``rig_builder``). Neck, jaw and eyes send their local
 rotations: the bone's posed rotation relative to its parent's, which includes constraints
 (a Damped Track on an eye is sent as the rotation it produces). Everything is read from the
 evaluated pose (``PoseBone.matrix``), which Blender keeps current on the original objects
@@ -74,7 +74,9 @@ def read_params(armature_obj, scene, *, include_lights: bool = False, appearance
     rotations = {name: rotation_part(matrix) for name, matrix in posed.items()}
     root = bones[0].name
     head_rotation = cam_rotation.T @ arm_rotation @ rotations[root]
-    local = [rotations[b.parent.name].T @ rotations[b.name] for b in bones[1:]]
+    # A control bone's parent is its FLAME parent's deforming bone (same rotation).
+    parents = [b.parent.name.removeprefix(rig_builder.DEFORM_PREFIX) for b in bones[1:]]
+    local = [rotations[p].T @ rotations[b.name] for p, b in zip(parents, bones[1:])]
     pose = Pose(**{field: matrix_to_axis_angle(rotation).tolist()
                    for field, rotation in zip(POSE_FIELDS, [head_rotation, *local])})
 

@@ -60,7 +60,7 @@ from bpy.app.handlers import persistent
 from ..portrait_rig import client as wire
 from ..portrait_rig.params import Lighting, RigParams
 from ..portrait_rig.protocol import SHOT_RADIUS
-from . import preferences, properties, rig_builder, scene_reader
+from . import compat, preferences, properties, rig_builder, scene_reader
 
 ENGINE_ID = "PORTRAIT_RIG"           # the RenderEngine's bl_idname
 POLL_S = 0.05                        # Esc (test_break) is checked this often while waiting
@@ -558,7 +558,7 @@ def _nobody_waits() -> bool:
     """True when a background render was started by Blender's command line rather than by
     Python code: no Python frame called into the render (the handler's caller is C)."""
     import sys
-    if not bpy.app.background or bpy.app.module:
+    if not bpy.app.background or compat.is_module():
         return False
     return sys._getframe(1).f_back is None   # the handler's frame has no Python caller
 

@@ -46,11 +46,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import bpy
 import numpy as np
 
 from ..portrait_rig import sh
 from ..portrait_rig.colour import srgb_to_linear
+from . import compat
 
 SAMPLE_HEIGHT = 32       # environment texels after box filtering (rows, latitude)
 SAMPLE_WIDTH = 64        # (columns, longitude)
@@ -104,7 +104,7 @@ def parse_world(world) -> WorldLight:
     if world is None:
         return WorldLight((0.0, 0.0, 0.0), note="No World: no light")
     tree = world.node_tree
-    if tree is None or not _uses_nodes(world):
+    if tree is None or not compat.world_uses_nodes(world):
         return WorldLight(_rgb(world.color), note="World colour (no nodes)")
     # The output for all engines or for Cycles, else EEVEE's (queries match 'ALL' too).
     output = tree.get_output_node('CYCLES') or tree.get_output_node('EEVEE')
@@ -143,11 +143,6 @@ def parse_world(world) -> WorldLight:
 
 def _fallback(world, why: str) -> WorldLight:
     return WorldLight(_rgb(world.color), note=f"World viewport colour ({why})")
-
-
-def _uses_nodes(world) -> bool:
-    # World.use_nodes is deprecated (always on) from Blender 5.0; older versions honour it.
-    return bpy.app.version >= (5, 0, 0) or bool(world.use_nodes)
 
 
 def _rgb(colour) -> tuple[float, float, float]:

@@ -67,13 +67,14 @@ def main(argv=None) -> int:
                            "--backend preview or stylerig, or open the demo's .blend, set the "
                            "rig's Reference photo in the Portrait Rig panel and render it "
                            "(blender -b demo.blend -a)")
-        from . import demo
+        from . import demo, extension
         try:
-            return demo.run(args)
+            status = demo.run(args)
         except (RuntimeError, OSError, ValueError) as exc:
             # Blender's render errors arrive as RuntimeError("Error: Portrait Rig: ...").
             print(f"portrait-rig demo: {exc}".rstrip(), file=sys.stderr)
-            return 1
+            status = 1
+        return extension.exit_status(status)
     if args.command == "render":
         return render.run(args)
     return 2

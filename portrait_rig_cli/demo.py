@@ -64,6 +64,7 @@ def _render_scene(args, out: Path, host: str, port: int, started: float, package
 
     operators = importlib.import_module(f"{package}.blender_rig.operators")
     demo_scene = importlib.import_module(f"{package}.blender_rig.demo_scene")
+    compat = importlib.import_module(f"{package}.blender_rig.compat")
     sequence = importlib.import_module(f"{package}.blender_rig.sequence")
 
     prefs = bpy.context.preferences.addons[package].preferences
@@ -107,15 +108,17 @@ def _render_scene(args, out: Path, host: str, port: int, started: float, package
         shutil.copyfile(sheet, args.sheet)
         print(f"contact sheet copied to {args.sheet}", flush=True)
     if args.video:
-        video = encode_video(frames, scene.render.fps, out / "demo.mp4")
+        video = encode_video(frames, scene.render.fps, out / "demo.mp4", compat)
         print(f"video: {video}" if video else "video: skipped (this Blender has no FFmpeg)",
               flush=True)
     print(f"done in {time.perf_counter() - started:.1f} s", flush=True)
     return 0
 
 
-def encode_video(frames: list[Path], fps: int, path: Path) -> Path | None:
-    """Encode image files as H.264 MP4 with Blender's sequencer; None without FFmpeg."""
+def encode_video(frames: list[Path], fps: int, path: Path, compat) -> Path | None:
+    """Encode image files as H.264 MP4 with Blender's sequencer; None without FFmpeg.
+    ``compat``: the extension's ``blender_rig.compat`` (sequencer and output differ by
+    version)."""
     import bpy
 
     if not bpy.app.build_options.codec_ffmpeg:
@@ -123,8 +126,8 @@ def encode_video(frames: list[Path], fps: int, path: Path) -> Path | None:
     scene = bpy.data.scenes.new("Portrait Rig video")
     try:
         editor = scene.sequence_editor_create()
-        strip = editor.strips.new_image(name="frames", filepath=str(frames[0]), channel=1,
-                                        frame_start=1)
+        strip = compat.sequencer_strips(editor).new_image(
+            name="frames", filepath=str(frames[0]), channel=1, frame_start=1)
         for frame in frames[1:]:
             strip.elements.append(frame.name)
         first = bpy.data.images.load(str(frames[0]), check_existing=False)
@@ -135,8 +138,7 @@ def encode_video(frames: list[Path], fps: int, path: Path) -> Path | None:
         scene.frame_start, scene.frame_end = 1, len(frames)
         scene.view_settings.view_transform = 'Standard'   # pass the frames' colours through
         settings = scene.render.image_settings
-        settings.media_type = 'VIDEO'
-        settings.file_format = 'FFMPEG'
+        compat.set_movie_output(settings)
         scene.render.ffmpeg.format = 'MPEG4'
         scene.render.ffmpeg.codec = 'H264'
         scene.render.ffmpeg.constant_rate_factor = 'HIGH'

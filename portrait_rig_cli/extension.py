@@ -18,9 +18,12 @@ the extension is then assembled from links to them and an entry module that dele
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 EXTENSION_ID = "portrait_rig"
@@ -118,3 +121,74 @@ def disable(repository_module: str) -> None:
     import addon_utils
     addon_utils.disable(package_name(repository_module), default_set=True,
                         handle_error=_raise)
+
+
+def exit_status(code: int) -> int:
+    """``code``, for a process that imported ``bpy`` to exit with once it is done with
+    Blender. Blender 4.2 as a module frees its editor types in C++ exit-time destructors,
+    after Python has finalised; once an add-on has registered a property with a Python
+    callback (ours do, and disabling them does not release all of them there) that crashes
+    with SIGSEGV and the status is lost. There this ends the process at once, after flushing
+    the output and removing Blender's temporary folder; 4.5 and 5.0 shut down cleanly and
+    get ``code`` back."""
+    bpy = sys.modules.get("bpy")
+    if bpy is None or bpy.app.version >= (4, 5, 0):
+        return code
+    tempdir = bpy.app.tempdir
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if tempdir:
+        shutil.rmtree(tempdir, ignore_errors=True)
+    os._exit(code)
+
+
+def blender_extension_tool() -> tuple[Path, Path]:
+    """Blender's own extension command-line tool (what ``blender --command extension`` runs)
+    and its list of valid tags, from the ``bpy`` module's scripts."""
+    import bpy
+    scripts = Path(bpy.utils.system_resource('SCRIPTS'))
+    return (scripts / "addons_core" / "bl_pkg" / "cli" / "blender_ext.py",
+            scripts / "modules" / "_bpy_internal" / "extensions" / "tags.py")
+
+
+def build(output_dir: Path, source: Path | None = None) -> Path:
+    """Validate the manifest and build the extension zip into ``output_dir`` with Blender's
+    tool (the zip holds what ``[build]`` keeps: the entry point, ``blender_rig`` and
+    ``portrait_rig``). Returns the zip's path; raises RuntimeError with the tool's output."""
+    source = Path(source or source_root())
+    tool, tags = blender_extension_tool()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for command in (["validate", str(source)],
+                    ["build", "--source-dir", str(source), "--output-dir", str(output_dir)]):
+        run = subprocess.run([sys.executable, str(tool), *command, "--valid-tags", str(tags)],
+                             capture_output=True, text=True, timeout=120)
+        if run.returncode != 0:
+            raise RuntimeError(f"extension {command[0]} failed:\n{run.stdout}{run.stderr}")
+    version = _manifest(source)["version"]
+    return output_dir / f"{EXTENSION_ID}-{version}.zip"
+
+
+def _manifest(source: Path) -> dict:
+    import tomllib
+    with open(source / "blender_manifest.toml", "rb") as fh:
+        return tomllib.load(fh)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m portrait_rig_cli.extension",
+                                 description="Build the Portrait Rig extension zip that users "
+                                             "drag onto Blender (4.2 or newer)")
+    ap.add_argument("--out", default="dist", help="output folder (default %(default)s)")
+    args = ap.parse_args(argv)
+    try:
+        path = build(Path(args.out))
+    except (RuntimeError, OSError) as exc:
+        print(exc, file=sys.stderr)
+        return exit_status(1)
+    print(path)
+    return exit_status(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

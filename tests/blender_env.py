@@ -19,10 +19,15 @@ Use from a test module::
 Timers and modal operators need Blender's event loop, which the module does not run: tests call
 the timer functions themselves (see ``pump``). ``render_server`` is the real render server
 (``tests/server_process.py``) on an ephemeral port, one per test session.
+
+Blender 4.2 as a module crashes after Python has finalised once an add-on registered
+callbacks (``portrait_rig_cli.extension.exit_status``): there the test process ends with
+pytest's own status after pytest has cleaned up.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import time
 from pathlib import Path
@@ -190,9 +195,28 @@ def extension_repository(tmp_path_factory) -> Path:
     return directory
 
 
+class _ExitStatus:
+    """A pytest plugin that keeps the session's exit status for ``_exit``."""
+    status: int | None = None
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        self.status = int(exitstatus)
+
+
+_EXIT_STATUS = _ExitStatus()
+
+
+@atexit.register
+def _exit() -> None:
+    if _EXIT_STATUS.status is not None:
+        loader.exit_status(_EXIT_STATUS.status)
+
+
 @pytest.fixture
-def blender():
+def blender(request):
     """``bpy`` with factory settings and an empty scene; reset again afterwards."""
+    if not request.config.pluginmanager.is_registered(_EXIT_STATUS):
+        request.config.pluginmanager.register(_EXIT_STATUS, "portrait-rig-exit-status")
     factory_reset()
     yield bpy
     factory_reset()

@@ -11,10 +11,8 @@ import shlex
 import subprocess
 import sys
 import threading
-import time
 import tomllib
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,10 +21,9 @@ from blender_env import (EXTENSION_ID, REPO_ROOT, RecordingLayout, blender,  # n
                          bpy, disable_extension, draw, enable_extension, extension,
                          extension_repository, render_server)
 
+pytestmark = pytest.mark.blender
+
 MANIFEST = REPO_ROOT / "blender_manifest.toml"
-SCRIPTS = Path(bpy.utils.system_resource('SCRIPTS'))
-EXTENSION_CLI = SCRIPTS / "addons_core" / "bl_pkg" / "cli" / "blender_ext.py"
-VALID_TAGS = SCRIPTS / "modules" / "_bpy_internal" / "extensions" / "tags.py"
 TERSE_LIMIT = 64          # Blender's limit for the tagline and permission reasons
 SLEEPER = f"{shlex.quote(sys.executable)} -c 'import time; time.sleep(60)'"   # a stand-in server
 
@@ -53,37 +50,25 @@ def test_manifest_fields_follow_the_extension_format():
     assert set(data["permissions"]) == {"network", "files"}
 
 
-def test_manifest_build_paths_list_exactly_the_extension_modules():
-    """Blender takes [build] paths literally: every module of the add-on and of the core must
-    be listed (a missing one breaks the installed extension), nothing else may be."""
-    needed = {"__init__.py", "LICENSE", "README.md"}
+def extension_files() -> set[str]:
+    """What the zip must hold: the entry point, the add-on and the core it shares with the
+    server (a missing module breaks the installed extension; nothing else belongs there)."""
+    needed = {"__init__.py", "LICENSE", "README.md", "blender_manifest.toml"}
     for package in ("blender_rig", "portrait_rig"):
         needed |= {f"{package}/{path.name}" for path in (REPO_ROOT / package).glob("*.py")}
-    assert set(load_manifest()["build"]["paths"]) == needed
+    return needed
 
 
 def test_blender_validates_builds_and_loads_the_package(tmp_path):
-    """Blender's own extension tool (shipped in the wheel) validates the manifest and builds
-    the package; the built package then loads in a clean process where only the extension
-    is importable - no repository on sys.path, so an absolute import of the core, or an import
-    of the server or torch, fails here."""
-    validate = subprocess.run(
-        [sys.executable, str(EXTENSION_CLI), "validate", str(REPO_ROOT),
-         "--valid-tags", str(VALID_TAGS)], capture_output=True, text=True, timeout=60)
-    assert validate.returncode == 0, validate.stdout + validate.stderr
-    assert "Success" in validate.stdout
-
-    built = tmp_path / "built"
-    built.mkdir()
-    build = subprocess.run(
-        [sys.executable, str(EXTENSION_CLI), "build", "--source-dir", str(REPO_ROOT),
-         "--output-dir", str(built), "--valid-tags", str(VALID_TAGS)],
-        capture_output=True, text=True, timeout=60)
-    assert build.returncode == 0, build.stdout + build.stderr
-    (archive,) = built.glob("*.zip")
+    """Blender's own extension tool (shipped in the wheel, run by scripts/build-extension.sh)
+    validates the manifest and builds the package with exactly the extension's modules; the
+    built package then loads in a clean process where only the extension is importable - no
+    repository on sys.path, so an absolute import of the core, or an import of the server or
+    torch, fails here."""
+    from portrait_rig_cli import extension as loader
+    archive = loader.build(tmp_path / "built")
     with zipfile.ZipFile(archive) as zf:
-        names = set(zf.namelist())
-        assert names == set(load_manifest()["build"]["paths"]) | {"blender_manifest.toml"}
+        assert set(zf.namelist()) == extension_files()
         zf.extractall(tmp_path / "repo" / EXTENSION_ID)
 
     script = f"""
@@ -103,7 +88,11 @@ leaked = sorted(name for name in ("portrait_rig", "server", "torch") if name in 
 assert not leaked, leaked
 assert bpy.ops.portrait_rig.add_rig.poll()
 addon_utils.disable(package.__name__, default_set=True, handle_error=fail)
-print("loaded", package.__name__)
+print("loaded", package.__name__, flush=True)
+# Blender 4.2 as a module crashes in its exit-time destructors once an add-on registered
+# callbacks (portrait_rig_cli.extension.exit_status); this process has nothing left to do.
+import os
+os._exit(0)
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
@@ -188,11 +177,9 @@ def test_remote_hosts_need_online_access(extension):
 def test_local_server_command_starts_without_blocking(extension):
     preferences = extension.module("blender_rig.preferences")
     extension.preferences.server_command = SLEEPER
-    start = time.perf_counter()
     assert bpy.ops.portrait_rig.start_server() == {'FINISHED'}
-    assert time.perf_counter() - start < 1.0
     process = preferences.server_process()
-    assert process is not None and process.poll() is None
+    assert process is not None and process.poll() is None    # returned while it runs
     assert not bpy.ops.portrait_rig.start_server.poll()          # one at a time
     assert bpy.ops.portrait_rig.stop_server() == {'FINISHED'}
     assert process.poll() is not None and preferences.server_process() is None
@@ -270,24 +257,6 @@ def test_add_rig_from_a_local_file(extension, tmp_path):
     prefs.face_file = str(tmp_path / "model.obj")
     with pytest.raises(RuntimeError, match="unknown face model source"):
         bpy.ops.portrait_rig.add_rig()
-
-
-def test_update_joints_operator_follows_identity(extension, demo_npz):
-    from portrait_rig.face_data import FaceData
-    data = FaceData.load(demo_npz)
-    prefs = extension.preferences
-    prefs.face_source, prefs.face_file = 'FILE', str(demo_npz)
-    bpy.ops.portrait_rig.add_rig()
-    rig = bpy.context.view_layer.objects.active
-    eye = data.shape_names.index("eye spacing")
-    rig_mesh(extension, rig).data.shape_keys.key_blocks[f"Shape{eye:03d}"].value = 2.0
-    before = np.array(rig.data.bones["eye_L"].head_local)
-    assert bpy.ops.portrait_rig.update_joints() == {'FINISHED'}
-    shape = np.zeros(data.n_shape)
-    shape[eye] = 2.0
-    after = np.array(rig.data.bones["eye_L"].head_local)
-    assert np.linalg.norm(after - before) > 1e-3
-    np.testing.assert_allclose(after, data.joints(shape)[3], atol=1e-6)
 
 
 def test_expression_presets_set_and_key_the_expression(extension, demo_npz):

@@ -16,6 +16,8 @@ from PIL import Image  # noqa: E402
 from blender_env import (blender, bpy, draw, extension, extension_repository,  # noqa: E402,F401
                          render_server)
 
+pytestmark = pytest.mark.blender
+
 
 def stage_rig(extension, server):
     """A camera 1.2 m in front of the rig, turned 10 degrees about Blender's Z, and a rig
@@ -72,5 +74,5 @@ def test_a_photo_without_a_face_changes_nothing(extension, render_server, tmp_pa
         bpy.ops.portrait_rig.fit_to_photo(filepath=str(blank))
     assert [tuple(b.rotation_quaternion) for b in rig.pose.bones] == before
     assert rig.portrait_rig.reference_photo == ""
-    with pytest.raises(RuntimeError, match="Fit to photo"):
+    with pytest.raises(RuntimeError, match="Fit Rig to Photo: .*missing.jpg"):
         bpy.ops.portrait_rig.fit_to_photo(filepath=str(tmp_path / "missing.jpg"))

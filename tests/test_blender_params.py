@@ -15,6 +15,8 @@ from blender_rig_scene import (add_camera, aim, demo_face, environment_image,
 from portrait_rig import sh
 from portrait_rig.params import RigParams
 
+pytestmark = pytest.mark.blender
+
 
 @pytest.fixture
 def rig(extension):
@@ -47,9 +49,8 @@ def test_server_skinning_of_read_params_matches_blenders_mesh(rig):
     rng = np.random.default_rng(7)
     set_keys(mesh_obj, "Shape", rng.uniform(-2, 2, face.n_shape))
     set_keys(mesh_obj, "Exp", rng.uniform(0, 1, face.n_expression))
-    rig.rig_builder.update_joints(arm)      # what the add-on does when identity keys change
-    for bone in arm.pose.bones:
-        bone.rotation_quaternion = rig.transforms.axis_angle_to_quaternion(
+    for bone in rig.rig_builder.BONE_NAMES:                        # the control bones
+        arm.pose.bones[bone].rotation_quaternion = rig.transforms.axis_angle_to_quaternion(
             rng.normal(size=3) * 0.3)
     arm.pose.bones["root"].location = (0.01, -0.02, 0.015)
     arm.location = (0.3, -0.2, 1.1)
@@ -68,9 +69,57 @@ def test_server_skinning_of_read_params_matches_blenders_mesh(rig):
     model = FaceModel(face, dtype=torch.float64)
     server_vertices = model.pose_params([received])[0][0].numpy()
     blender_vertices = camera_frame(evaluated_world_vertices(mesh_obj), cam)
-    assert np.abs(server_vertices - blender_vertices).max() < 1e-4
+    assert np.abs(server_vertices - blender_vertices).max() < 1e-5
     # Not trivially equal: the pose moved the mesh far from the template.
     assert np.abs(blender_vertices - face.v_template).max() > 0.05
+
+
+@pytest.fixture(scope="module")
+def flame_server(tmp_path_factory):
+    """A render server on a FLAME-layout model file (official keys and shapes, random
+    content: tests/flame_fixture.py)."""
+    from flame_fixture import write_flame_fixture
+    from server_process import ServerProcess
+    path = tmp_path_factory.mktemp("flame") / "generic_model.pkl"
+    write_flame_fixture(path, seed=3)
+    with ServerProcess("--model", str(path), "--backend", "preview", "--quiet") as server:
+        yield server
+
+
+def test_blenders_mesh_is_the_servers_skinning_of_a_flame_model(extension, flame_server):
+    """Blender's evaluated mesh equals the server's ``vertices`` reply for the parameters the
+    scene reader sends, at random identity, expression and pose: FLAME's joints move with
+    identity and expression, and the rig follows them exactly."""
+    from portrait_rig.client import Client
+    rig = rig_modules(extension)
+    prefs = extension.preferences
+    prefs.server_host, prefs.server_port = flame_server.host, flame_server.port
+    prefs.face_source = 'SERVER'
+    assert bpy.ops.portrait_rig.add_rig() == {'FINISHED'}
+    arm = bpy.context.scene.portrait_rig.rig
+    mesh_obj = rig.rig_builder.rig_mesh(arm)
+    assert len(mesh_obj.data.vertices) == 5023
+    cam = add_camera(location=(0.4, -1.3, 0.6), target=(0.0, 0.0, 0.0))
+    with Client(flame_server.host, flame_server.port, timeout=60) as client:
+        for seed in range(3):
+            rng = np.random.default_rng(seed)
+            shape, expression = rng.uniform(-3, 3, 100), rng.uniform(-3, 3, 50)
+            set_keys(mesh_obj, "Shape", shape)
+            set_keys(mesh_obj, "Exp", expression)
+            for bone in rig.rig_builder.BONE_NAMES:
+                arm.pose.bones[bone].rotation_quaternion = \
+                    rig.transforms.axis_angle_to_quaternion(rng.normal(size=3) * 0.3)
+            arm.pose.bones["root"].location = rng.normal(size=3) * 0.02
+            bpy.context.view_layer.update()
+
+            params = rig.scene_reader.read_params(arm, bpy.context.scene)
+            reply = client.vertices(params)
+            server = np.frombuffer(reply.data, np.float32).reshape(-1, 3)
+            blender = camera_frame(evaluated_world_vertices(mesh_obj), cam)
+            joints = rig.rig_builder.joint_data(mesh_obj.data)
+            moved = np.abs(joints.joints(shape, expression) - joints.joints(shape)).max()
+            assert moved > 1e-3                   # expression alone moves FLAME's joints
+            assert np.abs(server - blender).max() < 1e-5, seed
 
 
 def test_expression_shift_of_the_root_joint_is_compensated(rig):
@@ -86,7 +135,6 @@ def test_expression_shift_of_the_root_joint_is_compensated(rig):
     mesh_obj = rig.rig_builder.rig_mesh(arm)
     set_keys(mesh_obj, "Shape", shape)
     set_keys(mesh_obj, "Exp", expression)
-    rig.rig_builder.update_joints(arm)
     arm.pose.bones["root"].rotation_quaternion = (0.9, 0.2, -0.3, 0.25)
     arm.location, arm.rotation_euler = (0.1, 0.2, 0.3), (1.2, -0.3, 0.2)
     cam = add_camera(location=(0.4, -1.0, 0.5), target=(0.1, 0.2, 0.3))
@@ -101,7 +149,6 @@ def test_orbiting_the_camera_changes_only_the_global_rotation(rig):
     arm = rig.rig_builder.build_rig(bpy.context, small_face())
     mesh_obj = rig.rig_builder.rig_mesh(arm)
     set_keys(mesh_obj, "Shape", [1.0, -0.5])
-    rig.rig_builder.update_joints(arm)
     arm.pose.bones["jaw"].rotation_quaternion = (0.95, 0.3, 0.0, 0.05)
     arm.location = (0.2, 0.1, 1.5)
     world_with_background((0.3, 0.4, 0.5), 2.0)

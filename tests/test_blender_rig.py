@@ -11,6 +11,8 @@ import pytest
 from blender_env import bpy, blender, extension, extension_repository  # noqa: F401
 from blender_rig_scene import evaluated_world_vertices, rig_modules, set_keys, small_face
 
+pytestmark = pytest.mark.blender
+
 
 @pytest.fixture
 def rig(extension):
@@ -25,13 +27,19 @@ def test_build_rig_creates_the_documented_layout(rig):
     assert arm.type == 'ARMATURE' and arm.name == "Head"
     assert mesh_obj.name == "Head_mesh" and mesh_obj.parent == arm
     assert tuple(arm.rotation_euler) == pytest.approx((np.pi / 2, 0, 0))
-    assert [b.name for b in arm.data.bones] == ["root", "neck", "jaw", "eye_L", "eye_R"]
-    assert [b.parent.name if b.parent else None for b in arm.data.bones] == \
-        [None, "root", "neck", "neck", "neck"]
-    for bone, joint in zip(arm.data.bones, face.joints()):
-        # Rest rotation identity (pointing along +Y, roll 0), head on the joint.
+    bones = arm.data.bones
+    assert [b.name for b in bones] == ["root", "neck", "DEF-neck", "jaw", "DEF-jaw", "eye_L",
+                                       "DEF-eye_L", "eye_R", "DEF-eye_R"]
+    assert {b.name: b.parent.name if b.parent else None for b in bones} == {
+        "root": None, "neck": "root", "DEF-neck": "neck", "jaw": "DEF-neck", "DEF-jaw": "jaw",
+        "eye_L": "DEF-neck", "DEF-eye_L": "eye_L", "eye_R": "DEF-neck", "DEF-eye_R": "eye_R"}
+    assert [b.name for b in bones if b.use_deform] == list(rig.rig_builder.DEFORM_NAMES)
+    assert not arm.data.collections["Deform"].is_visible
+    for bone in bones:
+        # Rest rotation identity (pointing along +Y, roll 0), head on the template's joint.
+        joint = rig.rig_builder.BONE_NAMES.index(bone.name.removeprefix("DEF-"))
         assert np.allclose(np.array(bone.matrix_local)[:3, :3], np.eye(3), atol=1e-6)
-        assert np.allclose(bone.head_local, joint, atol=1e-6)
+        assert np.allclose(bone.head_local, face.joints()[joint], atol=1e-6)
     assert all(pb.rotation_mode == 'QUATERNION' for pb in arm.pose.bones)
 
     mesh = mesh_obj.data
@@ -60,7 +68,7 @@ def test_build_rig_creates_the_documented_layout(rig):
     drivers = mesh.shape_keys.animation_data.drivers
     assert len(drivers) == 36 and all(d.driver.is_simple_expression for d in drivers)
 
-    assert [g.name for g in mesh_obj.vertex_groups] == ["root", "neck", "jaw", "eye_L", "eye_R"]
+    assert [g.name for g in mesh_obj.vertex_groups] == list(rig.rig_builder.DEFORM_NAMES)
     for joint, group in enumerate(mesh_obj.vertex_groups):
         weights = np.zeros(face.n_vertices)
         for vertex in mesh.vertices:
@@ -80,6 +88,11 @@ def test_build_rig_creates_the_documented_layout(rig):
     links = material.node_tree.links
     assert any(link.to_socket.name == "Base Color" and
                getattr(link.from_node, "layer_name", "") == "albedo" for link in links)
+
+    joints_obj = bpy.data.objects["Head_joints"]
+    assert joints_obj.parent == arm and joints_obj.hide_render and joints_obj.hide_get()
+    assert [k.name for k in joints_obj.data.shape_keys.key_blocks] == names[:7]
+    assert [g.name for g in joints_obj.vertex_groups] == ["neck", "jaw", "eye_L", "eye_R"]
 
     assert arm["portrait_rig_model"] == face.name
     assert arm["portrait_rig_source"] == face.source
@@ -104,34 +117,47 @@ def test_build_rig_rejects_bad_counts_and_models(rig):
     assert len(bpy.data.objects) == len(bpy.data.meshes) == len(bpy.data.armatures) == 0
 
 
-def test_update_joints_follows_identity_not_expression(rig):
+def flame_joint_transforms(face, shape, expression, rotvecs, transforms) -> np.ndarray:
+    """FLAME's posed joint transforms G_j [J, 4, 4] (model frame): joint j rotates about its
+    regressed location J_j (identity and expression), G_j = G_parent T(J_j - J_parent) R_j."""
+    joints = face.joints(shape, expression)
+    out = np.zeros((len(joints), 4, 4))
+    for j, parent in enumerate(face.parents):
+        local = np.eye(4)
+        local[:3, :3] = transforms.axis_angle_to_matrix(rotvecs[j])
+        local[:3, 3] = joints[j] - (joints[parent] if parent >= 0 else 0.0)
+        out[j] = local if parent < 0 else out[parent] @ local
+    return out
+
+
+def test_posed_joints_follow_identity_and_expression_as_flame(rig):
+    """Each control bone's head sits on FLAME's posed joint and turns with FLAME's rotation,
+    at any identity and expression, with the bones' rest heads left on the template."""
     face = small_face()
     arm = rig.rig_builder.build_rig(bpy.context, face)
     mesh_obj = rig.rig_builder.rig_mesh(arm)
-    shape = [1.5, -2.0, 0.7, 2.5]
+    rng = np.random.default_rng(5)
+    shape, expression = rng.uniform(-3, 3, face.n_shape), rng.uniform(-3, 3, face.n_expression)
     set_keys(mesh_obj, "Shape", shape)
-    set_keys(mesh_obj, "Exp", [2.0, 1.0, -1.0])
-    arm.pose.bones["jaw"].rotation_quaternion = (0.9, 0.3, 0.1, 0.0)   # survives edit mode
-    arm.hide_viewport = True                     # edit mode refuses hidden objects
+    set_keys(mesh_obj, "Exp", expression)
+    rotvecs = rng.normal(size=(5, 3)) * 0.4
+    for name, rotvec in zip(rig.rig_builder.BONE_NAMES, rotvecs):
+        arm.pose.bones[name].rotation_quaternion = rig.transforms.axis_angle_to_quaternion(rotvec)
+    bpy.context.view_layer.update()
 
-    assert rig.rig_builder.update_joints(arm) is True
-    expected = face.joints(shape)
-    assert not np.allclose(expected, face.joints(), atol=1e-3)       # the identity moves them
-    for bone, joint in zip(arm.data.bones, expected):
-        assert np.allclose(bone.head_local, joint, atol=1e-6)
-        assert np.allclose(np.array(bone.matrix_local)[:3, :3], np.eye(3), atol=1e-6)
-    assert tuple(arm.pose.bones["jaw"].rotation_quaternion) == pytest.approx((0.9, 0.3, 0.1, 0))
-    assert arm.mode == 'OBJECT' and arm.hide_viewport
-    assert rig.rig_builder.update_joints(arm) is False               # nothing left to do
-
-    bpy.context.view_layer.objects.active = arm
-    arm.hide_viewport = False
-    bpy.ops.object.mode_set(mode='POSE')
-    set_keys(mesh_obj, "Shape", [0.0])
-    assert rig.rig_builder.update_joints(arm) is True
-    assert arm.mode == 'POSE'
-    assert np.allclose(arm.data.bones["jaw"].head_local, face.joints([0.0, *shape[1:]])[2],
-                       atol=1e-6)
+    expected = flame_joint_transforms(face, shape, expression, rotvecs, rig.transforms)
+    # The root turns about its rest head B_0 instead of J_0 = B_0 + d_0: the whole head
+    # shifts by (R_0 - I) d_0 (the scene reader sends that as translation).
+    d0 = face.joints(shape, expression)[0] - face.joints()[0]
+    shift = (expected[0, :3, :3] - np.eye(3)) @ d0
+    moved = np.abs(face.joints(shape, expression) - face.joints()).max()
+    assert moved > 5e-3                                # expression and identity move joints
+    for joint, name in enumerate(rig.rig_builder.BONE_NAMES):
+        posed = np.array(arm.pose.bones[name].matrix)
+        assert np.allclose(posed[:3, :3], expected[joint, :3, :3], atol=1e-6), name
+        head = face.joints()[0] if joint == 0 else expected[joint, :3, 3] + shift
+        assert np.allclose(posed[:3, 3], head, atol=2e-7), name
+    assert np.allclose(arm.data.bones["jaw"].head_local, face.joints()[2], atol=1e-7)
 
 
 @pytest.mark.parametrize("angle", [0.0, 1e-9, 1e-4, 0.5, 2.0, np.pi - 1e-7])

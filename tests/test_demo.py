@@ -18,6 +18,8 @@ from blender_env import (REPO_ROOT, blender, bpy, extension, extension_repositor
 
 Image = pytest.importorskip("PIL.Image")
 
+pytestmark = pytest.mark.blender
+
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
 

@@ -5,7 +5,6 @@ function the timer calls (``blender_env.pump``)."""
 from __future__ import annotations
 
 import math
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,6 +15,8 @@ from portrait_rig.colour import srgb_to_linear
 
 from blender_env import (blender, bpy, draw, extension, extension_repository,  # noqa: F401
                          pump, render_server)
+
+pytestmark = pytest.mark.blender
 
 SIZE = 96
 
@@ -178,24 +179,22 @@ def test_dead_server_never_blocks_blender(extension, tmp_path):
     shown = " ".join(draw(extension.module("blender_rig.panel").VIEW3D_PT_portrait_rig_connection))
     assert shown.startswith("Error: ") and error.split()[0] in shown
 
-    # The handlers keep handing over parameters (the worker keeps retrying) and stay fast.
+    # The handlers keep handing over parameters while the worker keeps retrying: they never
+    # wait for the socket (bench/bench_handlers.py measures their cost).
     key = rig_builder.rig_mesh(rig).data.shape_keys.key_blocks["Exp000"]
     for value in (0.5, 1.0, 1.5):
         key.value = value
-        start = time.perf_counter()
         bpy.context.view_layer.update()                    # runs the depsgraph handler
-        assert time.perf_counter() - start < 0.5            # Blender's update, ours included
         assert live_link._session.worker.slot.take() is not None
         key.value = value + 0.1
-        start = time.perf_counter()
         live_link.on_frame_change_post(bpy.context.scene)   # read, compare, hand over
-        assert time.perf_counter() - start < 0.05
+        assert live_link._session.worker.slot.take() is not None
         live_link.drain_frames()
 
     worker = live_link._session.worker
-    start = time.perf_counter()
+    assert worker.is_alive()
     assert bpy.ops.portrait_rig.disconnect() == {'FINISHED'}
-    assert time.perf_counter() - start < 0.05
+    assert not live_link.is_running()                     # returned without joining it
     worker.join(live_link.CONNECT_TIMEOUT_S + 1.0)
     assert not worker.is_alive()
 
@@ -245,22 +244,6 @@ def test_frames_keep_their_colours_and_orientation(extension, tmp_path):
     with pytest.raises(ValueError, match="'jpeg' cannot be shown"):
         image_output.write_frame(SimpleNamespace(width=16, height=16, format="jpeg",
                                                  pixels=b""))
-
-
-def test_identity_edits_move_the_joints_on_a_timer(extension, render_server):
-    live_link = extension.module("blender_rig.live_link")
-    rig_builder = extension.module("blender_rig.rig_builder")
-    rig = go_live(extension, render_server)
-    key = rig_builder.rig_mesh(rig).data.shape_keys
-    eye = next(n for n, display in key["portrait_rig_component_names"].items()
-               if display == "eye spacing")
-    before = rig.data.bones["eye_L"].head_local.copy()
-    key.key_blocks[eye].value = 2.0
-    bpy.context.view_layer.update()
-    assert rig.data.bones["eye_L"].head_local == before     # not inside the handler
-    assert bpy.app.timers.is_registered(live_link.apply_joint_updates)
-    assert live_link.apply_joint_updates(force=True) is None
-    assert (rig.data.bones["eye_L"].head_local - before).length > 1e-3
 
 
 def test_a_progressive_backend_streams_previews_into_the_image(extension, tmp_path):
