@@ -3,7 +3,8 @@
 Per batch of requests:
 
 1. Identity: every request's W+ latent [num_ws, w_dim] from ``appearance.seed`` or
-   ``appearance.latent_file`` (``server.backends.latents``), mapped with the generator's mapping
+   ``appearance.latent_file`` (a name in the data folder's ``latents/``, read by
+   ``server.backends.latents``), mapped with the generator's mapping
    network and truncation ``appearance.truncation`` when it is a z; kept in an LRU cache.
 2. Rig: RigNet (``server.models.rignet``) moves the latent to the rig's controls, w_hat =
    RigNet(w, p), with p = ``control_vector(params)`` whose global pose and light are the
@@ -45,7 +46,6 @@ conversion, copy to the host), ``passes``.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -228,11 +228,8 @@ class StyleRigBackend(Backend):
         """W+ [num_ws, w_dim] float32 on the device for a request's identity (cached)."""
         G, psi = self.G, float(appearance.truncation)
         if appearance.latent_file:
-            path = Path(os.path.expanduser(appearance.latent_file))
-            if not path.is_file():
-                raise FileNotFoundError(f"appearance.latent_file: file not found on the "
-                                        f"server: {path}")
-            path = path.resolve()
+            path = paths.client_file("appearance.latent_file", appearance.latent_file,
+                                     paths.LATENTS)
             stat = path.stat()
             key = ("file", str(path), stat.st_size, stat.st_mtime_ns, psi)
         else:
