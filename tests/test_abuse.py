@@ -467,6 +467,7 @@ def test_sigterm_during_a_long_diffusion_render_answers_everything_and_exits_0(t
         assert proc.proc.wait(30) == 0
         assert answered == {rid: protocol.E_SHUTTING_DOWN for rid in [live, *queued]}
         assert "terminate called" not in proc.log()
+        assert "abandoned" not in proc.log()          # the render stopped between steps
 
 
 def test_sigterm_during_a_render_that_outlasts_the_grace_exits_0():

@@ -47,7 +47,8 @@ class ServerConfig:
     idle_timeout: float = 600.0        # seconds without a request before a connection closes
     max_connections_per_address: int = 64
     max_frame_bytes: int = 256 << 20   # reply payload of one render request, at most
-    max_batch_bytes: int = 512 << 20   # reply payloads of one backend call, at most
+    max_batch_bytes: int = 128 << 20   # reply payloads grouped into one backend call, at
+                                       # most (one request alone may reach max_frame_bytes)
     shutdown_grace: float = 5.0        # seconds to let renders in progress finish or stop
     allowed_folders: tuple[str, ...] = ()   # more folders requests may name files in
     log_requests: bool = True

@@ -17,8 +17,8 @@ behind a DiffusionRig batch, nor behind a checkpoint being loaded. A lane takes 
 for its backend by fair queuing: round-robin over clients (the connections of one address
 count as one client), then over that client's connections, live before batch within a
 connection. With it the lane groups compatible jobs - same ``Job.key``, at the heads of the
-queues - up to ``max_batch`` jobs and ``max_batch_bytes`` of replies, into one backend call
-so a GPU backend can batch. Connections whose unsent output is over its bound are skipped
+queues - up to ``max_batch`` jobs and ``max_batch_bytes`` of replies (a job alone may be
+larger), into one backend call so a GPU backend can batch. Connections whose unsent output is over its bound are skipped
 until it drains: their frames would only pile up in memory, and for live requests waiting
 means the newest parameters are rendered once the client can receive them.
 """
@@ -90,7 +90,7 @@ class Scheduler:
 
     def __init__(self, face_data, device: str, default_backend: str, backend_factory,
                  max_queued_batch: int = 64, max_batch: int = 8,
-                 max_batch_bytes: int = 512 << 20, backend_files=None, worker_factory=None,
+                 max_batch_bytes: int = 128 << 20, backend_files=None, worker_factory=None,
                  log=None):
         self.face_data = face_data
         self.device = device
