@@ -83,11 +83,15 @@ class Raw:
         return header, self.recv_exact(header.get("payload_bytes", 0))
 
     def recv_until_closed(self) -> list[dict]:
-        """Headers of every reply until the server closes the connection."""
+        """Headers of every reply until the server closes the connection (within the
+        socket's timeout: a connection still open then fails the test)."""
         replies = []
         try:
             while True:
                 replies.append(self.recv()[0])
+        except socket.timeout:
+            raise AssertionError(f"the server kept the connection open; got {replies}") \
+                from None
         except (ConnectionError, OSError):
             return replies
 
