@@ -46,11 +46,11 @@ def params(i: int, latent: Path) -> dict:
     """A turning, talking head: every request differs."""
     pose = {"jaw": [0.05 + 0.05 * np.sin(i), 0, 0], "global": [0, 0.3 * np.sin(0.3 * i), 0]}
     return {"expression": [0.4 * np.sin(0.5 * i)], "pose": pose,
-            "appearance": {"latent_file": str(latent), "seed": 1}}
+            "appearance": {"latent_file": latent.name, "seed": 1}}
 
 
 def bench(server_args: list[str], home: Path, size: int, runs: int) -> dict:
-    latent = home / "latent.npy"
+    latent = home / "latents" / "latent.npy"
     with ServerProcess(*server_args, env={"PORTRAIT_RIG_HOME": str(home)},
                        startup_timeout=600) as server, \
             Client(server.host, server.port, timeout=600) as client:
@@ -94,7 +94,9 @@ def main() -> None:
             unet = UNetConfig()
         else:
             write_checkpoint(home / "diffusionrig" / "model.safetensors", unet)
-        np.save(home / "latent.npy", np.random.default_rng(0).normal(size=64).astype(np.float32))
+        (home / "latents").mkdir()
+        np.save(home / "latents" / "latent.npy",
+                np.random.default_rng(0).normal(size=64).astype(np.float32))
         what = "official weights" if args.weights else f"random {config} model"
         print(f"diffusionrig backend, device {args.device}, {what} "
               f"({unet.image_size} px, {unet.model_channels} channels), precision "

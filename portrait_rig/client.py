@@ -15,7 +15,9 @@ request was replaced by a newer live one and will not get a frame), a ``Preview`
 another receives; two threads must not receive at once.
 
 Every blocking call honours ``timeout`` and raises ``TimeoutError`` instead of hanging; a
-broken or closed connection raises ``ConnectionError``.
+broken or closed connection raises ``ConnectionError`` - unless the client was made with
+``reconnect=True``: then it connects again by itself after a server restart (see
+``Client``).
 """
 
 from __future__ import annotations
@@ -111,30 +113,72 @@ def _floats(view: memoryview) -> memoryview:
     return memoryview(values)
 
 
+@dataclass
+class _Sent:
+    """A request still owed its final reply, kept to be sent again after a reconnect."""
+    data: bytes
+    payload: bytes
+    live: bool
+
+
 class Client:
-    """One connection to a render server. ``timeout`` (seconds) bounds every blocking call."""
+    """One connection to a render server. ``timeout`` (seconds) bounds every blocking call;
+    a blocking ``render`` waits at least as long as the backend's ``reply_timeout``.
+
+    With ``reconnect=True`` a lost connection (the server restarted) is opened again by the
+    next call that needs it: connection attempts back off from 0.5 s to 10 s, each success
+    says hello afresh (``hello`` is replaced) and sends again the requests still waiting for
+    their reply - the newest live request and every other request; older live requests are
+    answered ``Superseded`` by the client itself. ``shutting_down`` errors of requests that
+    will be sent again are not reported. ``state`` is ``"connected"``, ``"reconnecting"``
+    or ``"closed"``; ``reconnects`` counts the reconnections. Without it, a lost connection
+    raises ``ConnectionError`` and stays closed.
+    """
+
+    BACKOFF_MIN_S = 0.5
+    BACKOFF_MAX_S = 10.0
 
     def __init__(self, host: str = protocol.DEFAULT_HOST, port: int = protocol.DEFAULT_PORT,
                  token: str | None = None, timeout: float = 10.0,
-                 client_name: str = "portrait-rig client"):
+                 client_name: str = "portrait-rig client", reconnect: bool = False):
         self.host, self.port, self.token = host, port, token
         self.timeout = timeout
         self.client_name = client_name
+        self.reconnect = reconnect
+        self.reconnects = 0
         self.hello: dict | None = None
         self._sock: socket.socket | None = None
         self._ids = itertools.count(1)
         self._pending: deque = deque()     # replies read while waiting for another one
         self._send_lock = threading.Lock()
         self._prefix = bytearray(4)
+        self._open: dict[object, _Sent] = {}    # with reconnect: requests owed a reply
+        self._closed = True                     # closed by the caller (or never opened)
+        self._backoff = self.BACKOFF_MIN_S
+        self._retry_at = 0.0
 
     # ------------------------------------------------------------------ connection
+    @property
+    def state(self) -> str:
+        if self._sock is not None:
+            return "connected"
+        return "closed" if self._closed or not self.reconnect else "reconnecting"
+
     def connect(self) -> dict:
         """Open the connection and exchange ``hello``; returns the server's hello."""
+        self._closed = False
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            return self._open_connection(self.timeout)
+        except BaseException:
+            self._closed = True
+            raise
+
+    def _open_connection(self, timeout: float) -> dict:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=timeout)
         except socket.timeout:
             raise TimeoutError(f"no connection to {self.host}:{self.port} "
-                               f"within {self.timeout:g} s") from None
+                               f"within {timeout:g} s") from None
         except OSError as exc:
             raise ConnectionError(f"cannot connect to {self.host}:{self.port} (is "
                                   f"portrait-rig-server running?): {exc}") from None
@@ -144,24 +188,72 @@ class Client:
                  "client": self.client_name}
         if self.token is not None:
             hello["token"] = self.token
-        self.send(hello)
         try:
-            reply = self.receive()
+            self._send_raw(protocol.encode_header(hello))
+            header, _ = self._read_message(timeout)
         except BaseException:
-            self.close()
+            self._drop()
             raise
-        if not isinstance(reply, Message) or reply.header.get("type") != "hello":
-            self.close()
-            raise ConnectionError(f"expected a hello reply, got {reply!r}")
-        self.hello = reply.header
-        return self.hello
+        if header.get("type") == "error":
+            self._drop()
+            raise ServerError(str(header.get("code")), str(header.get("message")),
+                              header.get("id"), header.get("field"))
+        if header.get("type") != "hello":
+            self._drop()
+            raise ConnectionError(f"expected a hello reply, got {header.get('type')!r}")
+        self.hello = header
+        return header
 
     def close(self) -> None:
+        """Close the connection (and stop reconnecting)."""
+        self._closed = True
+        self._open.clear()
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close the socket after a failure (a client with ``reconnect`` opens a new one)."""
         if self._sock is not None:
             try:
                 self._sock.close()
             finally:
                 self._sock = None
+
+    def _reconnect(self, deadline: float) -> None:
+        """Connect again before ``deadline`` (time.monotonic()), backing off between tries,
+        and send the open requests again. Raises ConnectionError when the client does not
+        reconnect, TimeoutError when the deadline passes first."""
+        if not self.reconnect or self._closed:
+            raise ConnectionError("not connected")
+        while self._sock is None:
+            now = time.monotonic()
+            if self._retry_at > now:
+                time.sleep(max(min(self._retry_at, deadline) - now, 0.0))
+                if self._retry_at > time.monotonic():
+                    raise TimeoutError(f"reconnecting to {self.host}:{self.port}: the "
+                                       "server is not back yet") from None
+            try:
+                self._open_connection(self.timeout)
+            except (OSError, ServerError):
+                self._retry_at = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2.0, self.BACKOFF_MAX_S)
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"reconnecting to {self.host}:{self.port}: the "
+                                       "server is not back yet") from None
+                continue
+            self.reconnects += 1
+            self._backoff = self.BACKOFF_MIN_S
+            self._resend()
+
+    def _resend(self) -> None:
+        live = [rid for rid, sent in self._open.items() if sent.live]
+        for rid in live[:-1]:                      # replaced by the newest live request
+            del self._open[rid]
+            self._pending.append(Superseded(rid, live[-1]))
+        try:
+            for sent in list(self._open.values()):
+                self._send_raw(sent.data, sent.payload)
+        except OSError:
+            self._drop()                            # tried again on the next call
 
     def __enter__(self) -> "Client":
         if self._sock is None:
@@ -177,21 +269,41 @@ class Client:
 
     def send(self, header: dict, payload: bytes = b"") -> None:
         """Send one message; only ``protocol.CLIENT_PAYLOAD_TYPES`` (``fit``, ``invert``)
-        carry a ``payload``."""
+        carry a ``payload``. With ``reconnect``, a request sent while the connection is down is
+        kept and goes out once it is back."""
+        data = protocol.encode_header(header, len(payload))
+        if self.reconnect and not self._closed and "id" in header \
+                and header.get("type") != "hello":
+            live = header.get("type") == "render" and header.get("mode") == "live"
+            self._open[header["id"]] = _Sent(data, bytes(payload), live)
+            if self._sock is None:
+                if time.monotonic() >= self._retry_at:
+                    try:
+                        self._reconnect(time.monotonic())   # sends it when it connects
+                    except (OSError, ServerError):
+                        pass
+                return
         if self._sock is None:
             raise ConnectionError("not connected")
-        data = protocol.encode_header(header, len(payload))
+        try:
+            self._send_raw(data, payload)
+        except OSError:
+            if not (self.reconnect and not self._closed):
+                raise
+            self._drop()                            # sent again after reconnecting
+
+    def _send_raw(self, data: bytes, payload: bytes = b"") -> None:
         with self._send_lock:
             try:
                 self._sock.sendall(data)
                 if payload:
                     self._sock.sendall(payload)
             except socket.timeout:
-                self.close()
+                self._drop()
                 raise TimeoutError(f"sending to {self.host}:{self.port} timed out after "
                                    f"{self.timeout:g} s; connection closed") from None
             except OSError as exc:
-                self.close()
+                self._drop()
                 raise ConnectionError(f"sending to {self.host}:{self.port} failed: {exc}") \
                     from None
 
@@ -219,15 +331,32 @@ class Client:
         self.send(header)
         return rid
 
-    def render(self, params, width: int, height: int, **options) -> Frame:
-        """Render one frame and wait for it (options as ``send_render``). Raises
-        ServerError for an error reply, or with code ``superseded`` when a newer live
-        request sent meanwhile (from another thread) replaced it."""
-        reply = self._wait_for(self.send_render(params, width, height, **options))
+    def render(self, params, width: int, height: int, *, timeout: float | None = None,
+               **options) -> Frame:
+        """Render one frame and wait for it (options as ``send_render``) up to ``timeout``
+        (default ``reply_timeout(backend)``). Raises ServerError for an error reply, or with
+        code ``superseded`` when a newer live request sent meanwhile (from another thread)
+        replaced it."""
+        if timeout is None:
+            timeout = self.reply_timeout(options.get("backend"))
+        reply = self._wait_for(self.send_render(params, width, height, **options), timeout)
         if isinstance(reply, Superseded):
             raise ServerError("superseded", f"request {reply.id} was replaced by {reply.by}",
                               reply.id)
         return reply
+
+    def reply_timeout(self, backend: str | None = None) -> float:
+        """How long ``render`` waits for a frame of ``backend`` (default: the server's
+        default backend): the client's ``timeout`` or, when longer, the backend's
+        ``reply_timeout`` from the hello (minutes for diffusion on a CPU)."""
+        hello = self.hello or {}
+        name = backend or hello.get("default_backend")
+        for entry in hello.get("backends", []):
+            if isinstance(entry, dict) and entry.get("name") == name:
+                value = entry.get("reply_timeout")
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    return max(self.timeout, float(value))
+        return self.timeout
 
     def vertices(self, params) -> Vertices:
         """Posed vertices of the server's face model for ``params``."""
@@ -332,14 +461,20 @@ class Client:
         if self._pending:
             return True
         if self._sock is None:
-            raise ConnectionError("not connected")
+            try:
+                self._reconnect(time.monotonic() + timeout)
+            except TimeoutError:
+                return False
+            if self._pending:
+                return True
         readable, _, _ = select.select([self._sock], [], [], timeout)
         return bool(readable)
 
     def _wait_for(self, rid, timeout: float | None = None, on_preview=None):
         """Read replies until the one for ``rid`` (within ``timeout``, default the
         client's); others are kept for ``receive``. Previews of ``rid`` go to
-        ``on_preview`` (or are dropped)."""
+        ``on_preview`` (or are dropped). A request whose wait times out is not sent again
+        after a reconnect (nobody waits for it)."""
         mine = [r for r in self._pending if _reply_id(r) == rid]
         if mine:                                    # a blocking call wants the final reply
             self._pending = deque(r for r in self._pending if _reply_id(r) != rid)
@@ -348,7 +483,11 @@ class Client:
                 return _raise_errors(final[0])
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
-            reply = self._read_reply(max(deadline - time.monotonic(), 1e-3))
+            try:
+                reply = self._read_reply(max(deadline - time.monotonic(), 1e-3))
+            except TimeoutError:
+                self._open.pop(rid, None)
+                raise
             if _reply_id(reply) == rid and isinstance(reply, Preview):
                 if on_preview is not None:
                     on_preview(reply)
@@ -360,7 +499,30 @@ class Client:
             self._pending.append(reply)
 
     def _read_reply(self, timeout: float):
-        header, payload = self._read_message(timeout)
+        """The next reply from the socket, reconnecting first when the client does and the
+        connection is lost (within ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._sock is None:
+                self._reconnect(deadline)
+                if self._pending:                   # replies made up while reconnecting
+                    return self._pending.popleft()
+            try:
+                header, payload = self._read_message(max(deadline - time.monotonic(), 1e-3))
+            except (ConnectionError, TimeoutError):
+                if self._sock is not None or not self.reconnect or self._closed:
+                    raise                           # a plain timeout, or no reconnecting
+                continue
+            reply = self._reply(header, payload)
+            if self.reconnect and isinstance(reply, ServerError) and \
+                    reply.code in (protocol.E_SHUTTING_DOWN, protocol.E_IDLE_TIMEOUT) and \
+                    (reply.id is None or reply.id in self._open):
+                continue                # the connection is ending; its requests go again
+            if not isinstance(reply, Preview):
+                self._open.pop(_reply_id(reply), None)
+            return reply
+
+    def _reply(self, header: dict, payload: bytearray):
         kind = header["type"]
         if kind == "frame":
             return _frame(header, payload)
@@ -390,7 +552,7 @@ class Client:
             self._recv_into(memoryview(body))
             header, nbytes = protocol.decode_header(body, protocol.MAX_SERVER_PAYLOAD)
         except protocol.ProtocolError as exc:
-            self.close()
+            self._drop()
             raise ConnectionError(f"malformed message from the server: {exc}") from None
         payload = bytearray(nbytes)         # filled in place: no chunk joining
         if nbytes:
@@ -407,15 +569,15 @@ class Client:
                     # Nothing of the next message read: the connection is still usable.
                     raise TimeoutError(f"no reply from {self.host}:{self.port} within "
                                        f"{self._sock.gettimeout():g} s") from None
-                self.close()
+                self._drop()
                 raise TimeoutError(f"{self.host}:{self.port} stalled in the middle of a "
                                    "message; connection closed") from None
             except OSError as exc:
-                self.close()
+                self._drop()
                 raise ConnectionError(f"receiving from {self.host}:{self.port} failed: "
                                       f"{exc}") from None
             if n == 0:
-                self.close()
+                self._drop()
                 raise ConnectionError(f"{self.host}:{self.port} closed the connection")
             got += n
 

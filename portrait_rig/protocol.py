@@ -13,6 +13,7 @@ encode/decode of one frame's header. Socket handling lives in ``portrait_rig/cli
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 PROTOCOL_VERSION = 1
@@ -27,6 +28,9 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_CLIENT_PAYLOAD = 32 << 20
 MAX_SERVER_PAYLOAD = 1 << 30
 MAX_FRAME_SIDE = 4096
+MAX_HELLO_BYTES = 64 << 10          # the only header read before authentication
+MAX_HEADER_DEPTH = 32               # nesting of arrays and objects in a header
+MAX_INTEGER = 1 << 63               # JSON integers lie in (-2**63, 2**63)
 
 # Frame formats and their channel counts (None: compressed, size in payload_bytes).
 FRAME_FORMATS = {"rgb8": 3, "rgba8": 4, "png": None, "jpeg": None}
@@ -61,6 +65,8 @@ E_INTERNAL = "internal_error"        # the server failed handling the request; i
 E_NO_FACE = "no_face"                # fit: no face found in the photo
 E_FIT_FAILED = "fit_failed"          # fit: the server cannot fit (fitting files or dlib missing)
 E_INVERT_FAILED = "invert_failed"    # invert: the server cannot invert (generator or encoder)
+E_TOO_MANY_CONNECTIONS = "too_many_connections"   # per-address connection cap reached
+E_IDLE_TIMEOUT = "idle_timeout"      # no request for ``limits.idle_timeout`` seconds
 
 # The only client messages that carry a payload: ``fit`` and ``invert`` (a photo's PNG/JPEG
 # bytes).
@@ -73,6 +79,24 @@ class ProtocolError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+def frame_reply_bytes(width: int, height: int, fmt: str, passes=()) -> int:
+    """Upper bound of a ``frame`` reply's payload: the image (4 bytes per pixel for the
+    compressed formats, which stay below that in practice) plus each pass as float32, with
+    alignment. What the server's ``max_frame_bytes`` and ``max_batch_bytes`` limits count."""
+    channels = FRAME_FORMATS.get(fmt) or 4
+    pixels = width * height
+    return pixels * channels + 3 * len(passes) + sum(4 * pixels * PASSES[p] for p in passes)
+
+
+def excerpt(value, limit: int = 64) -> str:
+    """``repr(value)`` cut to about ``limit`` characters: for messages that quote what a
+    client sent without echoing a megabyte of it."""
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + f"... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def encode_header(header: dict, payload_bytes: int = 0) -> bytes:
@@ -94,12 +118,56 @@ def header_length(prefix: bytes) -> int:
     return length
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is not finite")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text)
+    if not -MAX_INTEGER < value < MAX_INTEGER:
+        raise ValueError(f"integer {text[:32]}... outside (-2**63, 2**63)")
+    return value
+
+
+def _not_finite(name: str):
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _depth(value) -> int:
+    """Nesting depth of arrays and objects (1 for a flat object), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if deepest > MAX_HEADER_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, level + 1) for child in children
+                     if isinstance(child, (dict, list)))
+    return deepest
+
+
 def decode_header(body: bytes, max_payload: int) -> tuple[dict, int]:
-    """Parse a header; returns it with the number of payload bytes that follow."""
+    """Parse a header; returns it with the number of payload bytes that follow. Numbers must
+    be finite and integers fit in 64 bits; arrays and objects nest at most
+    ``MAX_HEADER_DEPTH`` deep."""
     try:
-        header = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        header = json.loads(body.decode("utf-8"), parse_float=_finite, parse_int=_bounded_int,
+                            parse_constant=_not_finite)
+    except RecursionError:
+        raise ProtocolError(E_BAD_MESSAGE, f"header is nested deeper than "
+                            f"{MAX_HEADER_DEPTH} levels") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(E_BAD_MESSAGE, f"header is not UTF-8 JSON: {exc}") from None
+    except ValueError as exc:           # from the number hooks above
+        raise ProtocolError(E_BAD_MESSAGE, f"header: {exc} (numbers must be finite, "
+                            "integers within 64 bits)") from None
+    if isinstance(header, (dict, list)) and _depth(header) > MAX_HEADER_DEPTH:
+        raise ProtocolError(E_BAD_MESSAGE, f"header is nested deeper than "
+                            f"{MAX_HEADER_DEPTH} levels")
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise ProtocolError(E_BAD_MESSAGE, "header must be a JSON object with a string 'type'")
     payload = header.get("payload_bytes", 0)

@@ -98,13 +98,39 @@ def parse_args(argv=None) -> tuple[ServerConfig, argparse.Namespace]:
                     help="list every backend, the files it looked for and where, what it found "
                          "and what to do about the rest, and the device; exit status 0 when "
                          "the chosen --backend can run, 1 otherwise (starts no server)")
+    limits = ap.add_argument_group("files and limits (docs/security.md)")
+    limits.add_argument("--allow-folder", action="append", default=[], metavar="DIR",
+                        help="a folder whose files requests may name (appearance.latent_file, "
+                             "reference_photo), besides $PORTRAIT_RIG_HOME/latents and "
+                             "/photos; repeatable")
+    limits.add_argument("--max-connections-per-address", type=int,
+                        default=defaults.max_connections_per_address,
+                        help="open connections per client address (default %(default)s)")
+    limits.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout,
+                        help="seconds without a request before a connection is closed "
+                             "(default %(default)s)")
+    limits.add_argument("--write-timeout", type=float, default=defaults.write_timeout,
+                        help="seconds a client may leave its replies unread before it is "
+                             "dropped (default %(default)s)")
+    limits.add_argument("--max-unsent", type=float, default=defaults.max_unsent / 2**20,
+                        metavar="MIB", help="unread reply MiB per connection above which the "
+                        "server stops reading from it (default %(default)g)")
+    limits.add_argument("--shutdown-grace", type=float, default=defaults.shutdown_grace,
+                        help="seconds renders in progress get to finish on SIGTERM "
+                             "(default %(default)s)")
     args = ap.parse_args(argv)
 
     if not 0 <= args.port <= 65535:
         ap.error(f"--port {args.port} is outside 0..65535")
-    for name in ("rate", "burst", "max_queued_batch", "max_batch"):
+    for name in ("rate", "burst", "max_queued_batch", "max_batch", "max_connections_per_address",
+                 "idle_timeout", "write_timeout", "max_unsent"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
+    if args.shutdown_grace < 0:
+        ap.error("--shutdown-grace must not be negative")
+    for folder in args.allow_folder:
+        if not os.path.isdir(os.path.expanduser(folder)):
+            ap.error(f"--allow-folder {folder}: not a folder")
     if args.token is not None and not args.token:
         ap.error("--token is empty")
     if args.token is None and not is_loopback(args.host):
@@ -125,7 +151,12 @@ def parse_args(argv=None) -> tuple[ServerConfig, argparse.Namespace]:
                           max_queued_batch=args.max_queued_batch, max_batch=args.max_batch,
                           log_requests=not args.quiet, backend_options=backend_options,
                           deca_model=args.deca_model,
-                          landmark_embedding=args.landmark_embedding, cluster=args.cluster)
+                          landmark_embedding=args.landmark_embedding, cluster=args.cluster,
+                          allowed_folders=tuple(args.allow_folder),
+                          max_connections_per_address=args.max_connections_per_address,
+                          idle_timeout=args.idle_timeout, write_timeout=args.write_timeout,
+                          max_unsent=int(args.max_unsent * 2**20),
+                          shutdown_grace=args.shutdown_grace)
     return config, args
 
 
@@ -232,6 +263,12 @@ def main(argv=None) -> int:
         asyncio.run(_serve(server))
     except KeyboardInterrupt:
         pass
+    if not server.stopped_cleanly:
+        # A render or fit is still running native code on a thread: every request was
+        # answered, so end now rather than let the interpreter's exit abort under it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

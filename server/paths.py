@@ -33,11 +33,20 @@ Everything lives under one folder, ``$PORTRAIT_RIG_HOME`` (default ``~/.portrait
                                          the official checkpoint/ folder: generator.pt,
                                          exstyle_code.npy or refined_exstyle_code.npy (preferred),
                                          sampler.pt (optional: random styles)
+        latents/                         identity latents requests name in
+                                         ``appearance.latent_file``
+        photos/                          reference photos requests name in
+                                         ``appearance.reference_photo``
 
 Backend options (``portrait-rig-server --option diffusionrig.checkpoint=FILE``,
 ``--option stylerig.generator=FILE``) override the defaults. Personal model names are plain
 folder names (letters, digits, ``.``, ``_``, ``-``), never paths, so a request cannot point
 the server at an arbitrary file by name.
+
+Files that requests name (``client_file``) are looked up in ``latents/`` or ``photos/`` and
+in the folders the operator allows (``portrait-rig-server --allow-folder DIR``); whatever
+the name, symlinks included, the file must lie inside one of them. Messages sent to clients
+go through ``redact`` so they show paths relative to the data folder, or only file names.
 """
 
 from __future__ import annotations
@@ -49,6 +58,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 HOME_ENV = "PORTRAIT_RIG_HOME"
+LATENTS = "latents"                 # folders of the files requests name, by field
+PHOTOS = "photos"
+MAX_CLIENT_NAME = 1024
+STAMP_FILES = 2000                  # files ``stamp`` looks at, at most
 CHECKPOINT_SUFFIXES = (".pt", ".safetensors")
 GENERATOR_SUFFIXES = (".pkl", ".pt", ".safetensors")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -314,3 +327,104 @@ def dualstylegan_files(options: Mapping[str, Any]) -> list[FileNeed]:
         needs.append(FileNeed("DualStyleGAN Z+ encoder", _chosen(encoder, root / "encoder.pt"),
                               encoder != "auto", "photo-encoder", "dualstylegan.encoder"))
     return needs
+# ---------------------------------------------------------------------------- client files
+
+_allowed: list[Path] = []
+
+
+def allow_folders(folders) -> None:
+    """Let requests also name files in ``folders`` (``--allow-folder``). Raises ValueError
+    for one that is not a folder."""
+    resolved = []
+    for folder in folders:
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"--allow-folder {folder}: not a folder")
+        resolved.append(path.resolve())
+    _allowed[:] = resolved
+
+
+class ClientFileRefused(ValueError):
+    """A file name a request gave that names no file the server may read. The message is
+    the same whatever the reason (malformed, outside, missing, a symlink out), so it reveals
+    nothing about the server's files. ``field`` names the request field."""
+
+    def __init__(self, field: str, folder: str):
+        super().__init__(f"{field}: the server has no file of that name. Name a file in the "
+                         f"{folder}/ folder of its data folder, or in a folder it allows "
+                         "(portrait-rig-server --allow-folder)")
+        self.field = field
+
+
+def client_file(field: str, name, folder: str) -> Path:
+    """The file a request names in ``field``: ``name`` relative to ``home()/folder`` or to an
+    allowed folder (tried in that order), or an absolute path inside one of them. The result
+    is resolved (symlinks followed) and lies inside that folder. Raises ClientFileRefused."""
+    refused = ClientFileRefused(field, folder)
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_CLIENT_NAME \
+            or "\0" in name or "\\" in name:
+        raise refused
+    given = Path(name)
+    for root in (home() / folder, *_allowed):
+        relative = _relative_to(given, root)
+        if relative is None:
+            continue
+        try:
+            real_root = root.resolve(strict=True)
+        except OSError:
+            continue
+        real = Path(os.path.realpath(real_root / relative))
+        if real.is_relative_to(real_root) and real.is_file():
+            return real
+    raise refused
+
+
+def _relative_to(given: Path, root: Path) -> Path | None:
+    """``given`` as plain names below ``root`` (lexically: no ``..``, ``~``), or None."""
+    if given.is_absolute():
+        for base in (root, root.resolve()):
+            if given.is_relative_to(base):
+                given = given.relative_to(base)
+                break
+        else:
+            return None
+    parts = given.parts
+    if not parts or any(part in (".", "..") or part.startswith("~") for part in parts):
+        return None
+    return given
+
+
+# An absolute path: a "/" that does not continue a word, a URL or "~", then folders.
+_ABSOLUTE = re.compile(r"(?<![\w.~:/-])/(?:[^\s/'\"():,]+/)+([^\s/'\"():,]*)")
+
+
+def redact(text: str) -> str:
+    """``text`` fit to send to a client: paths inside the data folder or an allowed folder
+    relative to it, any other absolute path cut to its file name."""
+    roots = {str(home()), str(home().resolve()), *map(str, _allowed)}
+    for root in sorted(roots, key=len, reverse=True):
+        text = text.replace(root.rstrip(os.sep) + os.sep, "")
+    return _ABSOLUTE.sub(lambda match: match.group(1), text)
+
+
+def stamp(extra=()) -> tuple:
+    """(path, size, mtime) of the files under the data folder (the first ``STAMP_FILES``)
+    and of the ``extra`` paths that are files: it changes when a user adds, replaces or
+    removes a model file, so a backend that failed to start is retried only then."""
+    entries = []
+    for path in extra:
+        try:
+            info = os.stat(path)
+        except (OSError, TypeError, ValueError):
+            continue
+        entries.append((str(path), info.st_size, info.st_mtime_ns))
+    for folder, _, names in os.walk(home()):
+        for name in names:
+            try:
+                info = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            entries.append((os.path.join(folder, name), info.st_size, info.st_mtime_ns))
+            if len(entries) >= STAMP_FILES:
+                return tuple(entries)
+    return tuple(entries)

@@ -27,20 +27,26 @@ W, H = 48, 32                      # not square: the square is resized and centr
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """$PORTRAIT_RIG_HOME with a stage-1 and a personal checkpoint, a latent and a photo."""
+    """$PORTRAIT_RIG_HOME (for the module, in process too) with a stage-1 and a personal
+    checkpoint, latents and photos."""
     root = tmp_path_factory.mktemp("portrait_rig_home")
     write_checkpoint(root / "diffusionrig" / "model.safetensors", seed=0)
     write_checkpoint(root / "personal" / "alice" / "model.safetensors", seed=1)
     rng = np.random.default_rng(0)
-    np.save(root / "latent.npy", rng.normal(size=64).astype(np.float32))
+    latents, photos = root / "latents", root / "photos"
+    latents.mkdir()
+    photos.mkdir()
+    np.save(latents / "latent.npy", rng.normal(size=64).astype(np.float32))
     torch.save(torch.from_numpy(rng.normal(size=(1, 64)).astype(np.float32)),
-               root / "latent.pt")
-    np.save(root / "wrong.npy", np.zeros(32, np.float32))
+               latents / "latent.pt")
+    np.save(latents / "wrong.npy", np.zeros(32, np.float32))
     pixels = rng.integers(0, 256, (RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(root / "photo.png")
+    Image.fromarray(pixels).save(photos / "photo.png")
     snapshot = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)        # not an aligned crop
-    Image.fromarray(snapshot).save(root / "snapshot.png")
-    return root
+    Image.fromarray(snapshot).save(photos / "snapshot.png")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PORTRAIT_RIG_HOME", str(root))
+        yield root
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,7 @@ def rig(home, seed=None, source="latent.npy", **fields) -> dict:
     appearance = {"seed": seed}
     if source is not None:
         key = "reference_photo" if source.endswith(".png") else "latent_file"
-        appearance[key] = str(home / source)
+        appearance[key] = source                  # a name in latents/ or photos/
     appearance.update(fields.pop("appearance", {}))
     return {"pose": {"jaw": [0.15, 0, 0], "global": [0, 0.2, 0]}, **fields,
             "appearance": appearance}
@@ -125,7 +131,7 @@ def test_appearance_sources(client, home):
     assert "folder name" in render_error(
         client, rig(home, appearance={"personal_model": "../diffusionrig"})).message
     assert "shape [64]" in render_error(client, rig(home, source="wrong.npy")).message
-    assert "not found" in render_error(client, rig(home, source="nowhere.png")).message
+    assert "no file of that name" in render_error(client, rig(home, source="nowhere.png")).message
     # Other photos are aligned first; noise has no face (or the server has no dlib).
     message = render_error(client, rig(home, source="snapshot.png")).message
     assert f"20x30, not a {RESOLUTION}x{RESOLUTION} aligned crop, and aligning it failed" \
@@ -259,15 +265,15 @@ def test_loader_infers_the_architecture_from_the_tensors():
 def test_latent_files(home, tmp_path):
     from server.backends.diffusionrig import load_latent
 
-    assert load_latent(home / "latent.npy").shape == (64,)
-    assert load_latent(home / "latent.pt").shape == (64,)
+    assert load_latent(home / "latents" / "latent.npy").shape == (64,)
+    assert load_latent(home / "latents" / "latent.pt").shape == (64,)
     with pytest.raises(ValueError, match=r"holds \(32,\), expected a tensor of shape \[64\]"):
-        load_latent(home / "wrong.npy")
+        load_latent(home / "latents" / "wrong.npy")
     np.save(tmp_path / "nan.npy", np.full(64, np.nan, np.float32))
     with pytest.raises(ValueError, match="NaN"):
         load_latent(tmp_path / "nan.npy")
     with pytest.raises(ValueError, match=r"\.npy or \.pt"):
-        load_latent(home / "photo.png")
+        load_latent(home / "photos" / "photo.png")
 
 
 def test_photos_that_are_not_aligned_crops_go_through_face_alignment(home, tmp_path,
@@ -282,7 +288,7 @@ def test_photos_that_are_not_aligned_crops_go_through_face_alignment(home, tmp_p
         return np.full((size, size, 3), 255, np.uint8), None
 
     monkeypatch.setattr(align, "align_face", align_face)
-    aligned = load_aligned_photo(home / "photo.png", RESOLUTION)
+    aligned = load_aligned_photo(home / "photos" / "photo.png", RESOLUTION)
     assert aligned.shape == (1, 3, RESOLUTION, RESOLUTION) and not calls
     assert -1 <= aligned.min() and aligned.max() <= 1
     Image.new("RGB", (300, 200), (10, 20, 30)).save(tmp_path / "snapshot.jpg")

@@ -254,7 +254,8 @@ def test_a_progressive_backend_streams_previews_into_the_image(extension, tmp_pa
     from server_process import ServerProcess
     live_link = extension.module("blender_rig.live_link")
     write_checkpoint(tmp_path / "diffusionrig" / "model.safetensors")
-    latent = tmp_path / "latent.npy"
+    latent = tmp_path / "latents" / "latent.npy"          # in the data folder's latents/
+    latent.parent.mkdir()
     np.save(latent, np.random.default_rng(0).normal(size=64).astype(np.float32))
     with ServerProcess("--model", "demo", "--backend", "diffusionrig", "--quiet",
                        "--option", "diffusionrig.resolution=16",

@@ -400,9 +400,9 @@ def test_sigterm_answers_queued_requests_and_exits_cleanly():
         assert "shutting down" in proc.log()
 
 
-# ---------------------------------------------------------------------------- the worker alone
-# The render worker in this process with a recording backend: grouping, ordering and failure
-# isolation, deterministically (jobs are queued before the worker thread takes any).
+# ---------------------------------------------------------------------------- the scheduler alone
+# The scheduler in this process with recording backends: grouping, ordering, fairness, lanes
+# and failure isolation, deterministically (jobs are queued before the lanes take any).
 
 class RecordingBackend:
     """Fills each frame with its request's ``appearance.seed``; seed 13 raises."""
@@ -420,56 +420,79 @@ class RecordingBackend:
         self.calls.append(seeds)
         if 13 in seeds:
             raise RuntimeError("seed 13 is unlucky")
-        return [RenderResult(np.full((r.height, r.width, 4), seed, np.uint8))
+        return [RenderResult(np.full((r.height, r.width, 4), seed, np.uint8),
+                             {name: np.zeros((r.height, r.width, protocol.PASSES[name]),
+                                             np.float32) for name in r.passes})
                 for r, seed in zip(requests, seeds)]
 
 
-def run_worker(jobs, max_batch=8):
-    """Queue ``jobs`` (one owner each: their ``owner`` field) before starting a worker with a
-    RecordingBackend; returns the backend and {job id: (buffers, error)} once all are done."""
+class BlockingBackend(RecordingBackend):
+    """Renders once ``release`` is set; ``entered`` is set when a render begins."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def render(self, requests):
+        self.entered.set()
+        assert self.release.wait(30)
+        return super().render(requests)
+
+
+def make_scheduler(backends: dict, **options):
     from synthetic_face import synthetic_face
 
-    from server.service.scheduler import RenderWorker
+    from server.service.scheduler import Scheduler
 
+    return Scheduler(synthetic_face(), "cpu", next(iter(backends)),
+                     lambda name, *_: backends[name], **options)
+
+
+def run_scheduler(jobs, max_batch=8, clients=None, on_answer=None, **options):
+    """Queue ``jobs`` (their ``owner`` fields name connections; ``clients`` maps an owner to
+    its client, default itself) before starting a scheduler with a RecordingBackend; returns
+    the backend and {job id: (buffers, error)} once all are done. ``on_answer(job)`` is
+    called with each answer."""
     backend = RecordingBackend()
-    worker = RenderWorker(synthetic_face(), "cpu", "rec", lambda *_: backend,
-                          max_batch=max_batch)
+    scheduler = make_scheduler({"rec": backend}, max_batch=max_batch, **options)
     replies, finished = {}, threading.Event()
 
     def done(job, buffers, error):
+        if on_answer is not None:
+            on_answer(job)
         replies[job.id] = (buffers, error)
         if len(replies) == len(jobs):
             finished.set()
 
     superseded = []
     for owner in dict.fromkeys(job.owner for job in jobs):
-        worker.register(owner)
+        scheduler.register(owner, client=(clients or {}).get(owner))
     for job in jobs:
         job.done = done
-        old = worker.submit(job)
+        old = scheduler.submit(job)
         if old is not None:
             superseded.append(old.id)
             replies[old.id] = ("superseded", None)
-    worker.start(timeout=30)
+    scheduler.start(timeout=30)
     try:
         assert finished.wait(30), f"only {sorted(replies)} answered"
     finally:
-        worker.stop()
-        worker.join(5)
+        scheduler.stop()
+        scheduler.join(5)
     return backend, replies, superseded
 
 
-def job(rid, seed, owner="a", size=8, mode="batch"):
+def job(rid, seed, owner="a", size=8, mode="batch", backend="rec", passes=()):
     from server.service.jobs import Job
 
     params = RigParams.from_dict({"appearance": {"seed": seed}})
     return Job("render", rid, params, owner=owner, width=size, height=size,
-               backend="rec", mode=mode)
+               backend=backend, mode=mode, passes=tuple(passes))
 
 
 def test_worker_groups_compatible_requests_in_order():
     jobs = [job(i, i, size=8) for i in range(5)] + [job(5, 5, size=16), job(6, 6, size=8)]
-    backend, replies, _ = run_worker(jobs, max_batch=4)
+    backend, replies, _ = run_scheduler(jobs, max_batch=4)
     # Groups: heads of the queue with equal keys, capped at max_batch, never reordered.
     assert backend.calls == [[0, 1, 2, 3], [4], [5], [6]]
     for rid in range(7):
@@ -481,7 +504,7 @@ def test_worker_groups_compatible_requests_in_order():
 
 def test_worker_groups_across_connections_and_isolates_failures():
     jobs = [job(1, 1, owner="a"), job(2, 13, owner="b"), job(3, 3, owner="c")]
-    backend, replies, _ = run_worker(jobs)
+    backend, replies, _ = run_scheduler(jobs)
     assert backend.calls[0] == [1, 13, 3]             # one call for three connections
     assert sorted(backend.calls[1:]) == [[1], [3], [13]]   # retried one by one
     assert replies[2][1].code == protocol.E_RENDER_FAILED
@@ -492,9 +515,71 @@ def test_worker_groups_across_connections_and_isolates_failures():
 
 def test_worker_live_slot_keeps_only_the_newest():
     jobs = [job(i, i, mode="live") for i in range(5)] + [job(9, 9, mode="batch")]
-    backend, replies, superseded = run_worker(jobs)
+    backend, replies, superseded = run_scheduler(jobs)
     assert superseded == [0, 1, 2, 3]
     assert backend.calls == [[4], [9]]                # live before batch, stale never rendered
+
+
+def test_a_batch_holds_at_most_max_batch_bytes_of_replies():
+    # Frames of 32x32 with every pass are 60 KiB of reply each: 3 fit in 200 KB.
+    every = list(protocol.PASSES)
+    jobs = [job(i, i, size=32, passes=every) for i in range(7)]
+    backend, replies, _ = run_scheduler(jobs, max_batch_bytes=200_000)
+    assert backend.calls == [[0, 1, 2], [3, 4, 5], [6]]
+    assert all(error is None for _, error in replies.values())
+
+
+def test_frames_of_a_batch_are_released_as_they_are_sent(monkeypatch):
+    from server.service import worker
+
+    events = []
+    encode = worker.frame_codec.encode_frame
+
+    def recording_encode(header, *args, **kwargs):
+        events.append(("encode", header["id"]))
+        return encode(header, *args, **kwargs)
+
+    monkeypatch.setattr(worker.frame_codec, "encode_frame", recording_encode)
+    run_scheduler([job(i, i) for i in range(3)],
+                  on_answer=lambda answered: events.append(("answer", answered.id)))
+    assert events == [("encode", 0), ("answer", 0), ("encode", 1), ("answer", 1),
+                      ("encode", 2), ("answer", 2)]
+
+
+def test_clients_get_turns_however_many_connections_they_open():
+    # Client "storm" has 5 connections with 3 requests each, client "artist" one request:
+    # with fair queuing the artist waits for at most one of the storm's renders.
+    storm = [job(10 * c + i, 10 * c + i, owner=f"storm{c}", size=8 + c) for c in range(5)
+             for i in range(3)]
+    artist = job(99, 99, owner="artist", size=64)
+    clients = {f"storm{c}": "127.0.0.2" for c in range(5)} | {"artist": "127.0.0.1"}
+    backend, _, _ = run_scheduler(storm + [artist], max_batch=1, clients=clients)
+    order = [seeds[0] for seeds in backend.calls]
+    assert order.index(99) <= 1, order
+
+
+def test_a_live_request_never_waits_behind_another_backends_render():
+    slow, fast = BlockingBackend(), RecordingBackend()
+    scheduler = make_scheduler({"rec": fast, "slow": slow})
+    scheduler.register("batch-client")
+    scheduler.register("artist")
+    scheduler.start(timeout=30)
+    answered = {}
+    try:
+        long_job = job(1, 1, owner="batch-client", backend="slow")
+        long_job.done = lambda j, b, e: answered.setdefault(j.id, threading.Event()).set()
+        scheduler.submit(long_job)
+        assert slow.entered.wait(30)
+        live = job(2, 2, owner="artist", mode="live")
+        arrived = threading.Event()
+        live.done = lambda j, b, e: arrived.set()
+        scheduler.submit(live)
+        assert arrived.wait(30), "the live request waited for the other backend"
+        assert not slow.release.is_set() and fast.calls == [[2]]
+    finally:
+        slow.release.set()
+        scheduler.stop()
+        scheduler.join(5)
 
 
 def parse_reply(buffers) -> tuple[dict, bytes]:

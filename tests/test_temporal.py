@@ -167,14 +167,16 @@ class RecordingBackend(Backend):
 
 
 def test_backends_receive_the_shot_of_each_request():
-    from server.service.scheduler import RenderWorker
+    from server.service.worker import LocalWorker
 
     backend = RecordingBackend()
-    worker = RenderWorker(None, "cpu", "recording", lambda *a: backend)
-    worker.backends["recording"] = backend
+    worker = LocalWorker("recording", lambda: None, "cpu", lambda *a: backend)
     shots = [{"id": "A/Cam", "seed": 5, "frame": f} for f in (1, 2)]
     group = [parse_render(render_header(id=i, backend="recording", shot=shot),
                           ("recording",), "recording", 4, 4) for i, shot in enumerate(shots)]
-    replies = worker._render(group)
-    assert len(replies) == 2 and not any(isinstance(r, RequestError) for r in replies)
+    replies = {}
+    for job in group:
+        job.done = lambda job, buffers, error: replies.__setitem__(job.id, error)
+    worker.execute(group)
+    assert sorted(replies) == [0, 1] and not any(replies.values())
     assert [r.shot for r in backend.seen] == [Shot("A/Cam", 5, 1), Shot("A/Cam", 5, 2)]

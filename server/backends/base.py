@@ -72,10 +72,12 @@ def check_request(index: int, request: RenderRequest) -> None:
 
 class StageTimer:
     """Per-stage milliseconds for ``RenderResult.timings``: ``lap("skin")`` closes the stage
-    that began at the previous lap. Synchronises CUDA so each lap measures its own stage."""
+    that began at the previous lap. Synchronises the current CUDA stream (not the device: the
+    other backends' streams run on) so each lap measures its own stage."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.device = device
         self.times: dict[str, float] = {}
         self.start = self.last = time.perf_counter()
 
@@ -85,7 +87,7 @@ class StageTimer:
 
     def __call__(self, stage: str) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
         now = time.perf_counter()
         self.times[stage] = self.times.get(stage, 0.0) + (now - self.last) * 1e3
         self.last = now

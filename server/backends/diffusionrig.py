@@ -13,8 +13,10 @@ Frames of a shot with ``smooth`` and neighbours get their framing smoothed over 
 Appearance (``params.appearance``):
 
 * ``latent_file``: a saved latent, ``.npy`` or ``.pt`` holding a tensor of shape [64]
-  ([1, 64] accepted); takes precedence over the photo.
-* ``reference_photo``: a photo whose appearance the portrait takes, encoded once per photo
+  ([1, 64] accepted); takes precedence over the photo. A name in the data folder's
+  ``latents/`` (``server.paths.client_file``).
+* ``reference_photo``: a photo (a name in ``photos/``) whose appearance the portrait takes,
+  encoded once per photo
   file (cached by path, size and modification time). A ``resolution``-sized square image
   is taken as already FFHQ-aligned (the form DiffusionRig's data tools write); any other is
   aligned with ``server.photo.align.align_face`` (dlib's 68 landmarks, FFHQ's recipe).
@@ -36,7 +38,6 @@ and previews), ``image`` (x0 to 8-bit frames), ``passes``.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -293,14 +294,16 @@ class DiffusionRigBackend(Backend):
     def _latent(self, model_key, model: DiffusionRig, appearance: Appearance) -> torch.Tensor:
         """z [64] on the device for a request's appearance (see the module notes)."""
         if appearance.latent_file:
-            path = _existing("appearance.latent_file", appearance.latent_file)
+            path = paths.client_file("appearance.latent_file", appearance.latent_file,
+                                     paths.LATENTS)
             key = ("file", file_stamp(path))
             z = self._latents.get(key)
             if z is None:
                 z = self._latents.put(key, load_latent(path).to(self.torch_device))
             return z
         if appearance.reference_photo:
-            path = _existing("appearance.reference_photo", appearance.reference_photo)
+            path = paths.client_file("appearance.reference_photo",
+                                     appearance.reference_photo, paths.PHOTOS)
             key = ("photo", model_key, file_stamp(path))
             z = self._latents.get(key)
             if z is None:
@@ -338,11 +341,6 @@ def load_latent(path: str | Path) -> torch.Tensor:
     return latent
 
 
-def _existing(field: str, name: str) -> Path:
-    path = Path(os.path.expanduser(name))
-    if not path.is_file():
-        raise FileNotFoundError(f"{field}: file not found on the server: {path}")
-    return path.resolve()
 
 
 def _seed(request: RenderRequest) -> int:

@@ -51,7 +51,6 @@ Timings (milliseconds, whole batch): ``identity``, ``rignet``, ``style``, ``synt
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,7 +276,8 @@ class DualStyleGANBackend(Backend):
         """Content W+ [L, C] before RigNet: a photo's embedding, or the seed / latent file."""
         if not appearance.reference_photo:
             return self.rig.identity(appearance)
-        path = _existing("appearance.reference_photo", appearance.reference_photo)
+        path = paths.client_file("appearance.reference_photo", appearance.reference_photo,
+                                     paths.PHOTOS)
         key = ("photo", file_stamp(path), self.photo_truncation)
         w = self.rig.cached(key)
         if w is None:
@@ -296,7 +296,8 @@ class DualStyleGANBackend(Backend):
                 "exemplars": len(family.codes), "layers": family.model.num_ws,
                 "structure_layers": family.model.structure_layers}
         if appearance.style_image:
-            path = _existing("appearance.style_image", appearance.style_image)
+            path = paths.client_file("appearance.style_image", appearance.style_image,
+                                     paths.PHOTOS)
             key = ("image", file_stamp(path))
             info["source"] = "image"
         elif appearance.style_seed is not None:
@@ -376,10 +377,3 @@ def encoder_input(path: Path, field_name: str) -> torch.Tensor:
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
     pixels = pixels.permute(2, 0, 1)[None]
     return F.adaptive_avg_pool2d(pixels, ENCODER_SIZE).contiguous()
-
-
-def _existing(field_name: str, name: str) -> Path:
-    path = Path(os.path.expanduser(name))
-    if not path.is_file():
-        raise FileNotFoundError(f"{field_name}: file not found on the server: {path}")
-    return path.resolve()

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -115,10 +114,8 @@ class RigLatents:
                                         f"{appearance.identity!r} on the server (make one "
                                         "from a photo with an 'invert' request)")
         elif appearance.latent_file:
-            path = Path(os.path.expanduser(appearance.latent_file))
-            if not path.is_file():
-                raise FileNotFoundError(f"appearance.latent_file: file not found on the "
-                                        f"server: {path}")
+            path = paths.client_file("appearance.latent_file", appearance.latent_file,
+                                     paths.LATENTS)
         elif appearance.personal_model and appearance.seed is None:
             pivot = paths.personal_generator(appearance.personal_model).with_name("pivot.npz")
             path = pivot if pivot.is_file() else None

@@ -3,7 +3,7 @@
 Per batch of requests:
 
 1. Identity: every request's W+ latent [num_ws, w_dim] from ``appearance.identity`` (a photo
-   inverted on the server, ``server.inversion``), ``appearance.latent_file``, the pivot of
+   inverted on the server, ``server.inversion``), ``appearance.latent_file`` (a name in the data folder's ``latents/``), the pivot of
    ``appearance.personal_model`` or ``appearance.seed`` (``server.backends.latents``), mapped
    with the generator's mapping network and truncation ``appearance.truncation`` when it is
    a z; kept in an LRU cache. ``appearance.edits`` then adds its W / W+ edit directions

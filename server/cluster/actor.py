@@ -1,6 +1,6 @@
 """The Ray actor that renders: one backend on one device (a GPU Ray assigned, or the CPU).
 
-It runs the scheduler's own execution of a group (``RenderWorker.run``: one backend call per
+It runs the server's own execution of a group (``LocalWorker.execute``: one backend call per
 group, a failing request isolated from the others, frames encoded as wire messages), so a
 frame from the cluster is byte for byte the frame a plain server renders.
 """
@@ -21,7 +21,7 @@ class BackendWorker:
 
         from server.backends import create_backend
         from server.renderer.face_model import FaceModel
-        from server.service.scheduler import RenderWorker
+        from server.service.worker import LocalWorker
 
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.node = ray.get_runtime_context().get_node_id()
@@ -29,9 +29,8 @@ class BackendWorker:
         face_model = FaceModel(face_data, self.device)
         instance = create_backend(backend, face_model, self.device, **options)
         instance.warmup()
-        self.worker = RenderWorker(face_data, self.device, backend,
-                                   lambda name, model, device: instance)
-        self.worker.face_model = face_model
+        self.worker = LocalWorker(backend, lambda: face_model, self.device,
+                                  lambda name, model, device: instance)
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "node": self.node, "device": self.device}
@@ -52,5 +51,5 @@ class BackendWorker:
 
         now = time.perf_counter()
         jobs = [Job(**fields, id=i, done=done, received=now) for i, fields in enumerate(batch)]
-        self.worker.run(jobs)
+        self.worker.execute(jobs)
         return [replies[i] for i in range(len(jobs))]

@@ -143,7 +143,7 @@ class ClusterPool:
         error = RequestError(protocol.E_SHUTTING_DOWN, "the server is shutting down")
         for group in left:
             for job in group.jobs:
-                job.done(job, None, error)
+                job.answer(None, error)
         for thread in self._threads:
             thread.join(2.0)
         self._ray.shutdown()
@@ -164,7 +164,7 @@ class ClusterPool:
                                      f"start on the cluster: {self._failures[backend]}",
                                      "backend")
                 for job in group:
-                    job.done(job, None, error)
+                    job.answer(None, error)
                 return
             entry = _Group(group)
             self._pending.append(entry)
@@ -274,14 +274,14 @@ class ClusterPool:
     def _answer(self, group: _Group, replies: list) -> None:
         for job, reply in zip(group.jobs, replies):
             if reply[0] == "error":
-                job.done(job, None, RequestError(reply[1], reply[2], reply[3]))
+                job.answer(None, RequestError(reply[1], reply[2], reply[3]))
             else:
-                job.done(job, retime(reply[1], job), None)
+                job.answer(retime(reply[1], job))
 
     def _fail(self, group: _Group, message: str) -> None:
         error = RequestError(protocol.E_RENDER_FAILED, message)
         for job in group.jobs:
-            job.done(job, None, error)
+            job.answer(None, error)
 
     def _lost(self, actor: _Actor, error) -> None:
         """Forget a dead actor (lock held); the placer starts another where there is room."""

@@ -7,6 +7,7 @@ sees well-formed jobs.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,6 +19,7 @@ from server.service.frame_codec import DEFAULT_JPEG_QUALITY
 from server.backends.shots import Shot, ShotError, parse_shot
 
 MAX_ID_LENGTH = 128
+_ANSWER = threading.Lock()           # makes ``Job.answer`` exactly-once across threads
 
 
 class RequestError(Exception):
@@ -34,12 +36,14 @@ class RequestError(Exception):
 class Job:
     """One ``render`` or ``vertices`` request on its way through the scheduler.
 
-    ``owner`` is the connection's queue key; ``done(job, buffers, error)`` is called from the
-    worker thread exactly once with the encoded reply (list of buffers) or a RequestError.
+    ``owner`` is the connection's queue key. ``answer(buffers, error)`` delivers the encoded
+    reply (list of buffers) or a RequestError: the first call calls ``done(job, buffers,
+    error)``, later ones do nothing, so a worker and the shutdown path may race to answer.
     A live render with ``previews`` also gets ``preview(job, buffers)`` calls with encoded
     ``preview`` messages before that, and may be cancelled while rendering by a newer live
-    request (``superseded_by`` then holds the newer request's id).
-    Times are ``time.perf_counter()`` seconds.
+    request (``superseded_by`` then holds the newer request's id). Any running job is
+    cancelled when the server stops (``stopping``). Times are ``time.perf_counter()``
+    seconds.
     """
     kind: str                        # "render" | "vertices"
     id: Any
@@ -57,8 +61,10 @@ class Job:
     previews: bool = False
     preview: Callable | None = None
     superseded_by: Any = None
+    stopping: bool = False
     received: float = field(default_factory=time.perf_counter)
     started: float = 0.0
+    answered: bool = False
 
     @property
     def key(self) -> tuple:
@@ -66,6 +72,32 @@ class Job:
         if self.kind == "vertices":
             return ("vertices",)
         return ("render", self.backend, self.width, self.height)
+
+    @property
+    def lane(self) -> str:
+        """The worker that runs it: its backend, or "vertices" (the face model alone)."""
+        return "vertices" if self.kind == "vertices" else self.backend
+
+    @property
+    def reply_bytes(self) -> int:
+        """Upper bound of the reply's payload (what the batch memory budget counts)."""
+        if self.kind == "vertices":
+            return 0
+        return protocol.frame_reply_bytes(self.width, self.height, self.format, self.passes)
+
+    def cancelled(self) -> bool:
+        """True once nobody wants the frame: superseded, or the server is stopping."""
+        return self.superseded_by is not None or self.stopping
+
+    def answer(self, buffers=None, error: RequestError | None = None) -> bool:
+        """Deliver the reply through ``done`` unless the job was answered already; returns
+        whether this call answered it."""
+        with _ANSWER:
+            if self.answered:
+                return False
+            self.answered = True
+        self.done(self, buffers, error)
+        return True
 
 
 def request_id(header: dict):
@@ -116,8 +148,9 @@ def _choice(header: dict, name: str, options: tuple[str, ...], default: str,
 
 
 def parse_render(header: dict, backends: tuple[str, ...], default_backend: str,
-                 n_shape: int, n_expression: int) -> Job:
-    """Validate a ``render`` header (see docs/protocol.md) into a Job."""
+                 n_shape: int, n_expression: int, max_frame_bytes: int | None = None) -> Job:
+    """Validate a ``render`` header (see docs/protocol.md) into a Job. ``max_frame_bytes``
+    bounds ``protocol.frame_reply_bytes`` of the reply (None: no bound)."""
     rid = request_id(header)
     width, height = _side(header, "width"), _side(header, "height")
 
@@ -139,6 +172,13 @@ def parse_render(header: dict, backends: tuple[str, ...], default_backend: str,
                                f"(known: {', '.join(protocol.PASSES)})", f"passes[{i}]")
     if len(set(passes)) != len(passes):
         raise RequestError(protocol.E_BAD_MESSAGE, "passes: names repeated", "passes")
+    size = protocol.frame_reply_bytes(width, height, fmt, passes)
+    if max_frame_bytes is not None and size > max_frame_bytes:
+        raise RequestError(protocol.E_TOO_LARGE, f"{width}x{height} {fmt} with "
+                           f"{len(passes)} pass(es) makes a reply of up to {size} bytes, over "
+                           f"the limit of {max_frame_bytes} (hello.limits.max_frame_bytes): "
+                           "ask for fewer passes or a smaller frame",
+                           "passes" if passes else "width")
 
     mode = _choice(header, "mode", protocol.MODES, "batch")
     previews = header.get("previews")

@@ -1,4 +1,4 @@
-"""Request queues and the render worker of one device.
+"""Request queues, fair queuing across clients, and one render lane per backend.
 
 Each connection owns two queues here:
 
@@ -8,15 +8,19 @@ Each connection owns two queues here:
   progressive backends check between sampler steps and stop, and it is answered
   ``superseded`` (a request without previews completes, so a client editing faster than one
   render takes still gets frames).
-* ``batch``: a FIFO bounded by ``max_queued_batch``. Never dropped, answered in order.
+* ``batch``: a FIFO bounded by ``max_queued_batch``. Never dropped, answered in order: a
+  connection has at most one batch group in flight, whatever its backend.
 
-One worker thread per device owns the backends and the torch face model, so a backend's
-per-device caches need no locks and the event loop never blocks on rendering or encoding.
-The worker serves connections round-robin (within a connection, live before batch) and
-groups compatible jobs - same backend and size, queued at the heads of the queues - into one
-``Backend.render`` call so a GPU backend can batch. Connections whose socket cannot take more
-output are skipped until it drains: their frames would only pile up in memory, and for live
-requests waiting means the newest parameters are rendered once the client can receive them.
+Every backend has a lane of its own - a worker (``server/service/worker.py``) and a thread -
+and posing the face model alone (``vertices``) has one too, so a live preview never waits
+behind a DiffusionRig batch, nor behind a checkpoint being loaded. A lane takes the next job
+for its backend by fair queuing: round-robin over clients (the connections of one address
+count as one client), then over that client's connections, live before batch within a
+connection. With it the lane groups compatible jobs - same ``Job.key``, at the heads of the
+queues - up to ``max_batch`` jobs and ``max_batch_bytes`` of replies (a job alone may be
+larger), into one backend call so a GPU backend can batch. Connections whose unsent output is over its bound are skipped
+until it drains: their frames would only pile up in memory, and for live requests waiting
+means the newest parameters are rendered once the client can receive them.
 """
 
 from __future__ import annotations
@@ -24,15 +28,14 @@ from __future__ import annotations
 import sys
 import threading
 import time
-import traceback
 from collections import deque
-
-import numpy as np
 
 from portrait_rig import protocol
 
-from server.service import frame_codec
 from server.service.jobs import Job, RequestError
+from server.service.worker import LocalWorker
+
+VERTICES = "vertices"
 
 
 class QueueFull(Exception):
@@ -40,58 +43,121 @@ class QueueFull(Exception):
 
 
 class _Queues:
-    __slots__ = ("live", "batch", "blocked", "rendering")
+    """One connection's queues."""
+    __slots__ = ("owner", "client", "live", "batch", "blocked", "rendering", "batch_running")
 
-    def __init__(self):
+    def __init__(self, owner, client):
+        self.owner, self.client = owner, client
         self.live: Job | None = None
         self.batch: deque[Job] = deque()
         self.blocked = False
         self.rendering: Job | None = None       # this connection's live job being rendered
+        self.batch_running = False              # a batch group of this connection in flight
+
+    def head(self, lane: str) -> Job | None:
+        """The job this connection would have ``lane`` render next, if any."""
+        if self.blocked:
+            return None
+        if self.live is not None and self.live.lane == lane:
+            return self.live
+        if self.batch and not self.batch_running and self.batch[0].lane == lane:
+            return self.batch[0]
+        return None
 
 
-class RenderWorker:
-    """Queues for every connection plus the thread that renders them on ``device``.
+class _Lane:
+    """A worker, its thread, its group in flight and its place in the fair-queuing turn."""
+    __slots__ = ("name", "worker", "thread", "running", "last_client", "last_owner")
+
+    def __init__(self, name: str, worker):
+        self.name, self.worker = name, worker
+        self.thread: threading.Thread | None = None
+        self.running: list[Job] = []
+        self.last_client = None
+        self.last_owner: dict = {}
+
+
+class Scheduler:
+    """Queues of every connection and the lanes that render them on ``device``.
 
     ``backend_factory(name, face_model, device)`` builds a backend; ``face_model`` is the
-    torch ``server.renderer.face_model.FaceModel`` created on the worker thread for ``device``.
-    With an ``executor`` (``server.cluster.ClusterPool``) the thread builds neither and hands
-    each group to ``executor.run(group)`` instead, which answers every job exactly once;
-    ``executor.start()`` runs first and ``executor.close()`` after the last group.
+    torch ``server.renderer.face_model.FaceModel`` for ``device``, created once and shared by
+    every lane. ``worker_factory(lane)``, when given, replaces the in-process
+    ``LocalWorker`` (see ``server/service/worker.py`` for the interface);
+    ``backend_files(name)`` lists the files a backend's options name (see
+    ``LocalWorker``).
     """
 
     def __init__(self, face_data, device: str, default_backend: str, backend_factory,
-                 max_queued_batch: int = 64, max_batch: int = 8, log=None, executor=None):
+                 max_queued_batch: int = 64, max_batch: int = 8,
+                 max_batch_bytes: int = 128 << 20, backend_files=None, worker_factory=None,
+                 log=None):
         self.face_data = face_data
         self.device = device
         self.default_backend = default_backend
-        self._backend_factory = backend_factory
         self.max_queued_batch = max_queued_batch
         self.max_batch = max_batch
+        self.max_batch_bytes = max_batch_bytes
         self._log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self._worker_factory = worker_factory or (lambda lane: LocalWorker(
+            lane, self.face_model, device, backend_factory,
+            backend_files(lane) if backend_files else (), self._log))
 
         self._cond = threading.Condition()
         self._queues: dict[object, _Queues] = {}
-        self._order: deque[object] = deque()       # round-robin order of owners
-        self._stopping = False
+        self._clients: dict[object, list] = {}     # client -> its connections, in order
+        self._lanes: dict[str, _Lane] = {}
+        self._started = self._stopping = False
         self._ready = threading.Event()
-        self._startup_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"render-{device}", daemon=True)
-        self.face_model = None
-        self.backends: dict[str, object] = {}
-        self.executor = executor
+        self._face_lock = threading.Lock()
+        self._face_model = None
+
+    def face_model(self):
+        """The device's torch face model (created on first use, by whichever lane asks)."""
+        with self._face_lock:
+            if self._face_model is None:
+                from server.renderer.face_model import FaceModel   # torch: off the event loop
+
+                self._face_model = FaceModel(self.face_data, self.device)
+                if str(self.device).startswith("cuda"):
+                    import torch
+
+                    torch.cuda.synchronize(self.device)     # other lanes' streams read it
+            return self._face_model
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float | None = None) -> None:
-        """Start the thread; returns once the default backend is built and warmed up."""
-        self._thread.start()
-        if not self._ready.wait(timeout):
+        """Start the lanes; returns once the default backend is built and warmed up (raises
+        what prevented it)."""
+        default = self._lane(self.default_backend)
+        errors: list[BaseException] = []
+
+        def warm() -> None:
+            try:
+                default.worker.start()
+            except BaseException as exc:  # noqa: BLE001 - reported to start()
+                errors.append(exc)
+
+        # On a thread of its own so that ``timeout`` holds whatever the backend does.
+        thread = threading.Thread(target=warm, name=f"start-{self.default_backend}",
+                                  daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
             raise TimeoutError(f"the {self.default_backend!r} backend did not start in time")
-        if self._startup_error is not None:
-            raise self._startup_error
+        if errors:
+            raise errors[0]
+        with self._cond:
+            self._started = True
+            self._lane(VERTICES)
+            for lane in self._lanes.values():
+                self._start_thread(lane)
+        self._ready.set()
 
     def stop(self) -> list[Job]:
         """Stop taking jobs; returns the queued ones (never started) for the caller to answer.
-        The group being rendered, if any, completes and is delivered normally."""
+        Jobs being rendered are cancelled: progressive backends stop at their next step and
+        answer ``shutting_down``; the others complete and are delivered."""
         with self._cond:
             self._stopping = True
             dropped = []
@@ -101,32 +167,55 @@ class RenderWorker:
                     queues.live = None
                 dropped.extend(queues.batch)
                 queues.batch.clear()
+            for job in self.running():
+                job.stopping = True
             self._cond.notify_all()
         return dropped
 
     def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        """Wait up to ``timeout`` s in all for the lanes to finish; True when they did."""
+        end = None if timeout is None else time.monotonic() + timeout
+        for lane in list(self._lanes.values()):
+            if lane.thread is not None:
+                lane.thread.join(None if end is None else max(end - time.monotonic(), 0.0))
+        return not any(lane.thread is not None and lane.thread.is_alive()
+                       for lane in self._lanes.values())
+
+    def running(self) -> list[Job]:
+        """The jobs being rendered now, every lane."""
+        return [job for lane in list(self._lanes.values()) for job in list(lane.running)]
 
     # ------------------------------------------------------------------ event-loop side
-    def register(self, owner) -> None:
+    def register(self, owner, client=None) -> None:
+        """A new connection; ``client`` (default: the connection itself) groups the
+        connections that share a fair-queuing turn (one remote address)."""
+        client = owner if client is None else client
         with self._cond:
-            self._queues[owner] = _Queues()
-            self._order.append(owner)
+            self._queues[owner] = _Queues(owner, client)
+            self._clients.setdefault(client, []).append(owner)
 
     def unregister(self, owner) -> list[Job]:
-        """Forget a connection; its queued jobs are dropped and returned."""
+        """Forget a connection; its queued jobs are dropped and returned, its running ones
+        cancelled (nobody is left to receive them)."""
         with self._cond:
             queues = self._queues.pop(owner, None)
             if queues is None:
                 return []
-            self._order.remove(owner)
+            owners = self._clients[queues.client]
+            owners.remove(owner)
+            if not owners:
+                del self._clients[queues.client]
+                for lane in self._lanes.values():
+                    lane.last_owner.pop(queues.client, None)
+            for job in self.running():
+                if job.owner is owner:
+                    job.stopping = True
             return ([queues.live] if queues.live else []) + list(queues.batch)
 
     def submit(self, job: Job) -> Job | None:
-        """Queue a job. Returns the live job it superseded, if any.
-        Raises QueueFull when the connection's batch queue is at its limit and RequestError
-        (shutting_down) once stopping."""
+        """Queue a job. Returns the live job it superseded, if any (not answered: the
+        caller answers it). Raises QueueFull when the connection's batch queue is at its
+        limit and RequestError (shutting_down) once stopping."""
         with self._cond:
             if self._stopping:
                 raise RequestError(protocol.E_SHUTTING_DOWN, "the server is shutting down")
@@ -142,7 +231,8 @@ class RenderWorker:
                     raise QueueFull(f"{self.max_queued_batch} requests already queued on this "
                                     "connection; wait for replies before sending more")
                 queues.batch.append(job)
-            self._cond.notify()
+            self._lane(job.lane)
+            self._cond.notify_all()
             return superseded
 
     def set_blocked(self, owner, blocked: bool) -> None:
@@ -152,195 +242,106 @@ class RenderWorker:
             if queues is not None and queues.blocked != blocked:
                 queues.blocked = blocked
                 if not blocked:
-                    self._cond.notify()
+                    self._cond.notify_all()
 
-    # ------------------------------------------------------------------ worker side
-    def _run(self) -> None:
-        execute = self.run if self.executor is None else self.executor.run
-        try:
-            if self.executor is not None:
-                self.executor.start()
-            else:
-                from server.renderer.face_model import FaceModel   # torch: on the worker's thread
-                self.face_model = FaceModel(self.face_data, self.device)
-                backend = self._backend(self.default_backend)
-                backend.warmup()
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            self._startup_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        while (group := self._next_group()) is not None:
-            execute(group)
-        if self.executor is not None:
-            self.executor.close()
+    # ------------------------------------------------------------------ lanes
+    def _lane(self, name: str) -> _Lane:
+        """The lane of ``name``, created (and started, once the scheduler runs) on first use.
+        Called with the lock held or before the threads start."""
+        lane = self._lanes.get(name)
+        if lane is None:
+            lane = self._lanes[name] = _Lane(name, self._worker_factory(name))
+            if self._started:
+                self._start_thread(lane)
+        return lane
 
-    def run(self, group: list[Job]) -> None:
-        """Render ``group`` (jobs of one key) on the calling thread and answer each job
-        exactly once. ``face_model`` must be set (the worker thread sets it)."""
-        self._execute(group)
+    def _start_thread(self, lane: _Lane) -> None:
+        if lane.thread is None:
+            lane.thread = threading.Thread(target=self._serve, args=(lane,), daemon=True,
+                                           name=f"render-{lane.name}-{self.device}")
+            lane.thread.start()
 
-    def _backend(self, name: str):
-        backend = self.backends.get(name)
-        if backend is None:
-            backend = self._backend_factory(name, self.face_model, self.device)
-            self.backends[name] = backend
-        return backend
+    def _serve(self, lane: _Lane) -> None:
+        self._ready.wait()
+        while (group := self._take(lane)) is not None:
+            try:
+                lane.worker.execute(group)
+            finally:
+                self._finished(lane, group)
+        lane.worker.close()
 
-    def _next_group(self) -> list[Job] | None:
-        """Block until work is available; take the next job and the compatible ones queued
-        at the heads of the queues (per-connection order preserved)."""
+    def _take(self, lane: _Lane) -> list[Job] | None:
+        """Block until this lane has work; take the next group (None once stopping)."""
         with self._cond:
             while True:
                 if self._stopping:
                     return None
-                for _ in range(len(self._order)):
-                    owner = self._order[0]
-                    self._order.rotate(-1)
-                    queues = self._queues[owner]
-                    if not queues.blocked and (queues.live or queues.batch):
-                        return self._collect(owner)
+                first = self._pick(lane)
+                if first is not None:
+                    lane.running = self._collect(lane, first)
+                    return lane.running
                 self._cond.wait()
 
-    def _collect(self, first_owner) -> list[Job]:
-        queues = self._queues[first_owner]
-        live = queues.live is not None
-        key = (queues.live or queues.batch[0]).key
+    def _pick(self, lane: _Lane) -> _Queues | None:
+        """Fair queuing: the next client after the one this lane served last that has work
+        for it, and within that client the next connection after its last one."""
+        clients = list(self._clients)
+        start = clients.index(lane.last_client) + 1 if lane.last_client in self._clients else 0
+        for i in range(len(clients)):
+            client = clients[(start + i) % len(clients)]
+            owners = self._clients[client]
+            last = lane.last_owner.get(client)
+            first = owners.index(last) + 1 if last in owners else 0
+            for j in range(len(owners)):
+                queues = self._queues[owners[(first + j) % len(owners)]]
+                if queues.head(lane.name) is not None:
+                    lane.last_client, lane.last_owner[client] = client, queues.owner
+                    return queues
+        return None
+
+    def _collect(self, lane: _Lane, first: _Queues) -> list[Job]:
+        """The chosen head plus compatible heads of the other connections (same key, live
+        with live, batch with batch), within ``max_batch`` jobs and ``max_batch_bytes``."""
+        head = first.head(lane.name)
+        live, key = head is first.live, head.key
         group: list[Job] = []
-        # Start with the chosen connection, then the others in round-robin order.
-        for owner in [first_owner, *(o for o in self._order if o is not first_owner)]:
-            q = self._queues[owner]
-            if q.blocked:
+        nbytes = 0
+
+        def fits(job: Job) -> bool:
+            return not group or (len(group) < self.max_batch
+                                 and nbytes + job.reply_bytes <= self.max_batch_bytes)
+
+        for queues in [first, *(q for q in self._queues.values() if q is not first)]:
+            if queues.blocked:
                 continue
             if live:
-                if q.live is not None and q.live.key == key and len(group) < self.max_batch:
-                    group.append(q.live)
-                    q.rendering, q.live = q.live, None
-            else:
-                while q.batch and q.batch[0].key == key and len(group) < self.max_batch:
-                    group.append(q.batch.popleft())
+                job = queues.live
+                if job is not None and job.key == key and fits(job):
+                    group.append(job)
+                    nbytes += job.reply_bytes
+                    queues.rendering, queues.live = job, None
+            elif not queues.batch_running:
+                taken = False
+                while queues.batch and queues.batch[0].key == key and fits(queues.batch[0]):
+                    job = queues.batch.popleft()
+                    group.append(job)
+                    nbytes += job.reply_bytes
+                    taken = True
+                queues.batch_running = taken
         now = time.perf_counter()
         for job in group:
             job.started = now
         return group
 
-    def _execute(self, group: list[Job]) -> None:
-        try:
-            if group[0].kind == "vertices":
-                replies = self._vertices(group)
-            else:
-                replies = self._render(group)
-        except Exception as exc:  # noqa: BLE001 - the worker must survive anything
-            self._log_exception(exc)
-            error = RequestError(protocol.E_RENDER_FAILED, f"{type(exc).__name__}: {exc}")
-            replies = [error] * len(group)
+    def _finished(self, lane: _Lane, group: list[Job]) -> None:
         with self._cond:
-            # From here on no request can cancel these jobs: a job is superseded exactly
-            # when it was marked while rendering, whatever the backend returned.
             for job in group:
                 queues = self._queues.get(job.owner)
-                if queues is not None and queues.rendering is job:
+                if queues is None:
+                    continue
+                if queues.rendering is job:
                     queues.rendering = None
-        for i, job in enumerate(group):
-            if job.superseded_by is not None:
-                replies[i] = [protocol.encode_header({"type": "superseded", "id": job.id,
-                                                      "by": job.superseded_by})]
-            elif replies[i] is None:
-                replies[i] = RequestError(protocol.E_RENDER_FAILED,
-                                          "the backend stopped without a cancellation")
-        for job, reply in zip(group, replies):
-            if isinstance(reply, RequestError):
-                job.done(job, None, reply)
-            else:
-                job.done(job, reply, None)
-
-    def _render(self, group: list[Job]) -> list:
-        from server.backends.base import BackendUnavailable, RenderCancelled, RenderRequest
-
-        try:
-            backend = self._backend(group[0].backend)
-        except BackendUnavailable as exc:       # says what to do; no traceback to show
-            return [RequestError(protocol.E_BACKEND_UNAVAILABLE, str(exc), "backend")] * len(group)
-        except Exception as exc:  # noqa: BLE001
-            self._log_exception(exc)
-            error = RequestError(protocol.E_RENDER_FAILED, f"backend {group[0].backend!r} "
-                                 f"could not start: {type(exc).__name__}: {exc}", "backend")
-            return [error] * len(group)
-
-        requests = [RenderRequest(j.params, j.width, j.height, j.passes, j.shot)
-                    for j in group]
-        for job, request in zip(group, requests):
-            if job.previews:
-                request.on_preview = self._previewer(job)
-                request.cancelled = lambda job=job: job.superseded_by is not None
-        t0 = time.perf_counter()
-        try:
-            results = backend.render(requests)
-            if len(results) != len(requests):
-                raise RuntimeError(f"backend returned {len(results)} results "
-                                   f"for {len(requests)} requests")
-        except RenderCancelled:
-            return [None] * len(group)          # every job was superseded (see _execute)
-        except Exception as exc:  # noqa: BLE001
-            if len(group) > 1:      # isolate the failing request; the others still render
-                return [r for job in group for r in self._render([job])]
-            self._log_exception(exc)
-            return [RequestError(protocol.E_RENDER_FAILED, f"{type(exc).__name__}: {exc}")]
-        render_ms = (time.perf_counter() - t0) * 1e3
-        return [self._encode(job, result, render_ms, len(group))
-                for job, result in zip(group, results)]
-
-    def _previewer(self, job: Job):
-        """``RenderRequest.on_preview`` for ``job``: encodes a ``preview`` message (the frame's
-        layout without passes) and hands it to the connection."""
-        def on_preview(step: int, steps: int, result) -> None:
-            header = {"type": "preview", "id": job.id, "width": job.width,
-                      "height": job.height, "format": job.format, "backend": job.backend,
-                      "mode": job.mode, "step": step, "steps": steps}
-            timings = {name: round(float(ms), 3) for name, ms in result.timings.items()}
-            try:
-                buffers = frame_codec.encode_frame(header, result.image, {}, (), job.format,
-                                                   job.quality, lambda: timings)
-            except frame_codec.EncodeError as exc:
-                self._log(f"preview {step}/{steps} of request {job.id!r} dropped: {exc}")
-                return
-            if job.preview is not None:
-                job.preview(job, buffers)
-        return on_preview
-
-    def _encode(self, job: Job, result, render_ms: float, batch_size: int):
-        encode_start = time.perf_counter()
-
-        def timings() -> dict:
-            # The backend's own stages, then the server's (reserved names, they win).
-            now = time.perf_counter()
-            out = {name: round(float(ms), 3) for name, ms in result.timings.items()}
-            out.update(queue=round((job.started - job.received) * 1e3, 3),
-                       render=round(render_ms, 3),
-                       pack=round((now - encode_start) * 1e3, 3),
-                       total=round((now - job.received) * 1e3, 3))
-            return out
-
-        header = {"type": "frame", "id": job.id, "width": job.width, "height": job.height,
-                  "format": job.format, "backend": job.backend, "mode": job.mode,
-                  "batch_size": batch_size}
-        if result.info:
-            header["info"] = result.info
-        try:
-            return frame_codec.encode_frame(header, result.image, result.passes, job.passes,
-                                            job.format, job.quality, timings)
-        except frame_codec.EncodeError as exc:
-            return RequestError(protocol.E_RENDER_FAILED, str(exc))
-
-    def _vertices(self, group: list[Job]) -> list:
-        import torch
-
-        with torch.inference_mode():
-            verts, _ = self.face_model.pose_params([job.params for job in group])
-        verts = verts.detach().to("cpu", torch.float32).numpy()
-        return [frame_codec.encode_vertices({"type": "vertices", "id": job.id},
-                                            np.ascontiguousarray(v))
-                for job, v in zip(group, verts)]
-
-    def _log_exception(self, exc: BaseException) -> None:
-        self._log("".join(traceback.format_exception(exc)).rstrip())
+                if job.mode != "live" or job.kind != "render":
+                    queues.batch_running = False
+            lane.running = []
+            self._cond.notify_all()
