@@ -370,11 +370,12 @@ def test_a_latent_file_written_from_a_photo_renders_like_the_photo(home, tmp_pat
     from server.photo.latent import main
 
     checkpoint = home / "diffusionrig" / "model.safetensors"
-    assert main([str(home / "photo.png"), "--out", str(tmp_path / "z.npy"), "--checkpoint",
+    assert main([str(home / "photos" / "photo.png"), "--out", str(tmp_path / "z.npy"),
+                 "--checkpoint",
                  str(checkpoint), "--resolution", str(RESOLUTION)]) == 0
     model = load_diffusionrig(checkpoint, None, "cpu", RESOLUTION)
     with torch.no_grad():
-        expected = model.encode(encoder_input(home / "photo.png", RESOLUTION))[0]
+        expected = model.encode(encoder_input(home / "photos" / "photo.png", RESOLUTION))[0]
     np.testing.assert_allclose(np.load(tmp_path / "z.npy"), expected.numpy(), atol=1e-6)
     assert main([str(home / "latent.npy"), "--out", str(tmp_path / "bad.npy"),
                  "--checkpoint", str(checkpoint)]) == 1

@@ -34,7 +34,14 @@ def face_model():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, face_model):
-    return write_style_home(tmp_path_factory.mktemp("home"), face_model.data.n_expression)
+    """The style folder, and the photos requests name, in a folder the server allows
+    (requests name files only inside the data folder or allowed folders)."""
+    from server import paths
+
+    written = write_style_home(tmp_path_factory.mktemp("home"), face_model.data.n_expression)
+    paths.allow_folders({str(written["style"].parent), str(written["photo"].parent)})
+    yield written
+    paths.allow_folders(())
 
 
 @pytest.fixture(scope="module")

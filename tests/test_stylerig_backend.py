@@ -374,7 +374,7 @@ def test_a_rignet_for_another_generator_or_face_model_is_refused(files, face_mod
 
     def make(name):
         return create_backend("stylerig", face_model, "cpu", generator=str(files["sg2"]),
-                              rignet=str(tmp_path / name))
+                              rignet=str(tmp_path / name), framing="rig")
 
     assert make("ok.safetensors").rignet is not None
     with pytest.raises(ValueError, match=r"trained for the generator 'ffhq.pkl'.*not sg2.pkl.*"
