@@ -13,13 +13,20 @@ interactive path: each request waits for its frame. Per size it prints p50/p95 o
 plus the ping round trip. Targets: p50 round trip <= 25 ms at 512 px, p50 overhead <= 3 ms.
 Figures on a shared 2-core VM vary by +-20%: compare runs on the same machine.
 
+``--busy`` then measures how the preview degrades when another process keeps one core busy
+(as Blender does while it evaluates a scene): blocks of ``--count`` frames alternate quiet
+and with a busy-looping process beside the server (``--blocks`` of each), and the ratio of
+the two round-trip p50s comes from that one run. Target: at most 1.5.
+
     python bench/bench_roundtrip.py [--sizes 256 512] [--count 200] [--device cpu] [--model demo]
+                                    [--busy --blocks 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,6 +68,22 @@ def measure(client: Client, size: int, count: int, warmup: int) -> dict[str, lis
     return out
 
 
+def busy_ratio(client: Client, size: int, count: int, blocks: int) -> dict[str, float]:
+    """Round-trip p50 quiet and with one busy-looping process, alternating blocks."""
+    quiet, busy = [], []
+    for block in range(blocks):
+        quiet += measure(client, size, count, warmup=5)["round trip"]
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.2)
+            busy += measure(client, size, count, warmup=5)["round trip"]
+        finally:
+            spinner.kill()
+            spinner.wait()
+    return {"quiet": percentile(quiet, 50), "busy": percentile(busy, 50),
+            "busy p95": percentile(busy, 95), "quiet p95": percentile(quiet, 95)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -69,6 +92,9 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backend", default="preview")
     ap.add_argument("--model", default="demo", help="face model source (demo or a file)")
+    ap.add_argument("--busy", action="store_true",
+                    help="also measure the p50 ratio with one core kept busy")
+    ap.add_argument("--blocks", type=int, default=3, help="--busy: blocks of each kind")
     args = ap.parse_args()
 
     with ServerProcess("--backend", args.backend, "--model", args.model,
@@ -88,6 +114,14 @@ def main() -> int:
                 for name, values in measure(client, size, args.count, args.warmup).items():
                     print(f"{size:>5} {name:<15} {percentile(values, 50):8.2f} "
                           f"{percentile(values, 95):8.2f} {statistics.fmean(values):8.2f}")
+            if args.busy:
+                print(f"one busy core beside the server, {args.blocks} alternating blocks of "
+                      f"{args.count} frames each:")
+                for size in args.sizes:
+                    r = busy_ratio(client, size, args.count, args.blocks)
+                    print(f"{size:>5} round trip p50 quiet {r['quiet']:.2f} ms, busy "
+                          f"{r['busy']:.2f} ms: ratio {r['busy'] / r['quiet']:.2f} (p95 quiet "
+                          f"{r['quiet p95']:.2f}, busy {r['busy p95']:.2f})")
     return 0
 
 

@@ -8,8 +8,7 @@ import torch
 
 from server.checkpoints.stylegan import load_generator
 from server.models import StyleGAN2Config, StyleGAN2Generator
-from server.models.ops import setup_filter, upfirdn2d
-from server.models.stylegan2 import modulated_conv2d
+from server.models.ops import modulated_conv2d, setup_filter, upfirdn2d
 from tests.stylegan_fixtures import DATA, TINY_SG2, official_keys, random_generator
 
 
@@ -52,17 +51,25 @@ def test_batch_of_two_equals_two_singles():
 
 def test_modulated_conv_paths_agree_in_float32_and_float16():
     """Fused (per-sample kernels) and unfused (scaled activations) modulation, with 2x
-    upsampling and noise; float16 inputs (CUDA fp16 blocks) stay float16 and close."""
+    upsampling; float16 inputs (CUDA fp16 blocks) stay float16 and close; both equal the
+    definition (per-sample demodulated kernels on the zero-stuffed input, then the blur)."""
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 8, 8, 8, generator=g), torch.randn(4, 8, 3, 3, generator=g)
-    styles, noise = torch.randn(2, 8, generator=g) + 1, torch.randn(16, 16, generator=g)
-    kwargs = dict(noise=noise, up=2, padding=1, resample_filter=setup_filter())
-    ref = modulated_conv2d(x, w, styles, fused=True, **kwargs)
+    styles = torch.randn(2, 8, generator=g) + 1
+    blur = setup_filter()
+    ref = modulated_conv2d(x, w, styles, up=2, blur=blur, fused=True)
     assert ref.shape == (2, 4, 16, 16)
+    kernels = w[None] * styles[:, None, :, None, None]
+    kernels = kernels / kernels.square().sum(dim=[2, 3, 4], keepdim=True).sqrt()
+    for n in range(2):  # transposed conv = correlation of the zero-stuffed, padded input
+        stuffed = upfirdn2d(x[n:n + 1], None, up=2, padding=(2, 1, 2, 1))
+        conv = torch.nn.functional.conv2d(stuffed, kernels[n].flip([2, 3]))
+        want = upfirdn2d(conv, blur, padding=(1, 1, 1, 1), gain=4)
+        torch.testing.assert_close(ref[n:n + 1], want, atol=1e-5, rtol=0)
     for fused in (True, False):
-        out = modulated_conv2d(x, w, styles, fused=fused, **kwargs)
+        out = modulated_conv2d(x, w, styles, up=2, blur=blur, fused=fused)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-        half = modulated_conv2d(x.half(), w, styles, fused=fused, **kwargs)
+        half = modulated_conv2d(x.half(), w, styles, up=2, blur=blur, fused=fused)
         assert half.dtype == torch.float16
         torch.testing.assert_close(half.float(), ref, atol=0.01 * ref.abs().max().item(), rtol=0)
 

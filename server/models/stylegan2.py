@@ -25,11 +25,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from server.models.ops import (SQRT2, FullyConnectedLayer, bias_act, normalize_2nd_moment, setup_filter,
-                  upfirdn2d, upsample2d)
+from server.models.ops import (SQRT2, FullyConnectedLayer, bias_act, modulated_conv2d,
+                               normalize_2nd_moment, setup_filter, upsample2d)
 
 NOISE_MODES = ("const", "random", "none")
 
@@ -107,88 +106,32 @@ class MappingNetwork(nn.Module):
         self.num_ws, self.num_layers = num_ws, num_layers
         if c_dim > 0:
             self.embed = FullyConnectedLayer(c_dim, w_dim)
-        features = [z_dim + (w_dim if c_dim > 0 else 0)] + [w_dim] * num_layers
+        width = z_dim + (w_dim if c_dim > 0 else 0)
         for i in range(num_layers):
-            fc = FullyConnectedLayer(features[i], features[i + 1], "lrelu", lr_multiplier)
-            setattr(self, f"fc{i}", fc)
+            setattr(self, f"fc{i}", FullyConnectedLayer(width, w_dim, "lrelu", lr_multiplier))
+            width = w_dim
         self.register_buffer("w_avg", torch.zeros([w_dim]))
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None, truncation_psi: float = 1.0,
                 truncation_cutoff: int | None = None) -> torch.Tensor:
         if z.ndim != 2 or z.shape[1] != self.z_dim:
             raise ValueError(f"z must be [batch, {self.z_dim}], got {list(z.shape)}")
-        x = normalize_2nd_moment(z.to(torch.float32))
+        inputs = [normalize_2nd_moment(z.to(torch.float32))]
         if self.c_dim > 0:
             if c is None or c.shape != (z.shape[0], self.c_dim):
                 got = None if c is None else list(c.shape)
                 raise ValueError(f"c must be [{z.shape[0]}, {self.c_dim}] for this conditional "
                                  f"generator, got {got}")
-            x = torch.cat([x, normalize_2nd_moment(self.embed(c.to(torch.float32)))], dim=1)
+            inputs.append(normalize_2nd_moment(self.embed(c.to(torch.float32))))
+        w = torch.cat(inputs, dim=1)
         for i in range(self.num_layers):
-            x = getattr(self, f"fc{i}")(x)
-        x = x.unsqueeze(1).repeat([1, self.num_ws, 1])
-        if truncation_psi != 1:
-            cutoff = self.num_ws if truncation_cutoff is None else truncation_cutoff
-            x[:, :cutoff] = self.w_avg.lerp(x[:, :cutoff], truncation_psi)
-        return x
-
-
-def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor | None, up: int, padding: int,
-                    groups: int = 1) -> torch.Tensor:
-    """Correlate x [N, G*I, H, W] with w [G*O, I, k, k] (as ``F.conv2d``, ``padding`` on each
-    side). With up > 1 the input is first upsampled: a strided transposed convolution inserts
-    the zeros and applies w, the FIR filter f [kf, kf] (gain up^2) removes the spectral images.
-    Output [N, G*O, H*up + 2*padding - k + 1, same for W]."""
-    if up == 1:
-        return F.conv2d(x, w, padding=padding, groups=groups)
-    out_channels, in_per_group, k, _ = w.shape
-    w = w.reshape(groups, out_channels // groups, in_per_group, k, k).transpose(1, 2)
-    w = w.reshape(groups * in_per_group, out_channels // groups, k, k)
-    x = F.conv_transpose2d(x, w, stride=up, groups=groups)
-    kf = f.shape[-1]
-    p0 = padding + (kf + up - 1) // 2 - (k - 1)
-    p1 = padding + (kf - up) // 2 - (k - up)
-    return upfirdn2d(x, f, padding=(p0, p1, p0, p1), gain=up ** 2)
-
-
-def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor,
-                     noise: torch.Tensor | None = None, up: int = 1, padding: int = 0,
-                     resample_filter: torch.Tensor | None = None, demodulate: bool = True,
-                     fused: bool = True) -> torch.Tensor:
-    """StyleGAN2 modulated convolution.
-
-    x [N, I, H, W], weight [O, I, k, k], styles [N, I]. Each sample's kernel is
-    weight * styles (scaled along I), demodulated to unit L2 norm per output channel.
-    ``fused`` runs one grouped convolution with per-sample kernels; otherwise x is scaled
-    by styles before and by the demodulation coefficients after a shared convolution
-    (what the official code does for fp16 batches). ``noise`` (broadcastable to the output)
-    is added after demodulation.
-    """
-    batch = x.shape[0]
-    out_channels, in_channels, kh, kw = weight.shape
-    if x.dtype == torch.float16 and demodulate:
-        # Keep float16 intermediates in range; demodulation cancels both scales.
-        max_abs = weight.norm(float("inf"), dim=[1, 2, 3], keepdim=True)
-        weight = weight * (1 / math.sqrt(in_channels * kh * kw) / max_abs)
-        styles = styles / styles.norm(float("inf"), dim=1, keepdim=True)
-    w = dcoefs = None
-    if demodulate or fused:
-        w = weight.unsqueeze(0) * styles.reshape(batch, 1, -1, 1, 1)  # [N, O, I, k, k]
-    if demodulate:
-        dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()  # [N, O]
-    if not fused:
-        x = x * styles.to(x.dtype).reshape(batch, -1, 1, 1)
-        x = conv2d_resample(x, weight.to(x.dtype), resample_filter, up, padding)
-        if demodulate:
-            x = x * dcoefs.to(x.dtype).reshape(batch, -1, 1, 1)
-        return x if noise is None else x + noise.to(x.dtype)
-    if demodulate:
-        w = w * dcoefs.reshape(batch, -1, 1, 1, 1)
-    x = x.reshape(1, -1, *x.shape[2:])
-    w = w.reshape(-1, in_channels, kh, kw).to(x.dtype)
-    x = conv2d_resample(x, w, resample_filter, up, padding, groups=batch)
-    x = x.reshape(batch, -1, *x.shape[2:])
-    return x if noise is None else x + noise.to(x.dtype)
+            w = getattr(self, f"fc{i}")(w)
+        ws = w[:, None].expand(-1, self.num_ws, -1)
+        if truncation_psi == 1:
+            return ws.contiguous()
+        cutoff = self.num_ws if truncation_cutoff is None else truncation_cutoff
+        truncated = torch.arange(self.num_ws, device=w.device)[:, None] < cutoff
+        return torch.where(truncated, self.w_avg + truncation_psi * (ws - self.w_avg), ws)
 
 
 class SynthesisLayer(nn.Module):
@@ -211,18 +154,23 @@ class SynthesisLayer(nn.Module):
             self.register_buffer("noise_const", torch.randn([resolution, resolution]))
         self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
 
+    def noise(self, x: torch.Tensor, noise_mode: str) -> torch.Tensor | None:
+        """Per-pixel noise [N or 1, 1, r, r] scaled by ``noise_strength``, or None."""
+        if not self.use_noise or noise_mode == "none":
+            return None
+        if noise_mode == "const":
+            return self.noise_strength * self.noise_const
+        r = self.resolution
+        return self.noise_strength * torch.randn([x.shape[0], 1, r, r], device=x.device)
+
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "const",
                 fused: bool = True) -> torch.Tensor:
-        noise = None
-        if self.use_noise and noise_mode == "random":
-            shape = [x.shape[0], 1, self.resolution, self.resolution]
-            noise = torch.randn(shape, device=x.device) * self.noise_strength
-        elif self.use_noise and noise_mode == "const":
-            noise = self.noise_const * self.noise_strength
-        x = modulated_conv2d(x, self.weight, self.affine(w), noise=noise, up=self.up,
-                             padding=self.padding, resample_filter=self.resample_filter,
-                             fused=fused)
-        return bias_act(x, self.bias.to(x.dtype), slope=0.2, gain=SQRT2, clamp=self.conv_clamp)
+        y = modulated_conv2d(x, self.weight, self.affine(w), padding=self.padding, up=self.up,
+                             blur=self.resample_filter, fused=fused)
+        noise = self.noise(y, noise_mode)
+        if noise is not None:
+            y = y + noise.to(y.dtype)
+        return bias_act(y, self.bias.to(y.dtype), slope=0.2, gain=SQRT2, clamp=self.conv_clamp)
 
 
 class ToRGBLayer(nn.Module):
@@ -235,12 +183,12 @@ class ToRGBLayer(nn.Module):
         self.weight = nn.Parameter(torch.randn([out_channels, in_channels, 1, 1]))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
         self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
-        self.weight_gain = 1 / math.sqrt(in_channels)
+        self.style_scale = 1 / math.sqrt(in_channels)  # the 1x1 kernel's fan-in
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, fused: bool = True) -> torch.Tensor:
-        styles = self.affine(w) * self.weight_gain
-        x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused=fused)
-        return bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
+        y = modulated_conv2d(x, self.weight, self.affine(w), demodulate=False,
+                             gain=self.style_scale, fused=fused)
+        return bias_act(y, self.bias.to(y.dtype), clamp=self.conv_clamp)
 
 
 class SynthesisBlock(nn.Module):
@@ -265,20 +213,21 @@ class SynthesisBlock(nn.Module):
         self.num_conv = 1 if in_channels == 0 else 2
 
     def forward(self, x, img, ws, noise_mode="const", force_fp32=False, fused_modconv=None):
-        fp16 = self.use_fp16 and not force_fp32 and ws.device.type == "cuda"
-        dtype = torch.float16 if fp16 else torch.float32
-        fused = fused_modconv
-        if fused is None:  # float16 per-sample kernels risk overflow: scale activations instead
-            fused = not self.training and (dtype == torch.float32 or ws.shape[0] == 1)
-        w_iter = iter(ws.unbind(dim=1))
+        half = self.use_fp16 and not force_fp32 and ws.device.type == "cuda"
+        dtype = torch.float16 if half else torch.float32
+        if fused_modconv is None:
+            # Per-sample float16 kernels of a batch risk overflow: scale activations instead.
+            fused_modconv = not self.training and (not half or ws.shape[0] == 1)
+        convs = [self.conv1] if self.in_channels == 0 else [self.conv0, self.conv1]
         if self.in_channels == 0:
-            x = self.const.to(dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
-        else:
-            x = self.conv0(x.to(dtype), next(w_iter), noise_mode, fused)
-        x = self.conv1(x, next(w_iter), noise_mode, fused)
-        y = self.torgb(x, next(w_iter), fused).to(torch.float32)
-        img = y if img is None else upsample2d(img, self.resample_filter) + y
-        return x, img
+            x = self.const.expand(ws.shape[0], -1, -1, -1)
+        x = x.to(dtype)
+        for conv, w in zip(convs, ws.unbind(dim=1)):
+            x = conv(x, w, noise_mode, fused_modconv)
+        rgb = self.torgb(x, ws[:, -1], fused_modconv).to(torch.float32)
+        if img is not None:
+            rgb = rgb + upsample2d(img, self.resample_filter)
+        return x, rgb
 
 
 class SynthesisNetwork(nn.Module):
@@ -306,12 +255,11 @@ class SynthesisNetwork(nn.Module):
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
         ws = ws.to(torch.float32)
         x = img = None
-        w_idx = 0
         for res in self.block_resolutions:
             block = getattr(self, f"b{res}")
-            block_ws = ws.narrow(1, w_idx, block.num_conv + 1)
-            x, img = block(x, img, block_ws, noise_mode, force_fp32, fused_modconv)
-            w_idx += block.num_conv
+            first = max(2 * int(math.log2(res)) - 5, 0)
+            x, img = block(x, img, ws[:, first:first + block.num_conv + 1], noise_mode,
+                           force_fp32, fused_modconv)
         return img
 
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from server.models.ops import SQRT2, FullyConnectedLayer, filtered_lrelu, kaiser_lowpass
+from server.models.ops import (SQRT2, FullyConnectedLayer, filtered_lrelu, filtered_lrelu_fused,
+                               kaiser_lowpass, modulated_conv2d)
 from server.models.stylegan2 import NOISE_MODES, MappingNetwork
 
 
@@ -135,35 +135,25 @@ def set_transform(G: nn.Module, angle_rad: float = 0.0, tx: float = 0.0, ty: flo
     transform.copy_(torch.from_numpy(np.linalg.inv(make_transform(angle_rad, tx, ty))))
 
 
-def modulated_conv2d(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, demodulate: bool = True,
-                     padding: int = 0, input_gain: torch.Tensor | None = None) -> torch.Tensor:
-    """StyleGAN3 modulated convolution: x [N, I, H, W], w [O, I, k, k], s [N, I] -> [N, O, H', W'].
-
-    With demodulation, w is first normalised per output channel and s by its RMS over the
-    whole batch (numerical range only: demodulation cancels both). ``input_gain`` ([] or
-    [N, I]) scales the input channels (1 / RMS of the expected input magnitude).
-    """
-    batch, in_channels = x.shape[0], w.shape[1]
-    if demodulate:
-        w = w * w.square().mean([1, 2, 3], keepdim=True).rsqrt()
-        s = s * s.square().mean().rsqrt()
-    w = w.unsqueeze(0) * s[:, None, :, None, None]  # [N, O, I, k, k]
-    if demodulate:
-        w = w * (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()[:, :, None, None, None]
-    if input_gain is not None:
-        w = w * input_gain.expand(batch, in_channels)[:, None, :, None, None]
-    x = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]).to(x.dtype),
-                 padding=padding, groups=batch)
-    return x.reshape(batch, -1, *x.shape[2:])
+def set_fused_lrelu(G: nn.Module, enabled: bool = True) -> None:
+    """Run every synthesis layer's filtered leaky ReLU through ``filtered_lrelu_fused``
+    (``torch.compile``; the first frame pays the compilation) or, disabled, the plain ops."""
+    for name in G.synthesis.layer_names:
+        getattr(G.synthesis, name).fused_lrelu = bool(enabled)
 
 
 class SynthesisInput(nn.Module):
-    """Fourier features: w [N, w_dim] -> [N, channels, size, size].
+    """Fourier features (paper Sec. 3.1, App. D): w [N, w_dim] -> [N, channels, size, size].
 
-    ``freqs`` [C, 2] (cycles per image width, radius < bandwidth) and ``phases`` [C] are
-    fixed; ``affine(w)`` = (cos, sin, tx, ty) gives a per-sample rotation and translation,
-    composed with the user ``transform``. Frequencies that the transform pushes out of band
-    fade out. The grid samples ``size`` pixels at ``sampling_rate`` per unit, centred on 0.
+    Channel c at image point p is a_c sin(2 pi (f_c . q(p) + phi_c)), mixed across channels by
+    ``weight`` / sqrt(channels). ``freqs`` f_c [C, 2] (cycles per unit, inside the disc of
+    radius ``bandwidth``) and ``phases`` phi_c [C] are fixed. The feature coordinates are
+    q(p) = R (U p - t): U the user ``transform`` (an affine [3, 3] from output to feature
+    coordinates, see ``set_transform``), R and t the rotation (cos, sin) and translation
+    (t_x, t_y) given by ``affine(w)`` once (cos, sin) is normalised to unit length (t is
+    divided by the same length). The amplitude a_c fades a frequency out linearly as the
+    transformed |f_c| goes from ``bandwidth`` to sampling_rate / 2. Pixel centres sit at
+    (i + 1/2 - size/2) / sampling_rate on both axes (x right, y down).
     """
 
     def __init__(self, w_dim: int, channels: int, size: int, sampling_rate: float,
@@ -171,9 +161,10 @@ class SynthesisInput(nn.Module):
         super().__init__()
         self.channels, self.size = channels, int(size)
         self.sampling_rate, self.bandwidth = float(sampling_rate), float(bandwidth)
-        freqs = torch.randn([channels, 2])
-        radii = freqs.square().sum(dim=1, keepdim=True).sqrt()
-        freqs = freqs / (radii * radii.square().exp().pow(0.25)) * bandwidth
+        # Uniform on the disc |f| < bandwidth: uniform angle, radius bandwidth * sqrt(U(0, 1)).
+        angle = torch.rand([channels]) * (2 * math.pi)
+        radius = bandwidth * torch.rand([channels]).sqrt()
+        freqs = torch.stack([angle.cos(), angle.sin()], dim=1) * radius[:, None]
         self.weight = nn.Parameter(torch.randn([channels, channels]))
         self.register_buffer("transform", torch.eye(3, 3))
         self.register_buffer("freqs", freqs)
@@ -181,30 +172,26 @@ class SynthesisInput(nn.Module):
         self.affine = FullyConnectedLayer(w_dim, 4, weight_init=0, bias_init=[1, 0, 0, 0])
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        batch, device = w.shape[0], w.device
-        t = self.affine(w)  # (r_c, r_s, t_x, t_y)
-        t = t / t[:, :2].norm(dim=1, keepdim=True)
-        rotate = torch.eye(3, device=device).repeat([batch, 1, 1])
-        rotate[:, 0, 0], rotate[:, 0, 1] = t[:, 0], -t[:, 1]
-        rotate[:, 1, 0], rotate[:, 1, 1] = t[:, 1], t[:, 0]
-        translate = torch.eye(3, device=device).repeat([batch, 1, 1])
-        translate[:, 0, 2], translate[:, 1, 2] = -t[:, 2], -t[:, 3]
-        transforms = rotate @ translate @ self.transform.unsqueeze(0)  # [N, 3, 3]
+        params = self.affine(w)
+        params = params / params[:, :2].norm(dim=1, keepdim=True)
+        cos, sin, shift = params[:, 0], params[:, 1], params[:, 2:]
+        rotation = torch.stack([cos, -sin, sin, cos], dim=1).reshape(-1, 2, 2)  # [N, 2, 2]
+        user_linear, user_shift = self.transform[:2, :2], self.transform[:2, 2]
+        # f . R (U p - t) = (f R U_lin) . p + f . R (U_shift - t)
+        linear = rotation @ user_linear  # [N, 2, 2]
+        offset = (rotation @ (user_shift - shift)[:, :, None])[:, :, 0]  # [N, 2]
+        freqs = self.freqs @ linear  # [N, C, 2], cycles per unit of output coordinates
+        phases = self.phases + offset @ self.freqs.t()  # [N, C]
+        nyquist = self.sampling_rate / 2
+        fade = (nyquist - freqs.norm(dim=2)) / (nyquist - self.bandwidth)  # [N, C]
 
-        freqs = self.freqs.unsqueeze(0)  # [1, C, 2]
-        phases = self.phases.unsqueeze(0) + (freqs @ transforms[:, :2, 2:]).squeeze(2)  # [N, C]
-        freqs = freqs @ transforms[:, :2, :2]  # [N, C, 2]
-        stopband = self.sampling_rate / 2 - self.bandwidth
-        amplitudes = (1 - (freqs.norm(dim=2) - self.bandwidth) / stopband).clamp(0, 1)
-
-        theta = torch.eye(2, 3, device=device)
-        theta[0, 0] = theta[1, 1] = 0.5 * self.size / self.sampling_rate
-        grid = F.affine_grid(theta.unsqueeze(0), [1, 1, self.size, self.size], align_corners=False)
-        x = (grid.unsqueeze(3) @ freqs.permute(0, 2, 1)[:, None, None]).squeeze(3)  # [N, H, W, C]
-        x = torch.sin((x + phases[:, None, None]) * (math.pi * 2))
-        x = x * amplitudes[:, None, None]
-        x = x @ (self.weight / math.sqrt(self.channels)).t()
-        return x.permute(0, 3, 1, 2)
+        centres = (torch.arange(self.size, device=w.device) + (1 - self.size) / 2)
+        centres = centres / self.sampling_rate  # [S]
+        fx, fy = freqs[..., 0, None, None], freqs[..., 1, None, None]  # [N, C, 1, 1]
+        cycles = fx * centres + fy * centres[:, None] + phases[..., None, None]  # [N, C, S, S]
+        features = torch.sin(cycles * (2 * math.pi)) * fade.clamp(0, 1)[..., None, None]
+        mix = self.weight / math.sqrt(self.channels)
+        return torch.einsum("dc,nchw->ndhw", mix, features)
 
 
 class SynthesisLayer(nn.Module):
@@ -215,7 +202,8 @@ class SynthesisLayer(nn.Module):
     upsample with ``up_filter`` (cutoff in_cutoff), leaky ReLU, downsample with
     ``down_filter`` (cutoff out_cutoff; radial for non-critical layers of config R). Filters
     of one tap are omitted (None, absent from the state dict). ToRGB: 1x1 conv, no
-    demodulation, no activation, no resampling.
+    demodulation, no activation, no resampling. ``fused_lrelu`` (default False) runs the
+    compiled ``filtered_lrelu_fused`` instead of the plain op (``set_fused_lrelu``).
     """
 
     def __init__(self, w_dim, is_torgb, is_critically_sampled, use_fp16, in_channels,
@@ -226,6 +214,7 @@ class SynthesisLayer(nn.Module):
         self.is_torgb, self.use_fp16, self.conv_clamp = is_torgb, use_fp16, conv_clamp
         self.in_channels, self.out_channels = in_channels, out_channels
         self.in_size, self.out_size = in_size, out_size
+        self.fused_lrelu = False
         k = self.conv_kernel = 1 if is_torgb else conv_kernel
         self.weight = nn.Parameter(torch.randn([out_channels, in_channels, k, k]))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
@@ -241,25 +230,30 @@ class SynthesisLayer(nn.Module):
         down_filter = kaiser_lowpass(down_taps, out_cutoff, out_half_width * 2, rate, radial)
         self.register_buffer("up_filter", up_filter)
         self.register_buffer("down_filter", down_filter)
-        # Pad so that output samples sit symmetrically about the input ones (paper, Appendix C.3).
-        pad_total = (out_size - 1) * self.down_factor + 1 - (in_size + k - 1) * self.up_factor
-        pad_total += up_taps + down_taps - 2
-        pad_lo = (pad_total + self.up_factor) // 2
-        self.padding = (pad_lo, pad_total - pad_lo, pad_lo, pad_total - pad_lo)
+        # Along each axis the full convolution leaves in_size + k - 1 samples, upsampling
+        # multiplies them by up, each filter eats taps - 1, and keeping every down-th sample
+        # of n leaves (n - 1) // down + 1. Pad the upsampled signal to end with out_size.
+        needed = (out_size - 1) * self.down_factor + 1 + (up_taps - 1) + (down_taps - 1)
+        extra = needed - (in_size + k - 1) * self.up_factor
+        # Larger half first by up / 2 samples: output samples then sit halfway between
+        # input ones, the symmetric sampling of the paper's App. C.3.
+        before = (extra + self.up_factor) // 2
+        self.padding = (before, extra - before, before, extra - before)
         self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, force_fp32: bool = False) -> torch.Tensor:
-        styles = self.affine(w)
+        half = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
+        x = x.to(torch.float16 if half else torch.float32)
+        # The input is divided by its expected RMS (tracked in training) via the kernel.
+        gain = self.magnitude_ema.rsqrt()
         if self.is_torgb:
-            styles = styles * (1 / math.sqrt(self.in_channels * self.conv_kernel ** 2))
-        fp16 = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
-        x = modulated_conv2d(x.to(torch.float16 if fp16 else torch.float32), self.weight, styles,
-                             demodulate=not self.is_torgb, padding=self.conv_kernel - 1,
-                             input_gain=self.magnitude_ema.rsqrt())
-        gain, slope = (1.0, 1.0) if self.is_torgb else (SQRT2, 0.2)
-        return filtered_lrelu(x, self.up_filter, self.down_filter, self.bias.to(x.dtype),
-                              self.up_factor, self.down_factor, self.padding, gain, slope,
-                              self.conv_clamp)
+            gain = gain / math.sqrt(self.in_channels * self.conv_kernel ** 2)
+        x = modulated_conv2d(x, self.weight, self.affine(w), demodulate=not self.is_torgb,
+                             padding=self.conv_kernel - 1, gain=gain)
+        act_gain, slope = (1.0, 1.0) if self.is_torgb else (SQRT2, 0.2)
+        act = filtered_lrelu_fused if self.fused_lrelu else filtered_lrelu
+        return act(x, self.up_filter, self.down_filter, self.bias.to(x.dtype), self.up_factor,
+                   self.down_factor, self.padding, act_gain, slope, self.conv_clamp)
 
 
 class SynthesisNetwork(nn.Module):

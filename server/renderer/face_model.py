@@ -6,12 +6,17 @@ as tensors on one device and poses batches of rig parameters.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from smplx.lbs import lbs
 
 from portrait_rig.face_data import FaceData
 from portrait_rig.params import RigParams
+from server.renderer.threads import torch_threads
+
+SINGLE_THREAD_BATCH = 8  # CPU batches up to this size are skinned on one thread
 
 
 class FaceModel:
@@ -52,9 +57,13 @@ class FaceModel:
         (FLAME joint order), translation [B, 3] added after posing. Differentiable.
         """
         betas = torch.cat([shape, expression], dim=1)
-        verts, joints = lbs(betas, pose.reshape(pose.shape[0], -1), self.v_template,
-                            self.blend_dirs, self.posedirs, self.J_regressor, self.parents,
-                            self.weights)
+        # A few posed heads are too little work to split: on the CPU one thread is as fast
+        # when the machine is quiet and far faster when another process holds a core.
+        small = self.device.type == "cpu" and shape.shape[0] <= SINGLE_THREAD_BATCH
+        with torch_threads(1) if small else contextlib.nullcontext():
+            verts, joints = lbs(betas, pose.reshape(pose.shape[0], -1), self.v_template,
+                                self.blend_dirs, self.posedirs, self.J_regressor, self.parents,
+                                self.weights)
         if translation is not None:
             verts = verts + translation[:, None, :]
             joints = joints + translation[:, None, :]

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
+
+from server.renderer.threads import PREVIEW, StageThreads
 
 _HALF = np.float32(0.5)
 
@@ -138,7 +139,8 @@ def _raster(pixel_xy, z_key, faces, rows, cols, area, band_rows, offsets, ids, n
 class NumbaRasterizer:
     """Visibility on the CPU. Keeps its scratch arrays between calls of the same size."""
 
-    def __init__(self, faces: np.ndarray | torch.Tensor, band_rows: int = 8):
+    def __init__(self, faces: np.ndarray | torch.Tensor, band_rows: int = 8,
+                 threads: StageThreads = PREVIEW):
         faces = faces.cpu().numpy() if isinstance(faces, torch.Tensor) else np.asarray(faces)
         if faces.ndim != 2 or faces.shape[1] != 3:
             raise ValueError(f"faces: expected [F, 3], got {list(faces.shape)}")
@@ -147,6 +149,7 @@ class NumbaRasterizer:
         if self.faces.size and self.faces.min() < 0:
             raise ValueError("faces: negative vertex index")
         self.band_rows = band_rows
+        self.threads = threads  # numba threads per call, chosen by measurement
         self._scratch: dict[tuple, tuple] = {}
 
     def __call__(self, pixel_xy: torch.Tensor | np.ndarray, z_key: torch.Tensor | np.ndarray,
@@ -177,11 +180,12 @@ class NumbaRasterizer:
                                   np.empty((batch, n_faces), np.float32),
                                   np.empty((batch, height, width), np.float32))
         rows, cols, area, zbuf = self._scratch[key]
-        _setup(pixel_xy, z_key, self.faces, width, height, rows, cols, area)
-        bands = -(-height // self.band_rows)
-        offsets, ids = _bin(rows, self.band_rows, bands)
-        _raster(pixel_xy, z_key, self.faces, rows, cols, area, self.band_rows, offsets, ids,
-                numba.get_num_threads(), out, zbuf)
+        with self.threads.stage("raster", work=batch * height * width) as n_threads:
+            _setup(pixel_xy, z_key, self.faces, width, height, rows, cols, area)
+            bands = -(-height // self.band_rows)
+            offsets, ids = _bin(rows, self.band_rows, bands)
+            _raster(pixel_xy, z_key, self.faces, rows, cols, area, self.band_rows, offsets,
+                    ids, n_threads, out, zbuf)
         return out
 
 

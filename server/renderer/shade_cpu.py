@@ -17,6 +17,7 @@ from portrait_rig.sh import SH_CONSTANTS
 
 from server.renderer.buffers import N_CHANNELS
 from server.renderer.srgb import LUT, THRESHOLDS
+from server.renderer.threads import PREVIEW, StageThreads
 
 _SH_CONSTANTS = SH_CONSTANTS.astype(np.float32)
 _THRESHOLDS_PADDED = np.append(THRESHOLDS, np.float32(np.inf))
@@ -145,7 +146,8 @@ def _shade(tri, pixel_xy, inv_w, faces, attributes, light, background, lut, thre
 
 def shade_frame(triangle: np.ndarray, pixel_xy: np.ndarray, w: np.ndarray, faces: np.ndarray,
                 attributes: np.ndarray, sh: np.ndarray, background: np.ndarray,
-                rgba: np.ndarray, packed: np.ndarray | None = None) -> None:
+                rgba: np.ndarray, packed: np.ndarray | None = None,
+                threads: StageThreads = PREVIEW) -> None:
     """Fill ``rgba`` [B, H, W, 4] uint8 (sRGB of albedo * shading where covered, ``background``
     [3] uint8 elsewhere; alpha = mask * 255) and, if given, ``packed`` [B, H, W, 14] float32
     (``buffers.CHANNELS``).
@@ -153,6 +155,7 @@ def shade_frame(triangle: np.ndarray, pixel_xy: np.ndarray, w: np.ndarray, faces
     triangle [B, H, W] int32 from visibility; pixel_xy [B, V, 2] and w [B, V] from
     ``cameras.screen_space``; faces [F, 3] int32; attributes [B, V, 7] = (view depth, unit
     vertex normal, linear albedo); sh [B, 9, 3] DECA light codes. All float arrays float32.
+    ``threads`` picks numba's thread count for the pass by measurement.
     """
     batch, height, width = triangle.shape
     n_verts = pixel_xy.shape[1]
@@ -172,6 +175,7 @@ def shade_frame(triangle: np.ndarray, pixel_xy: np.ndarray, w: np.ndarray, faces
     if packed is None:
         packed = np.empty((1, 1, 1, N_CHANNELS), np.float32)
     inv_w = np.float32(1) / w
-    _shade(triangle, pixel_xy, inv_w, faces, attributes, light, background, LUT,
-           _THRESHOLDS_PADDED, want, rgba, packed)
+    with threads.stage("shade", work=batch * height * width):
+        _shade(triangle, pixel_xy, inv_w, faces, attributes, light, background, LUT,
+               _THRESHOLDS_PADDED, want, rgba, packed)
 
