@@ -263,19 +263,22 @@ class SynthesisNetwork(nn.Module):
         return img
 
 
-class StyleGAN2Generator(nn.Module):
-    """``synthesis`` and ``mapping`` as in the official ``Generator`` (same registration order).
+class Generator(nn.Module):
+    """``synthesis`` and ``mapping`` as in the official ``Generator`` (same registration
+    order), for either architecture: subclasses name their ``Synthesis`` network and default
+    config. ``G(z, c)`` = ``G.synthesis(G.mapping(z, c, psi, cutoff), noise_mode)``."""
 
-    ``G(z, c)`` = ``G.synthesis(G.mapping(z, c, psi, cutoff), noise_mode)``.
-    """
+    Synthesis: type
+    default_config: object
 
-    def __init__(self, config: StyleGAN2Config = StyleGAN2Config()):
+    def __init__(self, config=None):
         super().__init__()
+        config = self.default_config if config is None else config
         self.config = config
         self.z_dim, self.c_dim, self.w_dim = config.z_dim, config.c_dim, config.w_dim
         self.img_resolution, self.img_channels = config.img_resolution, config.img_channels
         self.num_ws = config.num_ws
-        self.synthesis = SynthesisNetwork(config)
+        self.synthesis = self.Synthesis(config)
         self.mapping = MappingNetwork(config.z_dim, config.c_dim, config.w_dim, config.num_ws,
                                       config.mapping_layers, config.mapping_lr_multiplier)
 
@@ -284,3 +287,8 @@ class StyleGAN2Generator(nn.Module):
                 force_fp32: bool = False) -> torch.Tensor:
         ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
         return self.synthesis(ws, noise_mode=noise_mode, force_fp32=force_fp32)
+
+
+class StyleGAN2Generator(Generator):
+    Synthesis = SynthesisNetwork
+    default_config = StyleGAN2Config()

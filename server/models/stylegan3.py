@@ -30,7 +30,7 @@ from torch import nn
 
 from server.models.ops import (SQRT2, FullyConnectedLayer, filtered_lrelu, filtered_lrelu_fused,
                                kaiser_lowpass, modulated_conv2d)
-from server.models.stylegan2 import NOISE_MODES, MappingNetwork
+from server.models.stylegan2 import NOISE_MODES, Generator
 
 
 @dataclass(frozen=True)
@@ -304,22 +304,6 @@ class SynthesisNetwork(nn.Module):
         return x.to(torch.float32)
 
 
-class StyleGAN3Generator(nn.Module):
-    """``synthesis`` and ``mapping`` as in the official ``Generator``.
-    ``G(z, c)`` = ``G.synthesis(G.mapping(z, c, psi, cutoff))``."""
-
-    def __init__(self, config: StyleGAN3Config = StyleGAN3Config()):
-        super().__init__()
-        self.config = config
-        self.z_dim, self.c_dim, self.w_dim = config.z_dim, config.c_dim, config.w_dim
-        self.img_resolution, self.img_channels = config.img_resolution, config.img_channels
-        self.num_ws = config.num_ws
-        self.synthesis = SynthesisNetwork(config)
-        self.mapping = MappingNetwork(config.z_dim, config.c_dim, config.w_dim, config.num_ws,
-                                      config.mapping_layers, config.mapping_lr_multiplier)
-
-    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None, truncation_psi: float = 1.0,
-                truncation_cutoff: int | None = None, noise_mode: str = "const",
-                force_fp32: bool = False) -> torch.Tensor:
-        ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
-        return self.synthesis(ws, noise_mode=noise_mode, force_fp32=force_fp32)
+class StyleGAN3Generator(Generator):
+    Synthesis = SynthesisNetwork
+    default_config = StyleGAN3Config()
