@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import signal
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +62,13 @@ class Raw:
             self.sock.sendall(message(greeting))
             reply, _ = self.recv()
             assert reply["type"] == "hello", reply
+
+    @classmethod
+    def around(cls, sock: socket.socket) -> "Raw":
+        """A Raw on an accepted socket (the server's side of a fake server)."""
+        raw = cls.__new__(cls)
+        raw.sock = sock
+        return raw
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -329,9 +335,6 @@ def test_the_fit_queue_is_bounded(server):
 
 # ---------------------------------------------------------------------------- files
 
-LATENT_REFUSED = None     # the one message every refused name gets (set by the first test)
-
-
 @pytest.fixture(scope="module")
 def diffusion_home(tmp_path_factory):
     from diffusionrig_fixtures import write_checkpoint
@@ -521,8 +524,7 @@ def test_the_client_waits_as_long_as_the_backend_needs():
     def serve():
         conn, _ = listener.accept()
         with conn:
-            fake = Raw.__new__(Raw)
-            fake.sock = conn
+            fake = Raw.around(conn)
             fake.recv()
             conn.sendall(message({"type": "hello", "protocol": 1, "default_backend": "slow",
                                   "backends": [{"name": "slow", "reply_timeout": 30.0}]}))
@@ -531,7 +533,6 @@ def test_the_client_waits_as_long_as_the_backend_needs():
             conn.sendall(message({"type": "error", "id": request["id"], "code": "render_failed",
                                   "message": "slow but answered"}))
 
-    import threading
     threading.Thread(target=serve, daemon=True).start()
     client = Client("127.0.0.1", listener.getsockname()[1], timeout=0.2)
     client.connect()
