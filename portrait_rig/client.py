@@ -132,7 +132,8 @@ class Client:
     answered ``Superseded`` by the client itself. ``shutting_down`` errors of requests that
     will be sent again are not reported. ``state`` is ``"connected"``, ``"reconnecting"``
     or ``"closed"``; ``reconnects`` counts the reconnections. Without it, a lost connection
-    raises ``ConnectionError`` and stays closed.
+    raises ``ConnectionError`` and stays closed. A reconnecting client is driven from one
+    thread (the reconnect replaces the socket that another thread would be using).
     """
 
     BACKOFF_MIN_S = 0.5

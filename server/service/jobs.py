@@ -85,6 +85,11 @@ class Job:
             return 0
         return protocol.frame_reply_bytes(self.width, self.height, self.format, self.passes)
 
+    @property
+    def cost(self) -> int:
+        """What fair queuing charges its client: the pixels rendered (vertices: a few)."""
+        return 64 * 64 if self.kind == "vertices" else self.width * self.height
+
     def cancelled(self) -> bool:
         """True once nobody wants the frame: superseded, or the server is stopping."""
         return self.superseded_by is not None or self.stopping

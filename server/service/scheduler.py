@@ -14,13 +14,15 @@ Each connection owns two queues here:
 Every backend has a lane of its own - a worker (``server/service/worker.py``) and a thread -
 and posing the face model alone (``vertices``) has one too, so a live preview never waits
 behind a DiffusionRig batch, nor behind a checkpoint being loaded. A lane takes the next job
-for its backend by fair queuing: round-robin over clients (the connections of one address
-count as one client), then over that client's connections, live before batch within a
-connection. With it the lane groups compatible jobs - same ``Job.key``, at the heads of the
-queues - up to ``max_batch`` jobs and ``max_batch_bytes`` of replies (a job alone may be
-larger), into one backend call so a GPU backend can batch. Connections whose unsent output is over its bound are skipped
-until it drains: their frames would only pile up in memory, and for live requests waiting
-means the newest parameters are rendered once the client can receive them.
+for its backend by fair queuing over clients (the connections of one address count as one
+client): the client it has rendered the fewest pixels for goes next, then that client's
+connections take turns, live before batch within a connection. With that job the lane groups
+compatible ones - same ``Job.key``, at the heads of the queues - up to ``max_batch`` jobs
+and ``max_batch_bytes`` of replies (a job alone may be larger), into one backend call so a
+GPU backend can batch; each client is charged for its own jobs. Connections whose unsent
+output is over its bound are skipped until it drains: their frames would only pile up in
+memory, and for live requests waiting means the newest parameters are rendered once the
+client can receive them.
 """
 
 from __future__ import annotations
@@ -66,14 +68,17 @@ class _Queues:
 
 
 class _Lane:
-    """A worker, its thread, its group in flight and its place in the fair-queuing turn."""
-    __slots__ = ("name", "worker", "thread", "running", "last_client", "last_owner")
+    """A worker, its thread, its group in flight and its fair-queuing accounts: the pixels
+    it rendered for each client (``served``), the account of the client it served last
+    (``clock``), and each client's connection served last."""
+    __slots__ = ("name", "worker", "thread", "running", "served", "clock", "last_owner")
 
     def __init__(self, name: str, worker):
         self.name, self.worker = name, worker
         self.thread: threading.Thread | None = None
         self.running: list[Job] = []
-        self.last_client = None
+        self.served: dict = {}
+        self.clock = 0.0
         self.last_owner: dict = {}
 
 
@@ -207,6 +212,7 @@ class Scheduler:
                 del self._clients[queues.client]
                 for lane in self._lanes.values():
                     lane.last_owner.pop(queues.client, None)
+                    lane.served.pop(queues.client, None)
             for job in self.running():
                 if job.owner is owner:
                     job.stopping = True
@@ -266,6 +272,11 @@ class Scheduler:
         while (group := self._take(lane)) is not None:
             try:
                 lane.worker.execute(group)
+            except Exception as exc:  # noqa: BLE001 - a worker must not raise; if one does,
+                self._log(f"lane {lane.name}: {type(exc).__name__}: {exc}")  # answer anyway
+                error = RequestError(protocol.E_INTERNAL, f"the {lane.name} lane failed")
+                for job in group:
+                    job.answer(None, error)
             finally:
                 self._finished(lane, group)
         lane.worker.close()
@@ -283,20 +294,28 @@ class Scheduler:
                 self._cond.wait()
 
     def _pick(self, lane: _Lane) -> _Queues | None:
-        """Fair queuing: the next client after the one this lane served last that has work
-        for it, and within that client the next connection after its last one."""
-        clients = list(self._clients)
-        start = clients.index(lane.last_client) + 1 if lane.last_client in self._clients else 0
-        for i in range(len(clients)):
-            client = clients[(start + i) % len(clients)]
-            owners = self._clients[client]
-            last = lane.last_owner.get(client)
-            first = owners.index(last) + 1 if last in owners else 0
-            for j in range(len(owners)):
-                queues = self._queues[owners[(first + j) % len(owners)]]
-                if queues.head(lane.name) is not None:
-                    lane.last_client, lane.last_owner[client] = client, queues.owner
-                    return queues
+        """Fair queuing: of the clients with work for this lane, the one it has rendered the
+        fewest pixels for (a client that was idle starts level with the last one served, so
+        it cannot claim the time it did not use); within that client, its next connection
+        after the last one served."""
+        best, best_served = None, None
+        for client, owners in self._clients.items():
+            if not any(self._queues[owner].head(lane.name) is not None for owner in owners):
+                continue
+            served = lane.served[client] = max(lane.served.get(client, 0.0), lane.clock)
+            if best is None or served < best_served:
+                best, best_served = client, served
+        if best is None:
+            return None
+        lane.clock = best_served
+        owners = self._clients[best]
+        last = lane.last_owner.get(best)
+        first = owners.index(last) + 1 if last in owners else 0
+        for j in range(len(owners)):
+            queues = self._queues[owners[(first + j) % len(owners)]]
+            if queues.head(lane.name) is not None:
+                lane.last_owner[best] = queues.owner
+                return queues
         return None
 
     def _collect(self, lane: _Lane, first: _Queues) -> list[Job]:
@@ -331,6 +350,8 @@ class Scheduler:
         now = time.perf_counter()
         for job in group:
             job.started = now
+            client = self._queues[job.owner].client          # every client pays for its jobs
+            lane.served[client] = lane.served.get(client, lane.clock) + job.cost
         return group
 
     def _finished(self, lane: _Lane, group: list[Job]) -> None:
