@@ -69,8 +69,8 @@ def test_a_photo_fit_sets_the_code(extension, texture_codes, rig):
     assert texture_codes.read_codes(rig) == [0.5] * 50
 
 
-def test_the_material_shows_the_albedo_of_the_code(texture_codes, rig):
-    mesh = rig.children[0].data
+def test_the_material_shows_the_albedo_of_the_code(extension, texture_codes, rig):
+    mesh = extension.module("blender_rig.rig_builder").rig_parts(rig)[1].data
     space = space_for(mesh)
     texture_codes.set_codes(rig, [1.0, 0.0, -2.0])
     image = texture_codes.show_albedo(rig, space)
@@ -111,4 +111,5 @@ def test_a_server_without_texture_space_leaves_the_material(extension, texture_c
     panel = texture_codes.VIEW3D_PT_portrait_rig_texture
     assert "Show Texture" in draw(panel)
     assert bpy.ops.portrait_rig.show_texture() == {'CANCELLED'}
-    assert texture_codes.UV_LAYER not in rig.children[0].data.uv_layers
+    mesh = extension.module("blender_rig.rig_builder").rig_parts(rig)[1].data
+    assert texture_codes.UV_LAYER not in mesh.uv_layers

@@ -43,7 +43,8 @@ def setup(tmp_path_factory):
         net.decoder.weight.normal_(0, 0.5)
     save_rignet(net.eval(), folder / "rignet.safetensors")
     backend = create_backend("stylerig", face, "cpu", generator=str(folder / "sg2.pkl"),
-                             rignet=str(folder / "rignet.safetensors"), directions=str(files))
+                             rignet=str(folder / "rignet.safetensors"), directions=str(files),
+                             framing="rig")
     return backend, G, files
 
 

@@ -102,9 +102,10 @@ def test_panel_says_what_to_download_until_the_gallery_loads(extension, face, tm
         assert bpy.ops.portrait_rig.style_gallery() == {'FINISHED'}
         pump(style_panel.drain_gallery, lambda: style_panel.gallery().loader is None, timeout=60)
     error = style_panel.gallery().error
-    assert "no DualStyleGAN style" in error and str(tmp_path / "empty") in error
+    assert "DualStyleGAN style generator (cartoon) not found" in error
+    assert "williamyang1991/DualStyleGAN" in error                 # where to get it
     shown = " ".join(draw(style_panel.VIEW3D_PT_portrait_rig_style))
-    assert "could not start: FileNotFoundError: no DualStyleGAN style" in shown
+    assert "DualStyleGAN style generator (cartoon) not found" in shown
 
 
 def test_gallery_shows_each_exemplars_reconstruction(extension, face, style_server, tmp_path):

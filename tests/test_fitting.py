@@ -272,7 +272,7 @@ def test_deca_encoder_loads_the_official_names_strictly(deca_model, tmp_path):
     with pytest.raises(DecaModelError, match="no 'E_flame'"):
         load_deca_encoder(tmp_path / "no_flame.tar")
     (tmp_path / "evil.tar").write_bytes(pickle_calling("os", "system", "echo pwned"))
-    with pytest.raises(DecaModelError, match="not a plain tensor checkpoint"):
+    with pytest.raises(DecaModelError, match="not a plain tensor file"):
         load_deca_encoder(tmp_path / "evil.tar")
 
 

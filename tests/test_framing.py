@@ -136,9 +136,12 @@ class DrawsItsCondition(torch.nn.Module):
 def backends(tmp_path_factory, demo):
     from server.backends import create_backend
 
+    from server import paths
+
     root = tmp_path_factory.mktemp("framing")
     checkpoint = write_checkpoint(root / "model.safetensors")
     np.save(root / "latent.npy", np.zeros(64, np.float32))
+    paths.allow_folders([str(root)])          # requests name files only in allowed folders
     out = {}
     for mode in ("ffhq", "rig"):
         backend = create_backend("diffusionrig", demo, steps="2", framing=mode,
@@ -146,7 +149,8 @@ def backends(tmp_path_factory, demo):
         backend._models[None] = DrawsItsCondition(backend.schedule, backend._models[None].config)
         out[mode] = backend
     out["latent"] = str(root / "latent.npy")
-    return out
+    yield out
+    paths.allow_folders(())
 
 
 def rendered(backend, params, latent, **request):

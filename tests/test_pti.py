@@ -80,8 +80,8 @@ def test_pti_resumes_after_a_kill_and_improves_the_reconstruction(tmp_path):
 
     os.environ["PORTRAIT_RIG_HOME"] = str(home)
     try:
-        backend = create_backend("stylerig", FaceModel(synthetic_face()), "cpu", generator=str(GENERATOR),
-                                 rignet="none")
+        backend = create_backend("stylerig", FaceModel(synthetic_face()), "cpu",
+                                 generator=str(GENERATOR), rignet="none", framing="rig")
         params = RigParams(appearance=Appearance(personal_model="astro"))
         frame = backend.render([RenderRequest(params, 32, 32)])[0].image
         base = backend.render([RenderRequest(RigParams(appearance=Appearance(
