@@ -78,7 +78,10 @@ def test_pti_resumes_after_a_kill_and_improves_the_reconstruction(tmp_path):
     from server.renderer.face_model import FaceModel
     from synthetic_face import synthetic_face
 
+    from server import paths
+
     os.environ["PORTRAIT_RIG_HOME"] = str(home)
+    paths.allow_folders([str(out)])               # the pivot, named as a latent file below
     try:
         backend = create_backend("stylerig", FaceModel(synthetic_face()), "cpu",
                                  generator=str(GENERATOR), rignet="none", framing="rig")
@@ -88,6 +91,7 @@ def test_pti_resumes_after_a_kill_and_improves_the_reconstruction(tmp_path):
             latent_file=str(out / "pivot.npz"))), 32, 32)])[0].image
     finally:
         del os.environ["PORTRAIT_RIG_HOME"]
+        paths.allow_folders(())
     tuned = load_generator(out / "generator.safetensors")
     pivot = torch.from_numpy(np.load(out / "pivot.npz")["w"])[None]
     with torch.no_grad():
