@@ -2,7 +2,7 @@
 
 Runs in the ``bpy`` module (no Blender UI) on a FLAME-sized model (5023 vertices, 9976
 triangles, 300 identity + 100 expression components, random content from
-tests/flame_fixture.py). Prints
+tests/support/flame_fixture.py). Prints
 
 * ``build_rig``: all 400 components, and the preferences' default 100 + 50 keys;
 * the depsgraph evaluation after an expression key changed (shape keys, pose-corrective and
@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
 import bpy  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flame_fixture import random_flame_arrays  # noqa: E402
+from tests.support.flame_fixture import random_flame_arrays  # noqa: E402
 from portrait_rig.face_data import FaceData  # noqa: E402
 
 PACKAGE = "portrait_rig_bench"

@@ -1,8 +1,8 @@
 """Main-thread cost of the live link: the scene handlers and the frame drain.
 
 Runs in the ``bpy`` module with the extension enabled as Blender enables it, on a FLAME-sized
-rig (5023 vertices; random content from tests/flame_fixture.py) with the preferences' default
-100 identity + 50 expression keys (plus 36 pose correctives). Prints medians and p95 of
+rig (5023 vertices; random content from tests/support/flame_fixture.py) with the preferences'
+default 100 identity + 50 expression keys (plus 36 pose correctives). Prints medians and p95 of
 
 * ``depsgraph_update_post`` as Blender calls it after an expression key changed: read_params,
   compare with the last parameters, hand over to the worker. Target: median <= 1 ms;
@@ -38,13 +38,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-import blender_env  # noqa: E402  (loads bpy; enables the extension the way Blender does)
-from blender_env import bpy  # noqa: E402
-from flame_fixture import random_flame_arrays  # noqa: E402
+from tests.support import blender_env  # noqa: E402  (loads bpy; enables the extension like Blender)
+from tests.support.blender_env import bpy  # noqa: E402
+from tests.support.flame_fixture import random_flame_arrays  # noqa: E402
 from portrait_rig.face_data import FaceData  # noqa: E402
 
 N_SHAPE, N_EXPRESSION = 100, 50
@@ -164,8 +164,8 @@ def report_steps(label: str, runner) -> None:
 
 
 def bench_tasks(ext, tmp: Path) -> None:
-    from flame_fixture import write_flame_fixture
-    from server_process import ServerProcess
+    from tests.support.flame_fixture import write_flame_fixture
+    from tests.support.server_process import ServerProcess
     tasks = ext.module("blender_rig.tasks")
     operators = ext.module("blender_rig.operators")
     photo_fit = ext.module("blender_rig.photo_fit")

@@ -17,8 +17,10 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
 
-from blender_env import bpy, blender, draw, extension, extension_repository, pump  # noqa: E402,F401
-from stylegan_fixtures import SMALL_SG3_R, random_generator, write_nvidia_pickle  # noqa: E402
+from tests.support.blender_env import (bpy, blender, draw, extension,  # noqa: E402,F401
+                                       extension_repository, pump)
+from tests.support.stylegan_fixtures import (SMALL_SG3_R, random_generator,  # noqa: E402
+                                             write_nvidia_pickle)
 
 pytestmark = pytest.mark.blender
 SIZE = 16
@@ -26,7 +28,7 @@ SIZE = 16
 
 @pytest.fixture(scope="module")
 def stylerig_server(tmp_path_factory):
-    from server_process import ServerProcess
+    from tests.support.server_process import ServerProcess
 
     home = tmp_path_factory.mktemp("home")
     G = random_generator(SMALL_SG3_R, seed=3)

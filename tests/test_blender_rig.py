@@ -8,8 +8,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from blender_env import bpy, blender, extension, extension_repository  # noqa: F401
-from blender_rig_scene import evaluated_world_vertices, rig_modules, set_keys, small_face
+from tests.support.blender_env import bpy, blender, extension, extension_repository  # noqa: F401
+from tests.support.blender_rig_scene import (evaluated_world_vertices, rig_modules, set_keys,
+                                             small_face)
 
 pytestmark = pytest.mark.blender
 

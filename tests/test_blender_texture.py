@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blender_env import (bpy, blender, draw, extension, extension_repository,  # noqa: F401
-                         render_server)
-from blender_rig_scene import add_camera, rig_modules, small_face
+from tests.support.blender_env import (bpy, blender, draw, extension,  # noqa: F401
+                                       extension_repository, render_server)
+from tests.support.blender_rig_scene import add_camera, rig_modules, small_face
 from portrait_rig.params import RigParams
 from portrait_rig.texture_space import TextureSpace
 

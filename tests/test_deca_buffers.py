@@ -205,7 +205,7 @@ def write_flame_texture(path, groups: np.ndarray, seed: int = 0) -> None:
 
 @pytest.fixture(scope="module")
 def flame_model(tmp_path_factory):
-    from flame_fixture import write_flame_fixture
+    from tests.support.flame_fixture import write_flame_fixture
 
     path = tmp_path_factory.mktemp("flame") / "generic_model.pkl"
     write_flame_fixture(path)

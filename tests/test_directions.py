@@ -14,8 +14,9 @@ from server.backends.directions import style_layers
 from server.checkpoints.stylerig import save_rignet
 from server.models.rignet import ControlLayout, RigNet
 from server.renderer.face_model import FaceModel
-from stylegan_fixtures import SMALL_SG3_R, TINY_SG2, random_generator, write_nvidia_pickle
-from synthetic_face import synthetic_face
+from tests.support.stylegan_fixtures import (SMALL_SG3_R, TINY_SG2, random_generator,
+                                             write_nvidia_pickle)
+from tests.support.synthetic_face import synthetic_face
 
 SIZE = 32
 

@@ -16,8 +16,8 @@ from server.training.stylerig.corpus import CorpusSettings, build_corpus
 from server.training.stylerig.landmarks import detect_corpus_landmarks
 from server.training.stylerig.train_dfr import DFRSettings, train_dfr
 from server.training.stylerig.train_rignet import RigNetSettings, train_rignet
-from server_process import REPO
-from tests.stylerig_fixtures import write_generator, write_test_face
+from tests.support.server_process import REPO
+from tests.support.stylerig_fixtures import write_generator, write_test_face
 
 pytestmark = [pytest.mark.training, pytest.mark.slow,
               pytest.mark.usefixtures("single_thread_module")]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import flame_fixture as ff
+from tests.support import flame_fixture as ff
 from portrait_rig.face_data import FaceData, FaceDataError
 from portrait_rig.flame_file import load_flame
 from server.renderer.face_model import FaceModel

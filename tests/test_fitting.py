@@ -15,7 +15,7 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
 
-from flame_fixture import pickle_calling, write_flame_fixture  # noqa: E402
+from tests.support.flame_fixture import pickle_calling, write_flame_fixture  # noqa: E402
 from portrait_rig.demo_head import demo_head  # noqa: E402
 from portrait_rig.face_source import load_face_data  # noqa: E402
 from portrait_rig.params import Camera  # noqa: E402

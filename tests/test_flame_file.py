@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-import flame_fixture as ff
+from tests.support import flame_fixture as ff
 from portrait_rig import flame_file
 from portrait_rig.face_data import FaceData
 from portrait_rig.face_source import load_face_data

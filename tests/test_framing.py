@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionrig_fixtures import write_checkpoint
+from tests.support.diffusionrig_fixtures import write_checkpoint
 from portrait_rig import sh
 from portrait_rig.face_source import load_face_data
 from portrait_rig.params import RigParams

@@ -18,8 +18,9 @@ from PIL import Image  # noqa: E402
 from portrait_rig import protocol  # noqa: E402
 from portrait_rig.client import Client, ServerError  # noqa: E402
 from portrait_rig.params import Appearance, RigParams  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
-from stylegan_fixtures import SMALL_SG3_R, random_generator, write_nvidia_pickle  # noqa: E402
+from tests.support.server_process import ServerProcess  # noqa: E402
+from tests.support.stylegan_fixtures import (SMALL_SG3_R, random_generator,  # noqa: E402
+                                             write_nvidia_pickle)
 
 STEPS = 6
 

@@ -17,7 +17,7 @@ from server.renderer.raster_torch import rasterize_torch
 from server.renderer.shade_cpu import encode_numba, vertex_normals_numba
 from server.renderer.srgb import THRESHOLDS, encode_torch
 from portrait_rig.colour import linear_to_srgb
-from synthetic_face import synthetic_face, uv_sphere
+from tests.support.synthetic_face import synthetic_face, uv_sphere
 
 FRONT = Camera()                                     # perspective, z = 1.2 m, fov_y 14 deg
 ORTHO = Camera(type="orthographic", scale=6.0)

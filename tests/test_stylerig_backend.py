@@ -26,9 +26,10 @@ from portrait_rig.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 from server.backends.latents import seed_z
 from server.renderer.head_view import head_views
 from server.backends.shots import Shot, smooth_latents
-from server_process import ServerProcess
-from stylegan_fixtures import SMALL_SG3_R, TINY_SG2, random_generator, write_nvidia_pickle
-from synthetic_face import synthetic_face
+from tests.support.server_process import ServerProcess
+from tests.support.stylegan_fixtures import (SMALL_SG3_R, TINY_SG2, random_generator,
+                                             write_nvidia_pickle)
+from tests.support.synthetic_face import synthetic_face
 
 S2, S3 = TINY_SG2.img_resolution, SMALL_SG3_R.img_resolution
 

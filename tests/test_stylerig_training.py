@@ -1,7 +1,7 @@
 """The StyleRig pipeline at tiny scale: corpus shards, landmarks, F (DFR), RigNet, evaluation.
 
 A random 32 px StyleGAN2 paints noise, so the training tests use the explicit synthetic
-landmarks and the small sphere head of ``tests/stylerig_fixtures.py``; the dlib stage is
+landmarks and the small sphere head of ``tests/support/stylerig_fixtures.py``; the dlib stage is
 tested on renders of the demo head.
 """
 
@@ -31,7 +31,7 @@ from server.training.stylerig.landmarks import detect_corpus_landmarks, framing_
 from server.training.stylerig.losses import RenderLoss, RenderLossWeights, Targets
 from server.training.stylerig.train_dfr import DFRSettings, train_dfr
 from server.training.stylerig.train_rignet import RigNetObjective, RigNetSettings, train_rignet
-from tests.stylerig_fixtures import write_generator, write_test_face
+from tests.support.stylerig_fixtures import write_generator, write_test_face
 
 CRASH_STEP = 13             # a simulated kill after this many steps (checkpoints every 8)
 

@@ -46,7 +46,7 @@ SMALL_SG3_R = StyleGAN3Config.preset("r", 16, z_dim=8, w_dim=8, channel_base=128
                                      num_layers=6)
 
 PERSISTENCE_VERSION = 6
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def official_keys(name: str) -> list[tuple[str, list[int]]]:

@@ -104,4 +104,4 @@ def synthetic_face(radius: float = 0.1, n_lat: int = 24, n_lon: int = 32) -> Fac
         parents=np.array([-1, 0, 1, 1, 1]), vertex_albedo=albedo,
         shape_names=["width", "height", "depth", "chin"],
         expression_names=["mouth_drop", "smile", "brow_raise"],
-        name="synthetic test head", source="tests/synthetic_face.py")
+        name="synthetic test head", source="tests/support/synthetic_face.py")

@@ -1,8 +1,8 @@
 """Small inputs for the StyleRig pipeline tests.
 
 * ``write_generator``: a tiny random StyleGAN2 (32 px) saved with ``save_generator``.
-* ``write_test_face``: the sphere head of ``tests/synthetic_face.py`` (738 vertices, a tenth of
-  the demo head's, so training steps are fast) as a FaceData ``.npz``, with a 68-point landmark
+* ``write_test_face``: the sphere head of ``synthetic_face.py`` (738 vertices, a tenth of the
+  demo head's, so training steps are fast) as a FaceData ``.npz``, with a 68-point landmark
   embedding in DECA's ``landmark_embedding.npy`` format: a face-like 2D layout of the iBUG
   points (jaw line, brows, nose, eyes, lips) placed on the front of the sphere, each point on
   the triangle under it in a frontal orthographic view.
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from server.checkpoints.stylegan import save_generator
-from tests.stylegan_fixtures import TINY_SG2, random_generator
-from tests.synthetic_face import synthetic_face
+from tests.support.stylegan_fixtures import TINY_SG2, random_generator
+from tests.support.synthetic_face import synthetic_face
 
 
 def write_generator(folder, seed: int = 0) -> Path:
