@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from numba import njit
 
 from portrait_rig.params import Camera, default_sh
 from portrait_rig.sh import SH_CONSTANTS
@@ -14,8 +15,9 @@ from server.renderer import BufferRenderer, CameraBatch, project, screen_space
 from server.renderer.buffers import vertex_normals
 from server.renderer.raster_cpu import NumbaRasterizer
 from server.renderer.raster_torch import rasterize_torch
-from server.renderer.shade_cpu import encode_numba, vertex_normals_numba
-from server.renderer.srgb import THRESHOLDS, encode_torch
+from server.renderer import shade_cpu
+from server.renderer.shade_cpu import vertex_normals_numba
+from server.renderer.srgb import LUT, THRESHOLDS, encode_torch
 from portrait_rig.colour import linear_to_srgb
 from tests.support.synthetic_face import synthetic_face, uv_sphere
 
@@ -362,6 +364,20 @@ def test_numba_vertex_normals_match_torch():
     fast = vertex_normals_numba(verts[None], face.faces)
     reference = vertex_normals(torch.tensor(verts)[None], torch.tensor(face.faces).long())
     np.testing.assert_allclose(fast, reference.numpy(), atol=1e-5)
+
+
+@njit
+def _encode_all(linear, lut, thresholds, out):
+    for i in range(linear.size):
+        out[i] = shade_cpu._encode(linear[i], lut, thresholds)
+
+
+def encode_numba(linear: np.ndarray) -> np.ndarray:
+    """The CPU preview's per-pixel sRGB encoder on a float32 array (any shape) -> uint8 codes."""
+    flat = np.ascontiguousarray(linear, dtype=np.float32).reshape(-1)
+    out = np.empty(flat.shape, np.uint8)
+    _encode_all(flat, LUT, shade_cpu._THRESHOLDS_PADDED, out)
+    return out.reshape(np.shape(linear))
 
 
 def test_srgb_encoders_round_the_transfer_function_and_agree():

@@ -71,20 +71,6 @@ def _encode(x, lut, thresholds):
     return v + np.uint8(thresholds[v] <= x)
 
 
-@njit(cache=True)
-def _encode_all(linear, lut, thresholds, out):
-    for i in range(linear.size):
-        out[i] = _encode(linear[i], lut, thresholds)
-
-
-def encode_numba(linear: np.ndarray) -> np.ndarray:
-    """The fast path's sRGB encoder on a float32 array (any shape) -> uint8 code values."""
-    flat = np.ascontiguousarray(linear, dtype=np.float32).reshape(-1)
-    out = np.empty(flat.shape, np.uint8)
-    _encode_all(flat, LUT, _THRESHOLDS_PADDED, out)
-    return out.reshape(np.shape(linear))
-
-
 @njit(cache=True, parallel=True)
 def _shade(tri, pixel_xy, inv_w, faces, attributes, light, background, lut, thresholds,
            want_packed, rgba, packed):
