@@ -52,9 +52,9 @@ def dlib_landmarks(images: np.ndarray, detector: FaceDetector
     found = np.zeros(n, dtype=bool)
     score = np.zeros(n, dtype=np.float32)
     for i, image in enumerate(images):
-        faces = detector.detect(image)
-        if faces:
-            points[i], found[i], score[i] = faces[0].landmarks, True, faces[0].score
+        detections = detector.detect(image)
+        if detections:
+            points[i], found[i], score[i] = detections[0].landmarks, True, detections[0].score
     return points, found, score
 
 
