@@ -53,7 +53,7 @@ def extension_module(name: str):
 def flame_sized_face() -> FaceData:
     a = random_flame_arrays(seed=0)
     n_vertices = len(a["v_template"])
-    return FaceData(v_template=a["v_template"], faces=a["f"].astype(np.int32),
+    return FaceData(v_template=a["v_template"], triangles=a["f"].astype(np.int32),
                     shapedirs=a["shapedirs"][:, :, :300], exprdirs=a["shapedirs"][:, :, 300:],
                     posedirs=a["posedirs"], J_regressor=a["J_regressor"],
                     weights=a["weights"], parents=np.array([-1, 0, 1, 1, 1]),

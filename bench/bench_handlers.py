@@ -53,7 +53,7 @@ N_SHAPE, N_EXPRESSION = 100, 50
 def flame_sized_face() -> FaceData:
     a = random_flame_arrays(seed=0)
     n = len(a["v_template"])
-    return FaceData(v_template=a["v_template"], faces=a["f"].astype(np.int32),
+    return FaceData(v_template=a["v_template"], triangles=a["f"].astype(np.int32),
                     shapedirs=a["shapedirs"][:, :, :300], exprdirs=a["shapedirs"][:, :, 300:],
                     posedirs=a["posedirs"], J_regressor=a["J_regressor"], weights=a["weights"],
                     parents=np.array([-1, 0, 1, 1, 1]), vertex_albedo=np.full((n, 3), 0.6),

@@ -84,7 +84,7 @@ def main() -> None:
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     face, label = load_face()
-    print(f"model: {label}, {face.n_vertices} vertices, {face.n_faces} triangles; "
+    print(f"model: {label}, {face.n_vertices} vertices, {face.n_triangles} triangles; "
           f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()} "
           f"({numba.config.THREADING_LAYER} layer); {os.cpu_count()} CPUs")
 

@@ -126,7 +126,7 @@ def demo_render(size: int, turn: float) -> np.ndarray:
     c, s = math.cos(turn), math.sin(turn)
     rotation = torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
     vertices = torch.as_tensor(data.v_template) @ rotation.T
-    buffers = BufferRenderer(data.faces).render(
+    buffers = BufferRenderer(data.triangles).render(
         vertices[None], torch.as_tensor(data.vertex_albedo), torch.tensor(default_sh()) * 0.3,
         [framing_camera(data)], size, size)
     mask = buffers.mask[0, ..., 0].numpy() > 0

@@ -112,7 +112,7 @@ def test_optimisation_fits_the_texture_code(flame):
     image = (buffers.rendered[0] * buffers.mask[0] + 0.4 * (1 - buffers.mask[0])).clamp(0, 1)
     image = np.round(image.numpy() * 255).astype(np.uint8)
     vertices = renderer.vertices(codes)
-    ndc, depth = project(embedding.points(vertices, model.faces), renderer.cameras(codes),
+    ndc, depth = project(embedding.points(vertices, model.triangles), renderer.cameras(codes),
                          size, size)
     landmarks = screen_space(ndc, depth, renderer.cameras(codes), size, size)[0][0].double()
     settings = FitSettings(rigid_steps=60, shape_steps=40, light_steps=150, refine_steps=0,

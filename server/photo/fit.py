@@ -60,7 +60,7 @@ class PhotoFitter:
                                             if use_deca else None)
         self.method = "deca" if use_deca else "optimisation"
         if texture is not None:
-            texture.check_faces(model.data.n_faces)
+            texture.check_triangles(model.data.n_triangles)
         self.texture = texture
 
     def fit(self, photo) -> PhotoFit:

@@ -183,7 +183,7 @@ class FitService:
             flame = self.face_data.n_vertices == FLAME_VERTICES
             deca = self.deca_model or (default_deca_model() if flame else None)
             embedding = self.embedding or (default_embedding() if flame else None)
-            texture = choose_texture(self.texture, self.face_data.n_faces)   # ValueError
+            texture = choose_texture(self.texture, self.face_data.n_triangles)   # ValueError
             self._fitter = PhotoFitter(FaceModel(self.face_data, "cpu"), deca_model=deca,
                                        embedding=embedding, texture=texture)
         return self._fitter

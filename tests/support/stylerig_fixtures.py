@@ -53,7 +53,7 @@ def write_test_face(folder) -> tuple[Path, Path]:
     data.save(face_path)
 
     radius = float(np.abs(data.v_template).max())
-    corners = data.v_template[data.faces] / radius                     # [F, 3, 3]
+    corners = data.v_template[data.triangles] / radius                     # [F, 3, 3]
     front = corners[:, :, 2].min(1) > 0
     triangles, bary = np.zeros(68, np.int64), np.zeros((68, 3))
     for i, (x, y) in enumerate(landmark_layout()):

@@ -82,7 +82,7 @@ def synthetic_landmarks(indices: np.ndarray, seed: int, size: int, data: FaceDat
         expression[row, :k] = torch.from_numpy(rng.normal(0.0, 0.5, k))
     with torch.no_grad():
         vertices, _ = model.pose(torch.zeros(n, model.n_shape), expression, pose)
-        points = embedding.points(vertices, model.faces)
+        points = embedding.points(vertices, model.triangles)
         cameras = CameraBatch.from_params([framing_camera(data)] * n)
         ndc, depth = project(points, cameras, size, size)
         pixel = screen_space(ndc, depth, cameras, size, size)[0]
