@@ -19,8 +19,7 @@ from PIL import Image  # noqa: E402
 
 from tests.support.blender_env import (bpy, blender, draw, extension,  # noqa: E402,F401
                                        extension_repository, pump)
-from tests.support.stylegan_fixtures import (SMALL_SG3_R, random_generator,  # noqa: E402
-                                             write_nvidia_pickle)
+from tests.support.stylegan_fixtures import write_stylerig_home  # noqa: E402
 
 pytestmark = pytest.mark.blender
 SIZE = 16
@@ -31,14 +30,10 @@ def stylerig_server(tmp_path_factory):
     from tests.support.server_process import ServerProcess
 
     home = tmp_path_factory.mktemp("home")
-    G = random_generator(SMALL_SG3_R, seed=3)
-    (home / "stylegan" / "directions").mkdir(parents=True)
-    write_nvidia_pickle(home / "stylegan" / "generator.pkl", G)
-    direction = np.random.RandomState(1).randn(1, G.w_dim).astype(np.float32)
-    np.save(home / "stylegan" / "directions" / "age_boundary.npy", direction)
+    G, direction = write_stylerig_home(home, direction_seed=1)
     with ServerProcess("--backend", "stylerig", "--model", "demo", "--quiet",
                        env={"PORTRAIT_RIG_HOME": str(home)}) as server:
-        yield server, home, G, torch.from_numpy(direction[0])
+        yield server, home, G, direction
 
 
 def stage(extension, server):

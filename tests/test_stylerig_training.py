@@ -31,7 +31,7 @@ from server.training.stylerig.landmarks import detect_corpus_landmarks, framing_
 from server.training.stylerig.losses import RenderLoss, RenderLossWeights, Targets
 from server.training.stylerig.train_dfr import DFRSettings, train_dfr
 from server.training.stylerig.train_rignet import RigNetObjective, RigNetSettings, train_rignet
-from tests.support.stylerig_fixtures import write_generator, write_test_face
+from tests.support.stylerig_fixtures import write_corpus
 
 CRASH_STEP = 13             # a simulated kill after this many steps (checkpoints every 8)
 
@@ -44,12 +44,7 @@ def setup(tmp_path_factory):
     """Generator, sphere head, a 12-sample corpus (2 shards) with synthetic landmarks, and one
     uninterrupted DFR run and RigNet run."""
     root = tmp_path_factory.mktemp("stylerig")
-    generator = write_generator(root)
-    face, embedding = write_test_face(root)
-    build_corpus(root / "corpus", CorpusSettings(str(generator), count=12, shard_size=8,
-                                                 image_size=32), progress=False)
-    detect_corpus_landmarks(root / "corpus", source="synthetic", face_model=str(face),
-                            embedding=str(embedding), progress=False)
+    generator, face, embedding = write_corpus(root)
     dfr = DFRSettings(face_model=str(face), embedding=str(embedding), steps=24, batch_size=4,
                       hidden=64, lr=1e-3, log_every=1, checkpoint_every=8, preview_every=0)
     train_dfr(root / "corpus", root / "dfr", dfr, progress=False)

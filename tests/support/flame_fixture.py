@@ -24,10 +24,10 @@ import contextlib
 import io
 import os
 import pickle
-import sys
-import types
 
 import numpy as np
+
+from tests.support.stand_ins import stand_in_modules
 
 N_VERTICES = 5023
 N_TRIANGLES = 9976
@@ -126,27 +126,19 @@ def _blob(rng, n_vertices: int, n_triangles: int) -> tuple[np.ndarray, np.ndarra
 def _stand_in_classes(*qualified_names: str):
     """Temporary modules and classes named like chumpy's / scipy's, so the pickler writes
     exactly those global names. Modules that already exist are replaced for the duration."""
-    saved, classes = {}, {}
-    try:
+    names = {}
+    for qualified in qualified_names:
+        parts = qualified.split(".")[:-1]
+        names.update({".".join(parts[:i]): {} for i in range(1, len(parts) + 1)})
+    with stand_in_modules(names) as modules:
+        classes = {}
         for qualified in qualified_names:
             module_name, class_name = qualified.rsplit(".", 1)
-            parts = module_name.split(".")
-            for i in range(1, len(parts) + 1):
-                name = ".".join(parts[:i])
-                if name not in saved:
-                    saved[name] = sys.modules.get(name)
-                    sys.modules[name] = types.ModuleType(name)
             cls = type(class_name, (_PickledState,), {"__module__": module_name,
                                                       "__qualname__": class_name})
-            setattr(sys.modules[module_name], class_name, cls)
+            setattr(modules[module_name], class_name, cls)
             classes[qualified] = cls
         yield classes
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 class _PickledState:
