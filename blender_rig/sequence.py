@@ -60,7 +60,7 @@ from bpy.app.handlers import persistent
 from ..portrait_rig import client as wire
 from ..portrait_rig.params import Lighting, RigParams
 from ..portrait_rig.protocol import SHOT_RADIUS
-from . import compat, preferences, properties, rig_builder, scene_reader
+from . import app_handlers, compat, preferences, properties, rig_builder, scene_reader
 
 ENGINE_ID = "PORTRAIT_RIG"           # the RenderEngine's bl_idname
 POLL_S = 0.05                        # Esc (test_break) is checked this often while waiting
@@ -572,13 +572,9 @@ HANDLERS = (
 
 
 def register():
-    for handlers, function in HANDLERS:
-        if function not in handlers:
-            handlers.append(function)
+    app_handlers.add(HANDLERS)
 
 
 def unregister():
-    for handlers, function in HANDLERS:
-        while function in handlers:
-            handlers.remove(function)
+    app_handlers.remove(HANDLERS)
     _finish_jobs()

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.server_process import REPO
+from tests.support.server_process import REPO
 
 
 @pytest.mark.slow

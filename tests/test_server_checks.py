@@ -14,7 +14,7 @@ import torch
 from portrait_rig.client import Client
 from server.backends.check import check_backend
 from server.checkpoints.identify import identify
-from server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 

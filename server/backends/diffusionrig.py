@@ -110,7 +110,7 @@ class DiffusionRigBackend(Backend):
         if face_model.device != self.torch_device:
             face_model = FaceModel(face_model.data, self.torch_device)
         self.buffers = DecaBufferRenderer(
-            face_model, choose_texture(texture, face_model.faces.shape[0], self.torch_device))
+            face_model, choose_texture(texture, face_model.triangles.shape[0], self.torch_device))
         self.framer = HeadFramer(face_model) if self.framing != "rig" else None
         self._latents = LRU(_CACHE_ENTRIES)
         self._noise = LRU(_CACHE_ENTRIES)
