@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusionrig_fixtures import BACKEND_TINY, TINY, random_checkpoint_state, write_checkpoint
-from server.diffusion import NoiseSchedule, ddim_sample, distilled_sample
+from server.diffusion import NoiseSchedule, ddim_sample
 from server.diffusion.distilled import default_grid, read_distilled_timesteps, student_grid
 from server.models.diffusionrig import DiffusionRig
 from server.training.diffusionrig.distill import DistillConfig, ddim_target, distil, save_student
@@ -88,38 +88,59 @@ def test_backend_samples_a_student_on_its_own_grid(tmp_path, small_face, monkeyp
     assert read_distilled_timesteps(tmp_path / "half.safetensors") is None
 
 
+def test_a_student_file_keeps_the_layout_and_carries_its_grid(tmp_path):
+    from safetensors.torch import load_file
+
+    model = DiffusionRig(TINY)
+    schedule = NoiseSchedule.linear()
+    path = save_student(model, [950, 450], tmp_path / "student.safetensors",
+                        schedule.respaced(20), (2,), "fixture")
+    assert read_distilled_timesteps(path) == [950, 450]
+    assert not list(tmp_path.glob("*.tmp"))
+    reloaded = DiffusionRig(TINY)
+    reloaded.load_state_dict(load_file(str(path)))
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(),
+                                                 model.state_dict().values()))
+    with pytest.raises(ValueError, match="written as .safetensors"):
+        save_student(model, [950, 450], tmp_path / "student.pt", schedule.respaced(20), (2,),
+                     "fixture")
+
+
 @pytest.mark.training
-@pytest.mark.slow
-def test_distilled_student_lands_on_its_teachers_trajectories(tmp_path):
-    """Tiny scale, CPU: the fixture's 16 px teacher distilled 20 -> 2 steps on 16 random rigs.
-    On the conditions and noise it was trained on, the student's 2-step samples come closer
-    to the teacher's 20-step samples than the teacher's own 2 steps do, and the file keeps
-    the tag. (Held-out conditions need the full-size run's 1000+ conditions: see
-    bench/bench_distill.py and docs/performance.md.)"""
-    from bench.bench_distill import conditions, tiny_teacher
+@pytest.mark.usefixtures("single_thread")
+def test_a_distilled_student_beats_the_teachers_own_two_steps_on_held_out_rigs():
+    """Tiny scale, CPU: the fixture's 16 px teacher distilled 20 -> 2 steps on fresh random
+    rigs, latents and noise. On rigs, latents and noise it never saw, the student's 2-step
+    samples are closer to the teacher's 20-step samples than the teacher's own DDIM on the
+    same 2 steps, and turning the head moves its image the way it moves the teacher's at
+    least as well. (The bench's longer run: bench/bench_distill.py, docs/performance.md.)"""
+    from bench.bench_distill import condition_source, evaluate, held_out, tiny_teacher
 
     torch.manual_seed(0)
     teacher = tiny_teacher()
-    buffers, z = conditions(16, TINY.image_size, TINY.latent_dim, seed=0)
-    config = DistillConfig(stages=(2,), iterations=40, batch_size=8, lr=1e-3, log_every=0)
     schedule = NoiseSchedule.linear()
-    student, grid = distil(teacher, (buffers, z), schedule, config, log=None)
+    config = DistillConfig(stages=(2,), iterations=24, batch_size=16, pool=48, fresh=0,
+                           lr=2e-4, ema=0.9, log_every=0)
+    student, grid = distil(teacher, condition_source(seed=1), schedule, config, log=None)
     assert grid == [950, 450]
-    noise = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(config.seed))
-    with torch.no_grad():
-        def run(model, timesteps, sampler=ddim_sample):
-            return sampler(lambda x, t: model(x, t, buffers, z), noise, schedule, timesteps)
-        reference = run(teacher, schedule.respaced(20))
-        short = run(teacher, grid)
-        distilled = run(student, grid, distilled_sample)
-    rms = lambda a: a.square().mean().sqrt().item()  # noqa: E731
-    assert rms(distilled - reference) < 0.9 * rms(short - reference), \
-        (rms(distilled - reference), rms(short - reference))
-    path = save_student(student, grid, tmp_path / "student.safetensors",
-                        schedule.respaced(20), config.stages, "fixture")
-    assert read_distilled_timesteps(path) == grid
-    reloaded = DiffusionRig(TINY)
-    from safetensors.torch import load_file
-    reloaded.load_state_dict(load_file(str(path)))
-    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(),
-                                                 student.state_dict().values()))
+    data = held_out(16, seed=7)
+    del data["light"]
+    result = evaluate(teacher, student, grid, schedule, data)
+    mine, ddim = result["student, 2 steps"], result["teacher DDIM-2"]
+    assert mine["error"] < 0.93 * ddim["error"], result
+    assert mine["pose relative error"] < ddim["pose relative error"], result
+
+
+@pytest.mark.training
+@pytest.mark.usefixtures("single_thread")
+def test_the_command_writes_a_student_the_backend_reads(tmp_path, capsys):
+    from server.training.diffusionrig.distill import main
+
+    teacher = write_checkpoint(tmp_path / "teacher.safetensors")
+    out = tmp_path / "student.safetensors"
+    assert main([str(teacher), str(out), "--device", "cpu", "--resolution", "32",
+                 "--iterations", "2", "--batch-size", "2", "--pool", "2", "--fresh", "0",
+                 "--check", "2"]) == 0
+    assert read_distilled_timesteps(out) == [950, 450]
+    printed = capsys.readouterr().out
+    assert "2 held-out conditions" in printed and "teacher DDIM-4" in printed, printed
