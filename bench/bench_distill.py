@@ -1,6 +1,6 @@
 """Tiny-scale proof of the distilled DiffusionRig sampler, on the CPU.
 
-Teacher: the tiny DiffusionRig of the test fixtures (``tests/diffusionrig_fixtures.py``:
+Teacher: the tiny DiffusionRig of the test fixtures (``tests/support/diffusionrig_fixtures.py``:
 official layout, 16 px, random weights) sampled with DDIM-20. It is distilled into a student
 of ``--stages`` (``server.training.diffusionrig.distill``: random rigs rendered to DECA
 buffers with the demo head and latents N(0, I), fresh ones every iteration). Then, on
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -44,7 +44,7 @@ TRAIN_SEED, HELD_OUT_SEED = 1, 1_000_003
 
 def tiny_teacher():
     """The fixture's tiny DiffusionRig (UNet weights shipped in tests/data)."""
-    from diffusionrig_fixtures import TINY, load_fixture
+    from tests.support.diffusionrig_fixtures import TINY, load_fixture
     from server.models.diffusionrig import DiffusionRig
     model = DiffusionRig(TINY)
     weights, _ = load_fixture()

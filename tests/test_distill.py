@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionrig_fixtures import BACKEND_TINY, TINY, random_checkpoint_state, write_checkpoint
+from tests.support.diffusionrig_fixtures import (BACKEND_TINY, TINY, random_checkpoint_state,
+                                                 write_checkpoint)
 from server.diffusion import NoiseSchedule, ddim_sample
 from server.diffusion.distilled import default_grid, read_distilled_timesteps, student_grid
 from server.models.diffusionrig import DiffusionRig
@@ -45,7 +46,7 @@ def test_student_grids_and_targets():
 @pytest.fixture(scope="module")
 def small_face():
     from server.renderer.face_model import FaceModel
-    from synthetic_face import synthetic_face
+    from tests.support.synthetic_face import synthetic_face
 
     return FaceModel(synthetic_face())
 

@@ -372,7 +372,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     teacher = load_diffusionrig(args.teacher, None, device, args.resolution)
     face_model = FaceModel(load_face_data(args.model), device)
-    renderer = DecaBufferRenderer(face_model, choose_texture("auto", face_model.faces.shape[0],
+    renderer = DecaBufferRenderer(face_model, choose_texture("auto", face_model.triangles.shape[0],
                                                              device))
     bank = None
     if args.latents:
