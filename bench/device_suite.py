@@ -10,7 +10,7 @@ have passed; a row that fails records its error and the run goes on):
    batch 1 and 8, fp32 and fp16 (the official mixed precision: the 4 highest resolutions in
    float16, activations clamped to 256), eager and eager replayed as a CUDA graph;
    RigNet; DiffusionRig's 256 px UNet: one step at batch 1 and 4 in fp32 / fp16 / bf16
-   (autocast), DDIM-20, DPM-Solver++ 10 and 20 steps, time to
+   (autocast), DDIM-20, DPM-Solver++ 10 and 20 steps, the distilled 2-step sampler, time to
    the first streamed preview.
 2. The preview backend on the device at 512 and 1024 px, batch 1 and 8.
 3. The stylerig backend end to end through a real server and client (frames/s, p50/p95).
@@ -178,7 +178,8 @@ def bench_rignet(suite: Suite, generators: dict) -> None:
 
 def bench_diffusionrig(suite: Suite) -> None:
     from tests.support.diffusionrig_fixtures import TINY
-    from server.diffusion import NoiseSchedule, ddim_sample, dpm_solver_pp_sample
+    from server.diffusion import (NoiseSchedule, ddim_sample, distilled_sample,
+                                  dpm_solver_pp_sample)
     from server.models.diffusionrig_unet import DiffusionRigUNet, UNetConfig
     cfg = TINY if suite.quick else UNetConfig()
     unet = DiffusionRigUNet(cfg).to(suite.device).eval()
@@ -211,6 +212,7 @@ def bench_diffusionrig(suite: Suite) -> None:
         "DDIM-20": lambda d, x: ddim_sample(d, x, schedule, schedule.respaced(20)),
         "DPM-Solver++ 10": lambda d, x: dpm_solver_pp_sample(d, x, schedule, steps=10),
         "DPM-Solver++ 20": lambda d, x: dpm_solver_pp_sample(d, x, schedule, steps=20),
+        "distilled 2-step": lambda d, x: distilled_sample(d, x, schedule, steps=2),
     }
     for batch in ((1,) if suite.quick else (1, 4)):
         noise, buffers, z = inputs(batch)
