@@ -22,13 +22,14 @@ from server.models.rignet import RigNet
 from server.checkpoints.stylerig import load_rignet, save_rignet
 from server.renderer import BufferRenderer
 from portrait_rig.colour import linear_to_srgb
-from server.training.stylerig.corpus import (Corpus, CorpusSettings, build_corpus, sample_z,
-                                             to_pipeline_images)
+from server.training.stylerig.corpus import (Corpus, CorpusSettings, build_corpus,
+                                             sample_latents, sample_z, to_pipeline_images)
 from server.training.stylerig.data import TrainingData, load_face
 from server.training.stylerig.evaluate import EvalSettings, evaluate, rotation_angle_deg
 from server.training.stylerig.face_render import FaceRenderer
 from server.training.stylerig.landmarks import detect_corpus_landmarks, framing_camera
 from server.training.stylerig.losses import RenderLoss, RenderLossWeights, Targets
+from server.training.stylerig.run import RunDir, scheduled_lr
 from server.training.stylerig.train_dfr import DFRSettings, train_dfr
 from server.training.stylerig.train_rignet import RigNetObjective, RigNetSettings, train_rignet
 from tests.stylerig_fixtures import write_generator, write_test_face
@@ -115,6 +116,57 @@ def test_corpus_resumes_and_extends_without_redoing_shards(setup, tmp_path):
     shutil.rmtree(folder / "shard_00002")
     with pytest.raises(ValueError, match="shard_00002 is missing"):
         Corpus(folder)
+
+
+def test_style_mixed_samples_take_their_later_layers_from_a_second_latent(setup, tmp_path):
+    G = load_generator(setup["generator"])
+    build_corpus(tmp_path / "mixed", CorpusSettings(str(setup["generator"]), count=5,
+                                                    image_size=32, style_mixing=1.0),
+                 progress=False)
+    corpus = Corpus(tmp_path / "mixed")
+    for i in range(5):
+        z, z2, cutoff = sample_latents(0, i, G.z_dim, G.num_ws, 1.0)
+        assert 1 <= cutoff < G.num_ws
+        with torch.no_grad():
+            w1, w2 = G.mapping(torch.from_numpy(np.stack([z, z2])), truncation_psi=0.7)
+            expected = torch.cat([w1[:cutoff], w2[cutoff:]])
+            image = to_pipeline_images(G.synthesis(expected[None]), 32)
+        torch.testing.assert_close(corpus.w([i])[0], expected)
+        assert np.abs(corpus.images([i]).astype(int) - image).max() <= 1
+    # Without mixing a sample is the plain z of sample_z, as corpora sampled before mixing.
+    z, _, cutoff = sample_latents(0, 3, G.z_dim, G.num_ws, 0.0)
+    assert cutoff == G.num_ws and np.array_equal(z, sample_z(0, 3, G.z_dim))
+
+
+def test_settings_added_later_take_their_defaults_on_resume(setup, tmp_path):
+    folder = tmp_path / "corpus"
+    settings = CorpusSettings(str(setup["generator"]), count=2, image_size=32)
+    build_corpus(folder, settings, progress=False)
+    manifest = json.loads((folder / "corpus.json").read_text())
+    del manifest["style_mixing"]                     # a corpus sampled before the option
+    (folder / "corpus.json").write_text(json.dumps(manifest))
+    build_corpus(folder, CorpusSettings(**{**settings.__dict__, "count": 3}), progress=False)
+    with pytest.raises(ValueError, match="style_mixing"):
+        build_corpus(folder, CorpusSettings(**{**settings.__dict__, "style_mixing": 0.5}),
+                     progress=False)
+
+    run = tmp_path / "run"
+    RunDir(run, DFRSettings())
+    stored = json.loads((run / "settings.json").read_text())
+    del stored["lr_decay"]                           # a run started before the option
+    (run / "settings.json").write_text(json.dumps(stored))
+    RunDir(run, DFRSettings())
+    with pytest.raises(ValueError, match="lr_decay"):
+        RunDir(run, DFRSettings(lr_decay=0.5))
+
+
+def test_learning_rate_schedule_is_constant_then_a_cosine_to_zero():
+    assert [scheduled_lr(1.0, s, 100, 0.0) for s in (0, 99)] == [1.0, 1.0]
+    assert scheduled_lr(1.0, 49, 100, 0.5) == 1.0
+    assert scheduled_lr(1.0, 75, 100, 0.5) == pytest.approx(0.5)
+    assert scheduled_lr(1.0, 99, 100, 0.5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.98)))
+    with pytest.raises(ValueError, match="lr_decay"):
+        DFRSettings(lr_decay=1.5)
 
 
 # --------------------------------------------------------------------------------------------

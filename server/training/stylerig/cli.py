@@ -40,6 +40,9 @@ def _add_training_options(p, defaults) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=defaults.batch_size,
                    help="images (dfr) or pairs (rignet) per step")
     p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate")
+    p.add_argument("--lr-decay", dest="lr_decay", type=float, default=defaults.lr_decay,
+                   help="fraction of the run over which the learning rate falls to zero "
+                   "(cosine; 0: constant)")
     p.add_argument("--render-size", dest="render_size", type=int, default=defaults.render_size,
                    help="render and compare at this size (default: the corpus image size)")
     p.add_argument("--w-landmarks", dest="w_landmarks", type=float,
@@ -87,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", dest="image_size", type=int, default=defaults.image_size,
                    help="stored image size (box-filtered from the generator's)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="latent seed")
+    p.add_argument("--style-mixing", dest="style_mixing", type=float,
+                   default=defaults.style_mixing, help="probability that a sample's later "
+                   "layers come from a second latent (StyleGAN's mixing): teaches F which "
+                   "layers carry what")
     p.add_argument("--noise-mode", dest="noise_mode", default=defaults.noise_mode,
                    choices=("const", "random", "none"), help="the generator's noise inputs")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16,
