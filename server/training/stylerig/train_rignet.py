@@ -19,7 +19,8 @@ lighting). With p_w = F(w), p_v = F(v) and their control vectors c_w, c_v (F fro
 L = w_rec L_rec + w_edit L_edit + w_consist L_consist (each averaged over both directions).
 Gradients reach RigNet through F and the renderer; F's and the generator's weights never
 change and the generator is not run at all (the corpus holds I_w and I_v) except for
-previews. Optimiser: AdaDelta, as in the paper.
+previews. Optimiser: AdaDelta, as in the paper (``lr_decay`` > 0: its learning rate falls to
+zero along a cosine over that last fraction of the run).
 
 Before the first step RigNet's control standardisation is set from F's controls over the
 corpus (``RigNet.set_control_statistics``).
@@ -49,7 +50,7 @@ from server.training.stylerig.face_render import FaceRenderer
 from server.training.stylerig.losses import RenderLoss, RenderLossWeights, Targets
 from server.training.stylerig.preview import overlay, save_grid
 from server.training.progress import Progress
-from server.training.stylerig.run import RunDir, due
+from server.training.stylerig.run import RunDir, due, scheduled_lr, set_lr
 
 STATISTICS_SAMPLES = 4096
 
@@ -64,6 +65,7 @@ class RigNetSettings:
     batch_size: int = 8
     latent_dim: int = 32
     lr: float = 1.0                      # AdaDelta (torch's and Zeiler's defaults)
+    lr_decay: float = 0.0                # fraction of the run over which lr falls to 0
     rho: float = 0.9
     eps: float = 1e-6
     render_size: int = 0                 # 0: the corpus' image size
@@ -77,6 +79,8 @@ class RigNetSettings:
     preview_every: int = 1000
 
     def __post_init__(self):
+        if not 0.0 <= self.lr_decay <= 1.0:
+            raise ValueError(f"lr_decay: expected a fraction in [0, 1], got {self.lr_decay!r}")
         self.modes = tuple(self.modes)
         unknown = [m for m in self.modes if m not in MODES]
         if not self.modes or unknown:
@@ -206,6 +210,7 @@ def train_rignet(corpus_dir, run_dir, settings: RigNetSettings, device="cpu",
     try:
         while step < settings.steps:
             pairs = Pairs(data, settings, step, part)
+            set_lr(optimizer, scheduled_lr(settings.lr, step, settings.steps, settings.lr_decay))
             terms = objective(data.w(pairs.w_index, device), data.w(pairs.v_index, device),
                               data.targets(pairs.w_index, size, device),
                               data.targets(pairs.v_index, size, device), pairs.modes)
