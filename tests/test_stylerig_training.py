@@ -194,7 +194,10 @@ def test_dlib_stage_flags_faceless_images_and_training_skips_them(setup, tmp_pat
     images[0], images[2] = demo_render(128, 0.0), demo_render(128, 0.15)  # 1 stays noise
     np.save(folder / "shard_00000" / "images.npy", images)
 
-    summary = detect_corpus_landmarks(folder, source="dlib", progress=False)
+    from server.training.stylerig.cli import main       # the stage as users run it
+
+    assert main(["--quiet", "landmarks", "--corpus", str(folder)]) == 0
+    summary = json.loads((folder / "landmarks.json").read_text())
     assert summary["found"] == 2 and summary["flagged_indices"] == [1]
     landmarks, found, source = Corpus(folder).landmarks()
     assert found.tolist() == [True, False, True] and source == "dlib-hog"

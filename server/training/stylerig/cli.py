@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (cluster schedulers, `kill`) checkpoints like Ctrl-C does.
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
-        check_device(args.device)
+        if hasattr(args, "device"):             # landmarks run dlib, on the CPU
+            check_device(args.device)
         if args.stage == "corpus":
             from server.training.stylerig.corpus import build_corpus
             build_corpus(args.out, CorpusSettings(**_fields(CorpusSettings, args)), args.device,
