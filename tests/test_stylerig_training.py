@@ -265,9 +265,6 @@ def assert_same_run(resumed, reference):
     assert [{k: v for k, v in r.items() if k != "time"} for r in records(resumed)] == strip
 
 
-@pytest.mark.xfail(reason="known regression since torchrun/DDP support: the resumed DFR run "
-                          "differs from the uninterrupted one in the last float bits (fc0); the "
-                          "RigNet and DiffusionRig resume tests still hold exactly", strict=False)
 def test_dfr_resumes_after_a_kill_exactly(setup, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         crash_at(patch, CRASH_STEP)
