@@ -159,6 +159,16 @@ def test_settings_added_later_take_their_defaults_on_resume(setup, tmp_path):
     with pytest.raises(ValueError, match="lr_decay"):
         RunDir(run, DFRSettings(lr_decay=0.5))
 
+    # A RigNet run from before L_control was trained without it and must not resume with it.
+    run = tmp_path / "rignet"
+    RunDir(run, RigNetSettings(w_control=0.0))
+    stored = json.loads((run / "settings.json").read_text())
+    del stored["w_control"]
+    (run / "settings.json").write_text(json.dumps(stored))
+    RunDir(run, RigNetSettings(w_control=0.0))
+    with pytest.raises(ValueError, match="w_control=0.0, now w_control=1.0"):
+        RunDir(run, RigNetSettings())
+
 
 def test_learning_rate_schedule_is_constant_then_a_cosine_to_zero():
     assert [scheduled_lr(1.0, s, 100, 0.0) for s in (0, 99)] == [1.0, 1.0]
@@ -308,7 +318,8 @@ def row(batch, i: int):
 
 
 def test_rignet_objective_follows_the_paper(setup):
-    """L_rec, L_edit and L_consist of a random RigNet, written out from their definitions."""
+    """L_rec, L_edit, L_consist and L_control of a random RigNet, written out from their
+    definitions."""
     data = TrainingData(setup["root"] / "corpus")
     dfr, _ = load_dfr(setup["root"] / "dfr" / "dfr.safetensors")
     face, embedding = load_face(str(setup["face"]), str(setup["embedding"]))
@@ -317,7 +328,9 @@ def test_rignet_objective_follows_the_paper(setup):
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         rignet.decoder.weight.copy_(torch.randn(rignet.decoder.weight.shape, generator=g) * 0.3)
-    settings = RigNetSettings(dfr="unused", w_rec=2.0, w_edit=3.0, w_consist=5.0)
+    with torch.no_grad():
+        rignet.set_control_statistics(dfr(data.w(data.usable, "cpu")).controls(rignet.layout))
+    settings = RigNetSettings(dfr="unused", w_rec=2.0, w_edit=3.0, w_consist=5.0, w_control=0.5)
     wi, vi, modes = data.usable[[0, 1, 2]], data.usable[[3, 4, 5]], ["pose", "expression",
                                                                       "lighting"]
     w, v = data.w(wi, "cpu"), data.w(vi, "cpu")
@@ -328,26 +341,36 @@ def test_rignet_objective_follows_the_paper(setup):
         p_w, p_v = dfr(w), dfr(v)
         c_w, c_v = p_w.controls(layout), p_v.controls(layout)
         rec = (((rignet(w, c_w) - w) ** 2).mean() + ((rignet(v, c_v) - v) ** 2).mean()) / 2
-        edit, consist = [], []
+        edit, consist, control_edit, control_consist = [], [], [], []
         for i, mode in enumerate(modes):
             for a, b, p_a, p_b, c_a, c_b, t_a, t_b in ((w, v, p_w, p_v, c_w, c_v, t_w, t_v),
                                                        (v, w, p_v, p_w, c_v, c_w, t_v, t_w)):
                 request = c_a[i:i + 1].clone()
+                edited = torch.zeros(layout.dim, dtype=torch.bool)
                 for name in {"pose": ["global_pose"], "expression": ["jaw", "expression"],
                              "lighting": ["sh"]}[mode]:
                     request[:, layout.slices[name]] = c_b[i:i + 1, layout.slices[name]]
+                    edited[layout.slices[name]] = True
                 p_hat = dfr(rignet(a[i:i + 1], request))
+                d2 = ((p_hat.controls(layout) - request) / rignet.control_scale)[0] ** 2
+                control_edit.append(d2[edited])
+                control_consist.append(d2[~edited])
                 p_edit = row(p_b, i).take(p_hat, [mode])       # b's face, the mode from p_hat
                 p_consist = p_hat.take(row(p_a, i), [mode])    # p_hat, the mode back from a
                 edit.append(loss.terms(p_edit, row(t_b, i))[0]["render"])
                 consist.append(loss.terms(p_consist, row(t_a, i))[0]["render"])
         edit, consist = torch.cat(edit).mean(), torch.cat(consist).mean()
+        control_edit = torch.cat(control_edit).mean()
+        control_consist = torch.cat(control_consist).mean()
     torch.testing.assert_close(terms["rec"], rec)
     torch.testing.assert_close(terms["edit"], edit, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(terms["consist"], consist, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(terms["loss"], 2 * rec + 3 * edit + 5 * consist, rtol=1e-4,
-                               atol=1e-6)
-    assert rec > 0 and edit > 0 and consist > 0
+    torch.testing.assert_close(terms["control_edit"], control_edit, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(terms["control_consist"], control_consist, rtol=1e-4, atol=1e-6)
+    control = 0.5 * (3 * control_edit + 5 * control_consist)
+    torch.testing.assert_close(terms["loss"], 2 * rec + 3 * edit + 5 * consist + control,
+                               rtol=1e-4, atol=1e-6)
+    assert rec > 0 and edit > 0 and consist > 0 and control_edit > 0 and control_consist > 0
 
 
 def test_rignet_training_lowers_its_losses(setup):

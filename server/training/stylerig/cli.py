@@ -132,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-dim", dest="latent_dim", type=int, default=RigNetSettings.latent_dim,
                    help="size of each layer's code l_k")
     for name, what in (("w_rec", "weight of L_rec"), ("w_edit", "weight of L_edit"),
-                       ("w_consist", "weight of L_consist"), ("rho", "AdaDelta's rho"),
+                       ("w_consist", "weight of L_consist"),
+                       ("w_control", "weight of L_control, the request in F's parameter "
+                                     "space (not in the paper; see docs/stylerig_training.md)"),
+                       ("rho", "AdaDelta's rho"),
                        ("eps", "AdaDelta's epsilon")):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float,
                        default=getattr(RigNetSettings, name), help=what)

@@ -42,9 +42,12 @@ class RunDir:
             self.lock = lock_run_folder(self.path)  # held for the rest of the process
             (self.path / "previews").mkdir(exist_ok=True)
         self.settings = json.loads(json.dumps(dataclasses.asdict(settings)))  # as stored
-        # Settings added after a run started are taken to have had their defaults.
-        self.defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(
-            settings) if f.default is not dataclasses.MISSING}))
+        # Settings added after a run started are taken to have had their defaults, or the
+        # value the settings class names for runs from before it existed (``ABSENT_MEANS``).
+        self.defaults = json.loads(json.dumps({
+            **{f.name: f.default for f in dataclasses.fields(settings)
+               if f.default is not dataclasses.MISSING},
+            **getattr(settings, "ABSENT_MEANS", {})}))
         self._check_settings()
         self.log_path = self.path / "log.jsonl"
         self.t0 = time.monotonic()
