@@ -2,7 +2,7 @@
 
 Runs in the ``bpy`` module (no Blender UI) on a FLAME-sized model (5023 vertices, 9976
 triangles, 300 identity + 100 expression components, random content from
-tests/flame_fixture.py). Prints
+tests/support/flame_fixture.py). Prints
 
 * ``build_rig``: all 400 components, and the preferences' default 100 + 50 keys;
 * the depsgraph evaluation after an expression key changed (shape keys, pose-corrective and
@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
 import bpy  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flame_fixture import random_flame_arrays  # noqa: E402
+from tests.support.flame_fixture import random_flame_arrays  # noqa: E402
 from portrait_rig.face_data import FaceData  # noqa: E402
 
 PACKAGE = "portrait_rig_bench"
@@ -53,7 +53,7 @@ def extension_module(name: str):
 def flame_sized_face() -> FaceData:
     a = random_flame_arrays(seed=0)
     n_vertices = len(a["v_template"])
-    return FaceData(v_template=a["v_template"], faces=a["f"].astype(np.int32),
+    return FaceData(v_template=a["v_template"], triangles=a["f"].astype(np.int32),
                     shapedirs=a["shapedirs"][:, :, :300], exprdirs=a["shapedirs"][:, :, 300:],
                     posedirs=a["posedirs"], J_regressor=a["J_regressor"],
                     weights=a["weights"], parents=np.array([-1, 0, 1, 1, 1]),

@@ -32,12 +32,12 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # Ray on 127.0.0.1 only
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from portrait_rig.client import Client  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
+from tests.support.server_process import ServerProcess  # noqa: E402
 
 NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 << 20}
 

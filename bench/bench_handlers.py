@@ -1,8 +1,8 @@
 """Main-thread cost of the live link: the scene handlers and the frame drain.
 
 Runs in the ``bpy`` module with the extension enabled as Blender enables it, on a FLAME-sized
-rig (5023 vertices; random content from tests/flame_fixture.py) with the preferences' default
-100 identity + 50 expression keys (plus 36 pose correctives). Prints medians and p95 of
+rig (5023 vertices; random content from tests/support/flame_fixture.py) with the preferences'
+default 100 identity + 50 expression keys (plus 36 pose correctives). Prints medians and p95 of
 
 * ``depsgraph_update_post`` as Blender calls it after an expression key changed: read_params,
   compare with the last parameters, hand over to the worker. Target: median <= 1 ms;
@@ -38,13 +38,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-import blender_env  # noqa: E402  (loads bpy; enables the extension the way Blender does)
-from blender_env import bpy  # noqa: E402
-from flame_fixture import random_flame_arrays  # noqa: E402
+from tests.support import blender_env  # noqa: E402  (loads bpy; enables the extension like Blender)
+from tests.support.blender_env import bpy  # noqa: E402
+from tests.support.flame_fixture import random_flame_arrays  # noqa: E402
 from portrait_rig.face_data import FaceData  # noqa: E402
 
 N_SHAPE, N_EXPRESSION = 100, 50
@@ -53,7 +53,7 @@ N_SHAPE, N_EXPRESSION = 100, 50
 def flame_sized_face() -> FaceData:
     a = random_flame_arrays(seed=0)
     n = len(a["v_template"])
-    return FaceData(v_template=a["v_template"], faces=a["f"].astype(np.int32),
+    return FaceData(v_template=a["v_template"], triangles=a["f"].astype(np.int32),
                     shapedirs=a["shapedirs"][:, :, :300], exprdirs=a["shapedirs"][:, :, 300:],
                     posedirs=a["posedirs"], J_regressor=a["J_regressor"], weights=a["weights"],
                     parents=np.array([-1, 0, 1, 1, 1]), vertex_albedo=np.full((n, 3), 0.6),
@@ -164,8 +164,8 @@ def report_steps(label: str, runner) -> None:
 
 
 def bench_tasks(ext, tmp: Path) -> None:
-    from flame_fixture import write_flame_fixture
-    from server_process import ServerProcess
+    from tests.support.flame_fixture import write_flame_fixture
+    from tests.support.server_process import ServerProcess
     tasks = ext.module("blender_rig.tasks")
     operators = ext.module("blender_rig.operators")
     photo_fit = ext.module("blender_rig.photo_fit")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
           f"({torch.get_num_threads()} threads)")
 
     if args.encoder != "none":
-        from encoder_fixtures import random_encoder_state
+        from tests.support.encoder_fixtures import random_encoder_state
         from server.models.encoders import E4EEncoder, ReStyleEncoder
 
         n = 18

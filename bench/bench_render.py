@@ -24,7 +24,7 @@ from pathlib import Path                                 # noqa: E402
 import numpy as np                                       # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 
 def load_face():
@@ -32,7 +32,7 @@ def load_face():
         from portrait_rig.demo_head import demo_head
         return demo_head(), "demo head"
     except ImportError:
-        from synthetic_face import synthetic_face
+        from tests.support.synthetic_face import synthetic_face
         return synthetic_face(n_lat=64, n_lon=80), "synthetic sphere head"
 
 
@@ -84,7 +84,7 @@ def main() -> None:
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     face, label = load_face()
-    print(f"model: {label}, {face.n_vertices} vertices, {face.n_faces} triangles; "
+    print(f"model: {label}, {face.n_vertices} vertices, {face.n_triangles} triangles; "
           f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()} "
           f"({numba.config.THREADING_LAYER} layer); {os.cpu_count()} CPUs")
 

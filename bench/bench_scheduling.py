@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
-from diffusionrig_fixtures import BACKEND_TINY, write_checkpoint  # noqa: E402
+from tests.support.diffusionrig_fixtures import BACKEND_TINY, write_checkpoint  # noqa: E402
 from portrait_rig.client import Client  # noqa: E402
 from server.models.diffusionrig_unet import UNetConfig  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
+from tests.support.server_process import ServerProcess  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -10,7 +10,7 @@ have passed; a row that fails records its error and the run goes on):
    batch 1 and 8, fp32 and fp16 (the official mixed precision: the 4 highest resolutions in
    float16, activations clamped to 256), eager and eager replayed as a CUDA graph;
    RigNet; DiffusionRig's 256 px UNet: one step at batch 1 and 4 in fp32 / fp16 / bf16
-   (autocast), DDIM-20, DPM-Solver++ 10 and 20 steps, time to
+   (autocast), DDIM-20, DPM-Solver++ 10 and 20 steps, the distilled 2-step sampler, time to
    the first streamed preview.
 2. The preview backend on the device at 512 and 1024 px, batch 1 and 8.
 3. The stylerig backend end to end through a real server and client (frames/s, p50/p95).
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -117,7 +117,7 @@ def _row_text(row: dict) -> str:
 
 def generator_configs(quick: bool) -> dict:
     from server.models import StyleGAN2Config, StyleGAN3Config
-    from stylegan_fixtures import SMALL_SG3_R, SMALL_SG3_T, TINY_SG2
+    from tests.support.stylegan_fixtures import SMALL_SG3_R, SMALL_SG3_T, TINY_SG2
     if quick:
         return {"StyleGAN2-F": TINY_SG2, "StyleGAN3-T": SMALL_SG3_T, "StyleGAN3-R": SMALL_SG3_R}
     return {"StyleGAN2-F": StyleGAN2Config(img_resolution=1024, num_fp16_res=4, conv_clamp=256),
@@ -140,7 +140,7 @@ def cuda_graph(fn, example):
 
 
 def bench_generators(suite: Suite, generators: dict) -> None:
-    from stylegan_fixtures import random_generator
+    from tests.support.stylegan_fixtures import random_generator
     batches = (1, 2) if suite.quick else (1, 8)
     for label, cfg in generator_configs(suite.quick).items():
         G = random_generator(cfg).to(suite.device)
@@ -177,8 +177,9 @@ def bench_rignet(suite: Suite, generators: dict) -> None:
 # ------------------------------------------------------------------------------ DiffusionRig
 
 def bench_diffusionrig(suite: Suite) -> None:
-    from diffusionrig_fixtures import TINY
-    from server.diffusion import NoiseSchedule, ddim_sample, dpm_solver_pp_sample
+    from tests.support.diffusionrig_fixtures import TINY
+    from server.diffusion import (NoiseSchedule, ddim_sample, distilled_sample,
+                                  dpm_solver_pp_sample)
     from server.models.diffusionrig_unet import DiffusionRigUNet, UNetConfig
     cfg = TINY if suite.quick else UNetConfig()
     unet = DiffusionRigUNet(cfg).to(suite.device).eval()
@@ -211,6 +212,7 @@ def bench_diffusionrig(suite: Suite) -> None:
         "DDIM-20": lambda d, x: ddim_sample(d, x, schedule, schedule.respaced(20)),
         "DPM-Solver++ 10": lambda d, x: dpm_solver_pp_sample(d, x, schedule, steps=10),
         "DPM-Solver++ 20": lambda d, x: dpm_solver_pp_sample(d, x, schedule, steps=20),
+        "distilled 2-step": lambda d, x: distilled_sample(d, x, schedule, steps=2),
     }
     for batch in ((1,) if suite.quick else (1, 4)):
         noise, buffers, z = inputs(batch)
@@ -267,7 +269,7 @@ def bench_stylerig_server(suite: Suite, generators: dict) -> None:
     from server.checkpoints.stylegan import save_generator
     from server.checkpoints.stylerig import save_rignet
     from server.models.rignet import ControlLayout, RigNet
-    from server_process import ServerProcess
+    from tests.support.server_process import ServerProcess
     if suite.over_budget(60):
         return suite.skip("backends", "stylerig server", "budget")
     G = generators["StyleGAN2-F"]

@@ -9,8 +9,9 @@ the "Portrait Rig" image), ``photo_fit``; rendering - ``render_engine``, ``seque
 ``presets`` (expression presets), ``style_panel`` (exemplar styles of the dualstylegan
 backend), ``identity`` (Identity from Photo, edit sliders);
 ``shot_export`` (shot files for ``portrait-rig render``), ``texture_codes`` (the rig's texture
-code and its albedo in the viewport); ``tasks`` (long operators without freezing Blender) and
-``compat`` (what differs between Blender 4.2, 4.5 and 5.0).
+code and its albedo in the viewport); ``tasks`` (long operators without freezing Blender),
+``app_handlers`` (adding and removing the add-on's callbacks) and ``compat`` (what differs
+between Blender 4.2, 4.5 and 5.0).
 
 ``register`` / ``unregister`` are symmetric: disabling the add-on removes its classes, menu
 entries, properties on Scene and Object, handlers and timers, stops the live link and the

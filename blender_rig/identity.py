@@ -36,6 +36,7 @@ from ..portrait_rig import client as wire
 from ..portrait_rig.rotations import axis_angle_to_matrix, roll_matrix, split_roll
 from . import image_output, photo_fit, preferences, rig_builder, scene_reader
 from .operators import active_rig
+from .panel import RigSection
 from .transforms import as_matrix, matrix_to_quaternion, rotation_part
 
 PREVIEW_IMAGE = "Portrait Rig Identity"
@@ -338,17 +339,9 @@ class PORTRAIT_RIG_OT_cancel_identity(bpy.types.Operator):
         return {'FINISHED'}
 
 
-class VIEW3D_PT_portrait_rig_identity(bpy.types.Panel):
-    bl_space_type = 'VIEW_3D'
-    bl_region_type = 'UI'
-    bl_category = "Portrait Rig"
+class VIEW3D_PT_portrait_rig_identity(RigSection, bpy.types.Panel):
     bl_label = "Identity"
-    bl_parent_id = "VIEW3D_PT_portrait_rig"
     bl_options = {'DEFAULT_CLOSED'}
-
-    @classmethod
-    def poll(cls, context):
-        return active_rig(context) is not None
 
     def draw(self, context):
         layout = self.layout

@@ -35,7 +35,7 @@ from bpy.app.handlers import persistent
 
 from ..portrait_rig import client as wire
 from ..portrait_rig.params import Lighting, RigParams
-from . import image_output, preferences, rig_builder, scene_reader
+from . import app_handlers, image_output, preferences, rig_builder, scene_reader
 
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 10.0
@@ -438,16 +438,12 @@ def _tag_redraw(area_types: tuple[str, ...]) -> None:
 
 
 def register():
-    for handlers, function in HANDLERS:
-        if function not in handlers:
-            handlers.append(function)
+    app_handlers.add(HANDLERS)
 
 
 def unregister():
     stop(join_timeout=CONNECT_TIMEOUT_S + 1.0)
-    for handlers, function in HANDLERS:
-        while function in handlers:
-            handlers.remove(function)
+    app_handlers.remove(HANDLERS)
     if bpy.app.timers.is_registered(drain_frames):
         bpy.app.timers.unregister(drain_frames)
     global _start_error

@@ -16,18 +16,33 @@ STATE_ICONS = {live_link.DISCONNECTED: 'UNLINKED', live_link.CONNECTING: 'SORTTI
 WRAP_COLUMNS = 42
 
 
-def _wrapped(layout, text: str, icon: str = 'NONE') -> None:
+def wrapped(layout, text: str, icon: str = 'NONE') -> None:
+    """``text`` as labels wrapped to the sidebar's width, the icon on the first."""
     for i, line in enumerate(textwrap.wrap(text, WRAP_COLUMNS) or [""]):
         layout.label(text=line, icon=icon if i == 0 else 'BLANK1')
 
 
-class _SidebarPanel:
+class SidebarPanel:
+    """A panel in the "Portrait Rig" tab of the 3D View's sidebar."""
     bl_space_type = 'VIEW_3D'
     bl_region_type = 'UI'
     bl_category = "Portrait Rig"
 
 
-class VIEW3D_PT_portrait_rig(_SidebarPanel, bpy.types.Panel):
+class SidebarSection(SidebarPanel):
+    """A section of the tab's main panel."""
+    bl_parent_id = "VIEW3D_PT_portrait_rig"
+
+
+class RigSection(SidebarSection):
+    """A section about the active rig, shown while there is one."""
+
+    @classmethod
+    def poll(cls, context):
+        return active_rig(context) is not None
+
+
+class VIEW3D_PT_portrait_rig(SidebarPanel, bpy.types.Panel):
     bl_label = "Portrait Rig"
 
     def draw(self, context):
@@ -48,9 +63,8 @@ class VIEW3D_PT_portrait_rig(_SidebarPanel, bpy.types.Panel):
                 layout.label(text="The rig's mesh is missing", icon='ERROR')
 
 
-class VIEW3D_PT_portrait_rig_connection(_SidebarPanel, bpy.types.Panel):
+class VIEW3D_PT_portrait_rig_connection(SidebarSection, bpy.types.Panel):
     bl_label = "Server"
-    bl_parent_id = "VIEW3D_PT_portrait_rig"
 
     def draw(self, context):
         layout = self.layout
@@ -63,7 +77,7 @@ class VIEW3D_PT_portrait_rig_connection(_SidebarPanel, bpy.types.Panel):
             text = info["error"]
             if info["state"] == live_link.ERROR and info["retry_in"]:
                 text += f" (retry after {info['retry_in']:g} s)"
-            _wrapped(layout.box(), text, icon='ERROR')
+            wrapped(layout.box(), text, icon='ERROR')
         if info["state"] == live_link.CONNECTED and info["frames"]:
             layout.label(text=f"{info['fps']:.1f} fps, last frame {info['last_frame_ms']:.1f} ms "
                               f"(server {info['server_ms']:.1f} ms)", icon='TIME')
@@ -79,9 +93,8 @@ class VIEW3D_PT_portrait_rig_connection(_SidebarPanel, bpy.types.Panel):
                 row.operator("portrait_rig.stop_server", text="", icon='CANCEL')
 
 
-class VIEW3D_PT_portrait_rig_live(_SidebarPanel, bpy.types.Panel):
+class VIEW3D_PT_portrait_rig_live(SidebarSection, bpy.types.Panel):
     bl_label = "Live Frame"
-    bl_parent_id = "VIEW3D_PT_portrait_rig"
 
     def draw_header(self, context):
         self.layout.prop(context.scene.portrait_rig, "live", text="")
@@ -101,14 +114,9 @@ class VIEW3D_PT_portrait_rig_live(_SidebarPanel, bpy.types.Panel):
             layout.label(text=f"Frames appear in the image '{IMAGE_NAME}'", icon='IMAGE_DATA')
 
 
-class VIEW3D_PT_portrait_rig_appearance(_SidebarPanel, bpy.types.Panel):
+class VIEW3D_PT_portrait_rig_appearance(RigSection, bpy.types.Panel):
     bl_label = "Appearance"
-    bl_parent_id = "VIEW3D_PT_portrait_rig"
     bl_options = {'DEFAULT_CLOSED'}
-
-    @classmethod
-    def poll(cls, context):
-        return active_rig(context) is not None
 
     def draw(self, context):
         layout = self.layout
@@ -126,13 +134,8 @@ class VIEW3D_PT_portrait_rig_appearance(_SidebarPanel, bpy.types.Panel):
         layout.prop(appearance, "personal_model")
 
 
-class VIEW3D_PT_portrait_rig_expression(_SidebarPanel, bpy.types.Panel):
+class VIEW3D_PT_portrait_rig_expression(RigSection, bpy.types.Panel):
     bl_label = "Expression"
-    bl_parent_id = "VIEW3D_PT_portrait_rig"
-
-    @classmethod
-    def poll(cls, context):
-        return active_rig(context) is not None
 
     def draw(self, context):
         layout = self.layout

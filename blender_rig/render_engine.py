@@ -131,7 +131,7 @@ class PortraitRigRenderEngine(bpy.types.RenderEngine):
             self.update_progress(1.0)
             self.update_stats("", f"Portrait Rig | frame {frame}: server "
                                   f"{reply.timings.get('total', 0.0):.0f} ms")
-        except sequence.RenderCancelled:
+        except sequence.UserCancelled:
             job.cancelled = True
             job.close()
             self.report({'ERROR'}, f"Portrait Rig: render cancelled at frame {frame}")

@@ -237,18 +237,18 @@ def _count(label: str, value: int | None, available: int) -> int:
 def _build_mesh(name: str, face: FaceData):
     """Mesh in model-frame coordinates with UVs and the albedo colour attribute."""
     mesh = bpy.data.meshes.new(name)
-    n_faces = face.n_faces
+    n_triangles = face.n_triangles
     mesh.vertices.add(face.n_vertices)
     mesh.vertices.foreach_set("co", face.v_template.ravel())
-    mesh.loops.add(3 * n_faces)
-    mesh.loops.foreach_set("vertex_index", face.faces.ravel())
-    mesh.polygons.add(n_faces)
-    mesh.polygons.foreach_set("loop_start", np.arange(0, 3 * n_faces, 3, dtype=np.int32))
+    mesh.loops.add(3 * n_triangles)
+    mesh.loops.foreach_set("vertex_index", face.triangles.ravel())
+    mesh.polygons.add(n_triangles)
+    mesh.polygons.foreach_set("loop_start", np.arange(0, 3 * n_triangles, 3, dtype=np.int32))
     mesh.update(calc_edges=True)
-    mesh.polygons.foreach_set("use_smooth", np.ones(n_faces, dtype=bool))
+    mesh.polygons.foreach_set("use_smooth", np.ones(n_triangles, dtype=bool))
     if face.uv is not None:
         uv_layer = mesh.uv_layers.new(name="uv")
-        uv_layer.data.foreach_set("uv", face.uv[face.faces.ravel()].ravel())
+        uv_layer.data.foreach_set("uv", face.uv[face.triangles.ravel()].ravel())
     albedo = mesh.color_attributes.new("albedo", 'FLOAT_COLOR', 'POINT')
     rgba = np.concatenate([face.vertex_albedo, np.ones((face.n_vertices, 1), np.float32)], 1)
     albedo.data.foreach_set("color", rgba.ravel())

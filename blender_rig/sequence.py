@@ -60,7 +60,7 @@ from bpy.app.handlers import persistent
 from ..portrait_rig import client as wire
 from ..portrait_rig.params import Lighting, RigParams
 from ..portrait_rig.protocol import SHOT_RADIUS
-from . import compat, preferences, properties, rig_builder, scene_reader
+from . import app_handlers, compat, preferences, properties, rig_builder, scene_reader
 
 ENGINE_ID = "PORTRAIT_RIG"           # the RenderEngine's bl_idname
 POLL_S = 0.05                        # Esc (test_break) is checked this often while waiting
@@ -73,7 +73,7 @@ class RenderFailure(Exception):
     """A frame cannot be rendered (no server, server error, bad scene); for the user."""
 
 
-class RenderCancelled(Exception):
+class UserCancelled(Exception):
     """The user cancelled the render (Esc) while a frame was being waited for."""
 
 
@@ -294,14 +294,14 @@ class Pipeline:
             self._done.pop(entry[0], None)
 
     def wait(self, frame: int, should_stop) -> wire.Frame:
-        """The reply to the request in flight for ``frame``. Raises RenderCancelled when
+        """The reply to the request in flight for ``frame``. Raises UserCancelled when
         ``should_stop()`` turns true, RenderFailure on an error reply, a lost connection or
         ``timeout`` seconds without any reply."""
         rid = self.in_flight[frame][0]
         started = time.perf_counter()
         deadline = time.monotonic() + self.timeout
         if should_stop():                               # also when the reply is already here
-            raise RenderCancelled()
+            raise UserCancelled()
         while rid not in self._done:
             try:
                 ready = self.client.poll(POLL_S)
@@ -311,7 +311,7 @@ class Pipeline:
                 self._receive()
                 deadline = time.monotonic() + self.timeout
             elif should_stop():
-                raise RenderCancelled()
+                raise UserCancelled()
             elif time.monotonic() > deadline:
                 raise RenderFailure(f"no reply from the render server at {self.address} for "
                                     f"{self.timeout:g} s (Render Properties > Portrait Rig > "
@@ -572,13 +572,9 @@ HANDLERS = (
 
 
 def register():
-    for handlers, function in HANDLERS:
-        if function not in handlers:
-            handlers.append(function)
+    app_handlers.add(HANDLERS)
 
 
 def unregister():
-    for handlers, function in HANDLERS:
-        while function in handlers:
-            handlers.remove(function)
+    app_handlers.remove(HANDLERS)
     _finish_jobs()

@@ -31,6 +31,7 @@ from bpy.props import BoolProperty, EnumProperty, FloatProperty, FloatVectorProp
 from ..portrait_rig import client as wire
 from ..portrait_rig.params import MAX_STYLE_WEIGHT, RigParams
 from . import live_link, preferences
+from .panel import SidebarSection, wrapped
 
 BACKEND = "dualstylegan"
 LAYERS = 18                            # W+ layers of the official (1024) style networks
@@ -389,12 +390,8 @@ class PORTRAIT_RIG_OT_use_style_backend(bpy.types.Operator):
         return {'FINISHED'}
 
 
-class VIEW3D_PT_portrait_rig_style(bpy.types.Panel):
-    bl_space_type = 'VIEW_3D'
-    bl_region_type = 'UI'
-    bl_category = "Portrait Rig"
+class VIEW3D_PT_portrait_rig_style(SidebarSection, bpy.types.Panel):
     bl_label = "Style"
-    bl_parent_id = "VIEW3D_PT_portrait_rig"
     bl_options = {'DEFAULT_CLOSED'}
 
     @classmethod
@@ -402,7 +399,6 @@ class VIEW3D_PT_portrait_rig_style(bpy.types.Panel):
         return _active_style(context) is not None
 
     def draw(self, context):
-        from .panel import _wrapped
         layout = self.layout
         style = _active_style(context)
         if context.scene.portrait_rig.backend != BACKEND:
@@ -437,9 +433,9 @@ class VIEW3D_PT_portrait_rig_style(bpy.types.Panel):
         if style.use_weights:
             layout.column(align=True).prop(style, "weights", text="")
         if _gallery.error:
-            _wrapped(layout, _gallery.error, icon='ERROR')
+            wrapped(layout, _gallery.error, icon='ERROR')
         if _gallery.error or not _gallery.thumbnails:
-            _wrapped(layout, DOWNLOAD_HINT, icon='INFO')
+            wrapped(layout, DOWNLOAD_HINT, icon='INFO')
 
 
 CLASSES = (PortraitRigStyle, PORTRAIT_RIG_OT_style_gallery, PORTRAIT_RIG_OT_random_style,

@@ -23,7 +23,8 @@ from ..portrait_rig import client as wire
 from ..portrait_rig.params import MAX_TEXTURE, MAX_TEXTURE_COEFFICIENT
 from ..portrait_rig.protocol import TEXTURE_COMPONENTS
 from ..portrait_rig.texture_space import TextureSpace
-from . import preferences, rig_builder
+from . import app_handlers, preferences, rig_builder
+from .panel import SidebarSection
 
 PROP_TEXTURE = "portrait_rig_texture"
 PROP_ALBEDO = "portrait_rig_albedo"          # on images this module draws
@@ -203,12 +204,8 @@ class PORTRAIT_RIG_OT_show_texture(bpy.types.Operator):
         return {'FINISHED'}
 
 
-class VIEW3D_PT_portrait_rig_texture(bpy.types.Panel):
-    bl_space_type = 'VIEW_3D'
-    bl_region_type = 'UI'
-    bl_category = "Portrait Rig"
+class VIEW3D_PT_portrait_rig_texture(SidebarSection, bpy.types.Panel):
     bl_label = "Texture"
-    bl_parent_id = "VIEW3D_PT_portrait_rig"
     bl_options = {'DEFAULT_CLOSED'}
 
     @classmethod
@@ -234,15 +231,11 @@ HANDLERS = ((bpy.app.handlers.depsgraph_update_post, _on_update),
 def register():
     for cls in CLASSES:
         bpy.utils.register_class(cls)
-    for handlers, function in HANDLERS:
-        if function not in handlers:
-            handlers.append(function)
+    app_handlers.add(HANDLERS)
 
 
 def unregister():
-    for handlers, function in HANDLERS:
-        if function in handlers:
-            handlers.remove(function)
+    app_handlers.remove(HANDLERS)
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)
     _spaces.clear()

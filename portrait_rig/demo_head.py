@@ -373,7 +373,7 @@ class _Layout:
                 n += 1
         self.n_skin = n
         self.lower_copy = np.arange(n) > grid[-1, 0]
-        faces = self._skin_faces(grid, lower)
+        triangles = self._skin_triangles(grid, lower)
         self.mouth_loop, *self.eye_loops = [
             np.array([grid[row, c1]] + [grid[row, c] for c in range(c1 - 1, c0, -1)]
                      + [grid[row, c0]] + [lower[(row, c)] for c in range(c0 + 1, c1)])
@@ -383,29 +383,29 @@ class _Layout:
         self.mouth_rings, prev = [], self.mouth_loop
         for _ in MOUTH_BAG_SHAPE:
             ring = n + np.arange(len(prev))
-            faces += _band(prev, ring)
+            triangles += _band(prev, ring)
             self.mouth_rings.append(ring)
             prev, n = ring, n + len(ring)
         self.mouth_apex, n = n, n + 1
-        faces += _fan(prev, self.mouth_apex)
+        triangles += _fan(prev, self.mouth_apex)
         # eye sockets: one ring just inside the eyeball, then an apex at its centre
         self.socket_rings, self.socket_apex = [], []
         for loop in self.eye_loops:
             ring = n + np.arange(len(loop))
             apex = n + len(loop)
-            faces += _band(loop, ring) + _fan(ring, apex)
+            triangles += _band(loop, ring) + _fan(ring, apex)
             self.socket_rings.append(ring)
             self.socket_apex.append(apex)
             n = apex + 1
         # eyeballs: spheres with their poles on the gaze axis (+Z)
-        self.eyeball_unit, sphere_faces = _eyeball_sphere()
+        self.eyeball_unit, sphere_triangles = _eyeball_sphere()
         self.eyeballs = []
         for _ in range(2):
             self.eyeballs.append(n + np.arange(len(self.eyeball_unit)))
-            faces += (sphere_faces + n).tolist()
+            triangles += (sphere_triangles + n).tolist()
             n += len(self.eyeball_unit)
         self.n_vertices = n
-        self.faces = np.asarray(faces, dtype=np.int64)
+        self.triangles = np.asarray(triangles, dtype=np.int64)
 
         def side(row):
             on_row = self.phi0 == self.phi[row]
@@ -423,10 +423,10 @@ class _Layout:
         d = point - RAY_ORIGIN
         return int(np.argmin(np.abs(self.theta[self.mid_col:] - np.arctan2(d[0], d[2]))))
 
-    def _skin_faces(self, grid, lower):
+    def _skin_triangles(self, grid, lower):
         """Counter-clockwise triangles of the grid (poles as fans). Quads whose top edge lies
         on a cut use the lower copies, so the cut opens; diagonals mirror across theta = 0."""
-        faces = []
+        triangles = []
         nr, nc = grid.shape
         for r in range(nr - 1):
             for c in range(nc):
@@ -435,14 +435,14 @@ class _Layout:
                 d = lower.get((r + 1, c), grid[r + 1, c])
                 e = lower.get((r + 1, c1), grid[r + 1, c1])
                 if r == 0:
-                    faces.append((a, e, d))
+                    triangles.append((a, e, d))
                 elif r == nr - 2:
-                    faces.append((a, b, d))
+                    triangles.append((a, b, d))
                 elif self.theta[c] < 0:
-                    faces += [(a, b, e), (a, e, d)]
+                    triangles += [(a, b, e), (a, e, d)]
                 else:
-                    faces += [(a, b, d), (b, e, d)]
-        return faces
+                    triangles += [(a, b, d), (b, e, d)]
+        return triangles
 
     # surface coordinates (metres) of the cuts
     @property
@@ -491,15 +491,15 @@ def _eyeball_sphere():
                          np.full(n_lon, np.cos(a))], axis=-1).tolist()
     pts.append([0.0, 0.0, -1.0])
     last = len(pts) - 1
-    faces = []
+    triangles = []
     idx = lambda r, j: 1 + r * n_lon + j % n_lon
     for j in range(n_lon):
-        faces.append((0, idx(0, j), idx(0, j + 1)))
-        faces.append((last, idx(len(rings) - 1, j + 1), idx(len(rings) - 1, j)))
+        triangles.append((0, idx(0, j), idx(0, j + 1)))
+        triangles.append((last, idx(len(rings) - 1, j + 1), idx(len(rings) - 1, j)))
         for r in range(len(rings) - 1):
-            faces += [(idx(r, j), idx(r + 1, j), idx(r + 1, j + 1)),
-                      (idx(r, j), idx(r + 1, j + 1), idx(r, j + 1))]
-    return np.array(pts), np.array(faces)
+            triangles += [(idx(r, j), idx(r + 1, j), idx(r + 1, j + 1)),
+                          (idx(r, j), idx(r + 1, j + 1), idx(r, j + 1))]
+    return np.array(pts), np.array(triangles)
 
 
 # --------------------------------------------------------------------------------------------
@@ -913,7 +913,7 @@ def _posedirs(L, verts, weights):
     others. Skin only; the bags copy their rims and the eyeballs stay rigid.
     """
     n = L.n_skin
-    p, normal = verts[:n], _vertex_normals(verts, L.faces)[:n]
+    p, normal = verts[:n], _vertex_normals(verts, L.triangles)[:n]
     P = np.zeros((n, 3, 36))
 
     def add(joint, axis, offsets):
@@ -960,12 +960,12 @@ def _posedirs(L, verts, weights):
     return out
 
 
-def _vertex_normals(verts, faces):
-    tri = verts[faces]
+def _vertex_normals(verts, triangles):
+    tri = verts[triangles]
     fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     vn = np.zeros_like(verts)
     for i in range(3):
-        np.add.at(vn, faces[:, i], fn)
+        np.add.at(vn, triangles[:, i], fn)
     return vn / np.maximum(np.linalg.norm(vn, axis=1, keepdims=True), 1e-12)
 
 
@@ -1082,7 +1082,7 @@ def build_demo_head() -> FaceData:
                         axis=-1)
     weights = _skin_weights(L, neutral)
     return FaceData(
-        v_template=neutral, faces=L.faces, shapedirs=shapedirs, exprdirs=exprdirs,
+        v_template=neutral, triangles=L.triangles, shapedirs=shapedirs, exprdirs=exprdirs,
         posedirs=_posedirs(L, neutral, weights), J_regressor=_joint_regressor(L, neutral),
         weights=weights, parents=np.array([-1, 0, 1, 1, 1]),
         vertex_albedo=_albedo(L, neutral), uv=_uv(L, neutral),

@@ -8,7 +8,8 @@ builds its mesh, shape keys, armature and vertex groups from the same arrays, re
 Shapes (V vertices, F triangles, S identity and E expression components, J = 5 joints):
 
     v_template     [V, 3]      float32  rest mesh, model frame (metres, +Y up, +Z out of the face)
-    faces          [F, 3]      int32    triangles, counter-clockwise seen from outside
+    triangles      [F, 3]      int32    vertex indices, counter-clockwise seen from outside
+                                        (the array named ``faces`` in files and on the wire)
     shapedirs      [V, 3, S]   float32  identity blend shapes (per unit coefficient)
     exprdirs       [V, 3, E]   float32  expression blend shapes
     posedirs       [V, 3, 36]  float32  pose correctives, FLAME layout: joints 1-4 x 9 entries of
@@ -32,7 +33,8 @@ import numpy as np
 
 JOINT_NAMES = ("root", "neck", "jaw", "eye_left", "eye_right")
 
-# name -> (dtype, number of dimensions); the order is the wire and file order.
+# name in files and on the wire -> (dtype, number of dimensions); the order is the wire and file
+# order.
 ARRAY_SPEC = {
     "v_template": ("float32", 2),
     "faces": ("int32", 2),
@@ -46,6 +48,13 @@ ARRAY_SPEC = {
     "uv": ("float32", 2),
 }
 OPTIONAL_ARRAYS = ("uv",)
+# The attribute holding an array whose file and wire name is another (the mesh formats' "faces").
+_ATTRIBUTES = {"faces": "triangles"}
+
+
+def _attribute(name: str) -> str:
+    """The ``FaceData`` attribute holding the array named ``name`` in files and on the wire."""
+    return _ATTRIBUTES.get(name, name)
 
 
 class FaceDataError(ValueError):
@@ -55,7 +64,7 @@ class FaceDataError(ValueError):
 @dataclass
 class FaceData:
     v_template: np.ndarray
-    faces: np.ndarray
+    triangles: np.ndarray
     shapedirs: np.ndarray
     exprdirs: np.ndarray
     posedirs: np.ndarray
@@ -72,9 +81,9 @@ class FaceData:
 
     def __post_init__(self):
         for key, (dtype, _) in ARRAY_SPEC.items():
-            value = getattr(self, key)
+            value = getattr(self, _attribute(key))
             if value is not None:
-                setattr(self, key, np.ascontiguousarray(value, dtype=dtype))
+                setattr(self, _attribute(key), np.ascontiguousarray(value, dtype=dtype))
         self.validate()
 
     # ---------------------------------------------------------------- properties
@@ -83,8 +92,8 @@ class FaceData:
         return self.v_template.shape[0]
 
     @property
-    def n_faces(self) -> int:
-        return self.faces.shape[0]
+    def n_triangles(self) -> int:
+        return self.triangles.shape[0]
 
     @property
     def n_shape(self) -> int:
@@ -109,7 +118,7 @@ class FaceData:
             "vertex_albedo": (v, 3), "uv": (v, 2),
         }
         for key, shape in expected.items():
-            value = getattr(self, key)
+            value = getattr(self, _attribute(key))
             if value is None:
                 if key in OPTIONAL_ARRAYS:
                     continue
@@ -120,7 +129,7 @@ class FaceData:
                 raise FaceDataError(f"{key} has shape {value.shape}, expected {want}")
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise FaceDataError(f"{key} holds NaN or inf")
-        if self.faces.size and (self.faces.min() < 0 or self.faces.max() >= v):
+        if self.triangles.size and (self.triangles.min() < 0 or self.triangles.max() >= v):
             raise FaceDataError("faces index vertices out of range")
         if self.parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(self.parents[1:], 1)):
             raise FaceDataError(f"parents {self.parents.tolist()} is not a tree rooted at 0")
@@ -160,12 +169,20 @@ class FaceData:
     def summary(self) -> dict:
         """Small description for the server's hello reply."""
         return {"name": self.name, "source": self.source, "version": self.version,
-                "vertices": self.n_vertices, "faces": self.n_faces,
+                "vertices": self.n_vertices, "faces": self.n_triangles,
                 "shape_components": self.n_shape, "expression_components": self.n_expression,
                 "joints": self.n_joints}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {key: getattr(self, key) for key in ARRAY_SPEC if getattr(self, key) is not None}
+        """The arrays by their names in files and on the wire, in that order."""
+        return {key: getattr(self, _attribute(key)) for key in ARRAY_SPEC
+                if getattr(self, _attribute(key)) is not None}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict, meta: dict | None = None) -> "FaceData":
+        """Inverse of ``arrays`` (and ``meta``)."""
+        return cls(**{_attribute(key): value for key, value in arrays.items()},
+                   **_meta_kwargs(meta or {}))
 
     def to_wire(self) -> tuple[dict, list[memoryview]]:
         """Header fields and payload buffers for the ``model`` message (little-endian)."""
@@ -201,8 +218,7 @@ class FaceData:
                     or offset + nbytes > len(payload)):
                 raise FaceDataError(f"array {key} does not fit the payload")
             arrays[key] = np.frombuffer(payload[offset: offset + nbytes], dtype=dtype).reshape(shape)
-        meta = header.get("meta", {})
-        return cls(**arrays, **_meta_kwargs(meta))
+        return cls.from_arrays(arrays, header.get("meta", {}))
 
     def save(self, path) -> None:
         """Write an ``.npz`` file (arrays plus a JSON ``meta`` entry); no pickles."""
@@ -217,7 +233,7 @@ class FaceData:
         with np.load(path, allow_pickle=False) as npz:
             meta = json.loads(bytes(npz["meta"]).decode()) if "meta" in npz.files else {}
             arrays = {key: npz[key] for key in ARRAY_SPEC if key in npz.files}
-        return cls(**arrays, **_meta_kwargs(meta))
+        return cls.from_arrays(arrays, meta)
 
 
 def _meta_kwargs(meta: dict) -> dict:

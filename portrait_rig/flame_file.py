@@ -256,14 +256,15 @@ def load_flame(path, n_shape: int = FLAME_IDENTITY_COMPONENTS,
             raise FlameFileError(f"{label}={count} outside 0..{available[label]}: "
                                  f"{path} has {available[label]} such components")
 
-    faces, n_vertices = arrays["f"], len(arrays["v_template"])
-    if faces.size and (faces.min() < 0 or faces.max() >= n_vertices):   # before any int32 cast
+    triangles, n_vertices = arrays["f"], len(arrays["v_template"])
+    # checked before any int32 cast could wrap an index
+    if triangles.size and (triangles.min() < 0 or triangles.max() >= n_vertices):
         raise FlameFileError(f"{path}: f indexes vertices outside 0..{n_vertices - 1}")
     first_expression = FLAME_IDENTITY_COMPONENTS
     try:
         return FaceData(
             v_template=arrays["v_template"],
-            faces=arrays["f"],
+            triangles=arrays["f"],
             shapedirs=dirs[:, :, :n_shape],
             exprdirs=dirs[:, :, first_expression: first_expression + n_expression],
             posedirs=arrays["posedirs"],

@@ -23,7 +23,7 @@ from PIL import Image
 from portrait_rig import protocol
 from portrait_rig.client import Client, Frame, Preview, ServerError
 
-from server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 TOKEN = "abuse-suite-token"
 HAVE_PROC = Path("/proc/self/status").exists()
@@ -337,7 +337,7 @@ def test_the_fit_queue_is_bounded(server):
 
 @pytest.fixture(scope="module")
 def diffusion_home(tmp_path_factory):
-    from diffusionrig_fixtures import write_checkpoint
+    from tests.support.diffusionrig_fixtures import write_checkpoint
 
     root = tmp_path_factory.mktemp("home")
     write_checkpoint(root / "diffusionrig" / "model.safetensors")
@@ -412,7 +412,7 @@ def test_backend_errors_show_paths_relative_to_the_data_folder(diffusion_server,
 
 
 def test_a_backend_that_failed_to_start_is_retried_only_when_its_files_change(tmp_path):
-    from stylegan_fixtures import TINY_SG2, random_generator, write_nvidia_pickle
+    from tests.support.stylegan_fixtures import TINY_SG2, random_generator, write_nvidia_pickle
 
     with ServerProcess("--backend", "preview", "--model", "demo",
                        "--option", "stylerig.rignet=none",
@@ -454,7 +454,7 @@ def _answered_until_closed(client: Client, ids: list) -> dict:
 
 
 def test_sigterm_during_a_long_diffusion_render_answers_everything_and_exits_0(tmp_path):
-    from diffusionrig_fixtures import write_checkpoint
+    from tests.support.diffusionrig_fixtures import write_checkpoint
 
     write_checkpoint(tmp_path / "diffusionrig" / "model.safetensors")
     (tmp_path / "latents").mkdir()

@@ -1,6 +1,6 @@
 """The Blender extension: manifest, packaging, registration, preferences, operators, presets.
 
-Runs headless on the ``bpy`` module; see blender_env.py for how the extension is loaded.
+Runs headless on the ``bpy`` module; see support/blender_env.py for how the extension is loaded.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from blender_env import (EXTENSION_ID, REPO_ROOT, RecordingLayout, blender,  # noqa: F401
-                         bpy, disable_extension, draw, enable_extension, extension,
-                         extension_repository, render_server)
+from tests.support.blender_env import (EXTENSION_ID, REPO_ROOT, RecordingLayout,  # noqa: F401
+                                       blender, bpy, disable_extension, draw, enable_extension,
+                                       extension, extension_repository, render_server)
 
 pytestmark = pytest.mark.blender
 
@@ -237,7 +237,7 @@ def test_add_rig_from_the_server(extension, render_server):
 
 
 def test_add_rig_from_a_local_file(extension, tmp_path):
-    from synthetic_face import synthetic_face
+    from tests.support.synthetic_face import synthetic_face
     data = synthetic_face()
     path = tmp_path / "sphere.npz"
     data.save(path)
@@ -293,7 +293,7 @@ def test_expression_presets_set_and_key_the_expression(extension, demo_npz):
 
 
 def test_presets_need_named_components(extension, tmp_path):
-    from synthetic_face import synthetic_face
+    from tests.support.synthetic_face import synthetic_face
     presets = extension.module("blender_rig.presets")
     data = synthetic_face()
     data.expression_names = []                 # anonymous components, as in FLAME

@@ -13,8 +13,8 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
 
-from blender_env import (blender, bpy, draw, extension, extension_repository,  # noqa: E402,F401
-                         render_server)
+from tests.support.blender_env import (blender, bpy, draw, extension,  # noqa: E402,F401
+                                       extension_repository, render_server)
 
 pytestmark = pytest.mark.blender
 

@@ -17,8 +17,9 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
 
-from blender_env import bpy, blender, draw, extension, extension_repository, pump  # noqa: E402,F401
-from stylegan_fixtures import SMALL_SG3_R, random_generator, write_nvidia_pickle  # noqa: E402
+from tests.support.blender_env import (bpy, blender, draw, extension,  # noqa: E402,F401
+                                       extension_repository, pump)
+from tests.support.stylegan_fixtures import write_stylerig_home  # noqa: E402
 
 pytestmark = pytest.mark.blender
 SIZE = 16
@@ -26,17 +27,13 @@ SIZE = 16
 
 @pytest.fixture(scope="module")
 def stylerig_server(tmp_path_factory):
-    from server_process import ServerProcess
+    from tests.support.server_process import ServerProcess
 
     home = tmp_path_factory.mktemp("home")
-    G = random_generator(SMALL_SG3_R, seed=3)
-    (home / "stylegan" / "directions").mkdir(parents=True)
-    write_nvidia_pickle(home / "stylegan" / "generator.pkl", G)
-    direction = np.random.RandomState(1).randn(1, G.w_dim).astype(np.float32)
-    np.save(home / "stylegan" / "directions" / "age_boundary.npy", direction)
+    G, direction = write_stylerig_home(home, direction_seed=1)
     with ServerProcess("--backend", "stylerig", "--model", "demo", "--quiet",
                        env={"PORTRAIT_RIG_HOME": str(home)}) as server:
-        yield server, home, G, torch.from_numpy(direction[0])
+        yield server, home, G, direction
 
 
 def stage(extension, server):

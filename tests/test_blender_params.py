@@ -8,10 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from blender_env import bpy, blender, extension, extension_repository  # noqa: F401
-from blender_rig_scene import (add_camera, aim, demo_face, environment_image,
-                               evaluated_world_vertices, rig_modules, set_keys, small_face,
-                               world_with_background, world_with_environment)
+from tests.support.blender_env import bpy, blender, extension, extension_repository  # noqa: F401
+from tests.support.blender_rig_scene import (add_camera, aim, demo_face, environment_image,
+                                             evaluated_world_vertices, rig_modules, set_keys,
+                                             small_face, world_with_background,
+                                             world_with_environment)
 from portrait_rig import sh
 from portrait_rig.params import RigParams
 
@@ -77,9 +78,9 @@ def test_server_skinning_of_read_params_matches_blenders_mesh(rig):
 @pytest.fixture(scope="module")
 def flame_server(tmp_path_factory):
     """A render server on a FLAME-layout model file (official keys and shapes, random
-    content: tests/flame_fixture.py)."""
-    from flame_fixture import write_flame_fixture
-    from server_process import ServerProcess
+    content: tests/support/flame_fixture.py)."""
+    from tests.support.flame_fixture import write_flame_fixture
+    from tests.support.server_process import ServerProcess
     path = tmp_path_factory.mktemp("flame") / "generic_model.pkl"
     write_flame_fixture(path, seed=3)
     with ServerProcess("--model", str(path), "--backend", "preview", "--quiet") as server:

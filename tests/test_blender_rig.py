@@ -8,8 +8,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from blender_env import bpy, blender, extension, extension_repository  # noqa: F401
-from blender_rig_scene import evaluated_world_vertices, rig_modules, set_keys, small_face
+from tests.support.blender_env import bpy, blender, extension, extension_repository  # noqa: F401
+from tests.support.blender_rig_scene import (evaluated_world_vertices, rig_modules, set_keys,
+                                             small_face)
 
 pytestmark = pytest.mark.blender
 
@@ -43,13 +44,13 @@ def test_build_rig_creates_the_documented_layout(rig):
     assert all(pb.rotation_mode == 'QUATERNION' for pb in arm.pose.bones)
 
     mesh = mesh_obj.data
-    assert len(mesh.vertices) == face.n_vertices and len(mesh.polygons) == face.n_faces
+    assert len(mesh.vertices) == face.n_vertices and len(mesh.polygons) == face.n_triangles
     co = np.empty(face.n_vertices * 3, np.float32)
     mesh.vertices.foreach_get("co", co)
     assert np.allclose(co.reshape(-1, 3), face.v_template, atol=1e-7)
-    loops = np.empty(3 * face.n_faces, np.int32)
+    loops = np.empty(3 * face.n_triangles, np.int32)
     mesh.loops.foreach_get("vertex_index", loops)
-    assert np.array_equal(loops.reshape(-1, 3), face.faces)
+    assert np.array_equal(loops.reshape(-1, 3), face.triangles)
 
     names = [k.name for k in mesh.shape_keys.key_blocks]
     assert names == (["Basis", "Shape000", "Shape001", "Shape002", "Exp000", "Exp001", "Exp002"]

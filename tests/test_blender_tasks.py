@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from blender_env import (blender, bpy, draw, extension, extension_repository,  # noqa: F401
-                         render_server)
+from tests.support.blender_env import (blender, bpy, draw, extension,  # noqa: F401
+                                       extension_repository, render_server)
 
 pytestmark = pytest.mark.blender
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blender_env import (bpy, blender, draw, extension, extension_repository,  # noqa: F401
-                         render_server)
-from blender_rig_scene import add_camera, rig_modules, small_face
+from tests.support.blender_env import (bpy, blender, draw, extension,  # noqa: F401
+                                       extension_repository, render_server)
+from tests.support.blender_rig_scene import add_camera, rig_modules, small_face
 from portrait_rig.params import RigParams
 from portrait_rig.texture_space import TextureSpace
 
@@ -30,10 +30,10 @@ def rig(extension):
 
 def space_for(mesh, size: int = 8, components: int = 3) -> TextureSpace:
     rng = np.random.default_rng(0)
-    n_faces = len(mesh.polygons)
+    n_triangles = len(mesh.polygons)
     return TextureSpace(mean=rng.uniform(0.2, 0.8, (size, size, 3)),
                         directions=rng.normal(0, 0.05, (size, size, 3, components)),
-                        face_uv=rng.uniform(0, 1, (n_faces, 3, 2)), source="test.npz")
+                        face_uv=rng.uniform(0, 1, (n_triangles, 3, 2)), source="test.npz")
 
 
 def test_codes_are_stored_keyed_and_read_per_frame(extension, texture_codes, rig):

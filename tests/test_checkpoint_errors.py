@@ -16,7 +16,7 @@ from server.checkpoints.stylegan import load_generator
 from server.checkpoints.stylerig import save_rignet
 from server.checkpoints.torch_file import CheckpointError
 from server.models.rignet import ControlLayout, RigNet
-from stylegan_fixtures import TINY_SG2, random_generator, write_nvidia_pickle
+from tests.support.stylegan_fixtures import TINY_SG2, random_generator, write_nvidia_pickle
 
 
 class Hostile:

@@ -16,10 +16,11 @@ from server.checkpoints.nvidia_pickle import PersistentObject, module_state_dict
 from server.checkpoints.stylegan import (build_generator, config_from_network, estimate_w_avg,
                                          rosinality_to_official)
 from server.models import StyleGAN2Config, StyleGAN2Generator
-from tests.stylegan_fixtures import (SMALL_SG3_R, SMALL_SG3_T, TINY_SG2, official_init_kwargs,
-                                     official_keys, official_to_rosinality, random_generator,
-                                     storage_bytes_calling, write_nvidia_pickle,
-                                     write_pickle_calling, write_rosinality_checkpoint)
+from tests.support.stylegan_fixtures import (SMALL_SG3_R, SMALL_SG3_T, TINY_SG2,
+                                             official_init_kwargs, official_keys,
+                                             official_to_rosinality, random_generator,
+                                             storage_bytes_calling, write_nvidia_pickle,
+                                             write_pickle_calling, write_rosinality_checkpoint)
 
 
 def assert_same_generator(G, loaded):

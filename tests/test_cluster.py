@@ -22,7 +22,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from portrait_rig.client import Client, Pong  # noqa: E402
 from portrait_rig.params import RigParams  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
+from tests.support.server_process import ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

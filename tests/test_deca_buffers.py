@@ -205,7 +205,7 @@ def write_flame_texture(path, groups: np.ndarray, seed: int = 0) -> None:
 
 @pytest.fixture(scope="module")
 def flame_model(tmp_path_factory):
-    from flame_fixture import write_flame_fixture
+    from tests.support.flame_fixture import write_flame_fixture
 
     path = tmp_path_factory.mktemp("flame") / "generic_model.pkl"
     write_flame_fixture(path)
@@ -213,8 +213,8 @@ def flame_model(tmp_path_factory):
 
 
 def test_flame_texture_albedo_is_sampled_per_pixel(flame_model, tmp_path):
-    faces = flame_model.data.faces
-    centroid_x = flame_model.data.v_template[faces].mean(axis=1)[:, 0]
+    triangles = flame_model.data.triangles
+    centroid_x = flame_model.data.v_template[triangles].mean(axis=1)[:, 0]
     groups = (centroid_x < 0).astype(int)               # group 0: the subject's left (+X)
     path = tmp_path / "FLAME_texture.npz"
     write_flame_texture(path, groups)
@@ -262,7 +262,7 @@ def test_flame_texture_codes_follow_the_texture_space(tmp_path, save, size):
     with pytest.raises(ValueError, match="appearance.texture: 61 values, .* 60 components"):
         texture.albedo_map(torch.ones(1, 61))
     with pytest.raises(TextureError, match="7 triangles"):
-        texture.check_faces(9976)
+        texture.check_triangles(9976)
 
 
 def test_flame_texture_rejects_malformed_files(tmp_path):

@@ -8,8 +8,8 @@ the global rotation of another photo's, decoded with ``align_ffhq=True`` and the
 the photo through DECA's crop transform (``render_orig``). Its inputs were made with random
 values in the official file layouts:
 
-* FLAME: ``tests/flame_fixture.random_flame_arrays(0)`` as a plain pickle (``template_checksum``
-  guards against that helper changing);
+* FLAME: ``tests.support.flame_fixture.random_flame_arrays(0)`` as a plain pickle
+  (``template_checksum`` guards against that helper changing);
 * landmarks: DECA's ``landmark_embedding.npy`` layout with 68 points (``landmark_faces``,
   ``landmark_bary``; the static 51 are the full set's 17-67);
 * texture: ``FLAME_texture.npz`` at the official 512 x 512 x 3 x 200 layout, built from the
@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 import torch
 
-from flame_fixture import write_flame_fixture
+from tests.support.flame_fixture import write_flame_fixture
 from portrait_rig.face_source import load_face_data
 from server.backends.framing import HeadFramer
 from server.photo.deca import DecaCrop, PhotoCodes, camera_in_image
@@ -61,7 +61,7 @@ def ours(official, tmp_path_factory):
     folder = tmp_path_factory.mktemp("official")
     arrays = write_flame_fixture(folder / "generic_model.pkl", seed=0)
     assert float(np.abs(arrays["v_template"]).sum()) == pytest.approx(
-        float(official["template_checksum"])), "tests/flame_fixture.py changed: regenerate"
+        float(official["template_checksum"])), "tests/support/flame_fixture.py changed: regenerate"
     model = FaceModel(load_face_data(str(folder / "generic_model.pkl")))
     v = arrays["v_template"]
     vt = np.stack([0.5 + v[:, 0] / 0.2, 0.5 + v[:, 1] / 0.25], 1)

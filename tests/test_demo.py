@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blender_env import (REPO_ROOT, blender, bpy, extension, extension_repository,  # noqa: F401
-                         render_server)
+from tests.support.blender_env import (REPO_ROOT, blender, bpy, extension,  # noqa: F401
+                                       extension_repository, render_server)
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -6,6 +6,7 @@ generator's internals, so these tests describe what every consumer of the model 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 
@@ -19,9 +20,9 @@ from portrait_rig.face_data import FaceData
 from portrait_rig.params import RigParams
 from server.renderer.face_model import FaceModel
 
-# sha256 of v_template rounded to 1e-6 m (float64) followed by faces (int32). A change here means
-# the shipped head changed: update it deliberately (and bump demo_head.VERSION), never to make
-# an accidental change pass.
+# sha256 of v_template rounded to 1e-6 m (float64) followed by triangles (int32). A change here
+# means the shipped head changed: update it deliberately (and bump demo_head.VERSION), never to
+# make an accidental change pass.
 TEMPLATE_SHA256 = "93cfe201c469507de40b80e9d122c1d7407a8e937ebb64ad787563102cbed694"
 
 REQUIRED_SHAPES = ("head width", "head length", "jaw width", "chin length", "nose length",
@@ -134,11 +135,11 @@ def test_components_have_distinct_meaningful_names(head):
 def test_build_is_deterministic_and_pinned(head):
     again = demo.build_demo_head()
     for key, value in head.arrays().items():
-        assert getattr(again, key).tobytes() == value.tobytes(), key
+        assert again.arrays()[key].tobytes() == value.tobytes(), key
     assert again.meta() == head.meta()
     digest = hashlib.sha256(
         (np.round(head.v_template.astype(np.float64), 6) + 0.0).tobytes()
-        + head.faces.astype(np.int32).tobytes()).hexdigest()
+        + head.triangles.astype(np.int32).tobytes()).hexdigest()
     assert digest == TEMPLATE_SHA256
 
 
@@ -147,19 +148,19 @@ def test_demo_head_is_cached(head):
 
 
 def test_closed_surfaces_with_outward_normals(head):
-    faces = head.faces.astype(np.int64)
-    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    triangles = head.triangles.astype(np.int64)
+    edges = np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]])
     forward = edges[:, 0] * head.n_vertices + edges[:, 1]
     backward = edges[:, 1] * head.n_vertices + edges[:, 0]
     assert len(np.unique(forward)) == len(forward), "an edge is used twice in one direction"
     assert np.isin(backward, forward).all(), "the surface has a hole"
     # each closed piece (skin with its bags, each eyeball) encloses a positive volume
     for ids in (skin_ids(head), eyeball(head, 0), eyeball(head, 1)):
-        piece = faces[np.isin(faces, ids).all(1)]
+        piece = triangles[np.isin(triangles, ids).all(1)]
         tri = head.v_template.astype(np.float64)[piece]
         volume = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6
         assert volume > 0.0
-    tri = head.v_template.astype(np.float64)[faces[np.isin(faces, skin_ids(head)).all(1)]]
+    tri = head.v_template.astype(np.float64)[triangles[np.isin(triangles, skin_ids(head)).all(1)]]
     volume = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6
     assert 2.5e-3 < volume < 6e-3        # litres of a head and neck, in cubic metres
 
@@ -237,7 +238,7 @@ def test_eye_joint_turns_only_its_eyeball_rigidly(head, model):
     assert np.linalg.norm(rest[moved] - joints[3], axis=1).max() < 0.03
     assert np.linalg.norm(turned[moved] - rest[moved], axis=1).max() < 0.003
     # without correctives the eye joint moves nothing but its eyeball
-    bare = FaceModel(FaceData(**{**head.arrays(), "posedirs": np.zeros_like(head.posedirs)}),
+    bare = FaceModel(dataclasses.replace(head, posedirs=np.zeros_like(head.posedirs)),
                      dtype=torch.float64)
     turned, _ = pose(bare, eye_left=[0.0, 0.3, 0.0])
     assert np.abs(turned[others] - rest[others]).max() == 0.0
@@ -260,9 +261,9 @@ def test_open_mouth_shows_a_dark_cavity_not_a_hole(head, model):
     upper, lower = lip_centre(head)
     opened, _ = pose(model, jaw=[0.3, 0.0, 0.0])
     centre = 0.5 * (opened[upper] + opened[lower])
-    faces = head.faces.astype(np.int64)
-    ids, t = ray_hits(centre + [0.0, 0.0, 0.5], np.array([0.0, 0.0, -1.0]), opened[faces])
-    first = faces[ids[np.argmin(t)]]
+    triangles = head.triangles.astype(np.int64)
+    ids, t = ray_hits(centre + [0.0, 0.0, 0.5], np.array([0.0, 0.0, -1.0]), opened[triangles])
+    first = triangles[ids[np.argmin(t)]]
     hit_z = 0.5 + centre[2] - t.min()
     assert hit_z > centre[2] - 0.07                 # inside the mouth, not the back of the head
     assert head.vertex_albedo[first].mean() < 0.2
@@ -337,8 +338,8 @@ def test_blink_closes_the_lid_over_the_eye(head, model):
     # and the skin now covers the pupil, which it did not before
     eye = eyeball(head, 0)
     pupil = eye[np.argmax(rest[eye, 2])]
-    faces = head.faces.astype(np.int64)
-    skin_faces = faces[np.isin(faces, skin).all(1)]
+    triangles = head.triangles.astype(np.int64)
+    skin_triangles = triangles[np.isin(triangles, skin).all(1)]
     up = np.array([0.0, 0.0, 1.0])
-    assert len(ray_hits(rest[pupil], up, rest[skin_faces])[0]) == 0
-    assert len(ray_hits(shut[pupil], up, shut[skin_faces])[0]) > 0
+    assert len(ray_hits(rest[pupil], up, rest[skin_triangles])[0]) == 0
+    assert len(ray_hits(shut[pupil], up, shut[skin_triangles])[0]) > 0

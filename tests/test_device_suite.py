@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.server_process import REPO
+from tests.support.server_process import REPO
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ def test_quick_suite_measures_every_section(tmp_path):
     for wanted in [("generators", "StyleGAN2-F"), ("generators", "StyleGAN3-T"),
                    ("generators", "StyleGAN3-R"), ("generators", "RigNet"),
                    ("diffusionrig", "UNet step"), ("diffusionrig", "DDIM-20"),
-                   ("diffusionrig", "DPM-Solver++ 10"),
+                   ("diffusionrig", "DPM-Solver++ 10"), ("diffusionrig", "distilled 2-step"),
                    ("diffusionrig", "first preview (DDIM step 1)"), ("backends", "preview"),
                    ("backends", "stylerig server round trip")]:
         assert wanted in timed, wanted

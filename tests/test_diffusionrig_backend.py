@@ -1,7 +1,7 @@
 """The diffusionrig backend: a real server subprocess with a tiny official-layout checkpoint
-(tests/diffusionrig_fixtures.py) at 32 px, driven through ``portrait_rig.client`` - fixed noise
-per seed, appearance sources, streamed previews, cancellation, batching, start-up errors -
-plus the loader's configuration inference and the appearance inputs in process."""
+(tests/support/diffusionrig_fixtures.py) at 32 px, driven through ``portrait_rig.client`` -
+fixed noise per seed, appearance sources, streamed previews, cancellation, batching, start-up
+errors - plus the loader's configuration inference and the appearance inputs in process."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusionrig_fixtures import BACKEND_TINY, CHECKPOINT_KEYS, random_checkpoint_state, \
-    write_checkpoint
+from tests.support.diffusionrig_fixtures import (BACKEND_TINY, CHECKPOINT_KEYS,
+                                                 random_checkpoint_state, write_checkpoint)
 from portrait_rig import protocol
 from portrait_rig.client import Client, Frame, Preview, ServerError, Superseded
 from server.models.diffusionrig import UNetConfig
 from server.checkpoints.diffusionrig import infer_config
-from server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 RESOLUTION = 16                    # the tiny UNet is convolutional: it samples at any size
 STEPS = 4
@@ -301,7 +301,7 @@ def test_photos_that_are_not_aligned_crops_go_through_face_alignment(home, tmp_p
 @pytest.fixture(scope="module")
 def small_face():
     from server.renderer.face_model import FaceModel
-    from synthetic_face import synthetic_face
+    from tests.support.synthetic_face import synthetic_face
 
     return FaceModel(synthetic_face())
 

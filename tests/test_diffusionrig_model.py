@@ -1,5 +1,5 @@
 """DiffusionRig model: official tensor names and shapes, strict loading, and outputs equal to
-the official code's on a tiny model (fixture made by tests/diffusionrig_fixtures.py)."""
+the official code's on a tiny model (fixture made by tests/support/diffusionrig_fixtures.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from diffusionrig_fixtures import (CHECKPOINT_KEYS, TINY, load_fixture,
-                                   official_checkpoint_state, patterned_encoder_state)
+from tests.support.diffusionrig_fixtures import (CHECKPOINT_KEYS, TINY, load_fixture,
+                                                 official_checkpoint_state, patterned_encoder_state)
 from server.models.diffusionrig import DiffusionRig
 from server.checkpoints.diffusionrig import CheckpointMismatch, check_state_dict, load_diffusionrig
 from server.models.diffusionrig_unet import UNetConfig, timestep_embedding

@@ -11,11 +11,11 @@ from portrait_rig.params import Appearance, ParamError, RigParams
 from server.backends import create_backend
 from server.backends.base import RenderRequest
 from server.backends.directions import style_layers
-from server.checkpoints.stylerig import save_rignet
-from server.models.rignet import ControlLayout, RigNet
 from server.renderer.face_model import FaceModel
-from stylegan_fixtures import SMALL_SG3_R, TINY_SG2, random_generator, write_nvidia_pickle
-from synthetic_face import synthetic_face
+from tests.support.stylegan_fixtures import (SMALL_SG3_R, TINY_SG2, random_generator,
+                                             write_nvidia_pickle)
+from tests.support.stylerig_fixtures import write_random_rignet
+from tests.support.synthetic_face import synthetic_face
 
 SIZE = 32
 
@@ -36,12 +36,7 @@ def setup(tmp_path_factory):
     style[widths[0] + widths[1] + 2] = 1.5          # b4.conv1, b4.torgb, then b8.conv0: ch. 2
     np.save(files / "eyes.npy", style[None])
     np.save(files / "broken.npy", np.zeros(7, np.float32))
-    torch.manual_seed(0)
-    net = RigNet(G.num_ws, G.w_dim, latent_dim=4,
-                 layout=ControlLayout.for_model(face.data.n_expression))
-    with torch.no_grad():
-        net.decoder.weight.normal_(0, 0.5)
-    save_rignet(net.eval(), folder / "rignet.safetensors")
+    write_random_rignet(folder / "rignet.safetensors", G, face.data.n_expression, seed=0)
     backend = create_backend("stylerig", face, "cpu", generator=str(folder / "sg2.pkl"),
                              rignet=str(folder / "rignet.safetensors"), directions=str(files),
                              framing="rig")

@@ -12,12 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from server.training.stylerig.corpus import CorpusSettings, build_corpus
-from server.training.stylerig.landmarks import detect_corpus_landmarks
 from server.training.stylerig.train_dfr import DFRSettings, train_dfr
 from server.training.stylerig.train_rignet import RigNetSettings, train_rignet
-from server_process import REPO
-from tests.stylerig_fixtures import write_generator, write_test_face
+from tests.support.server_process import REPO
+from tests.support.stylerig_fixtures import write_corpus
 
 pytestmark = [pytest.mark.training, pytest.mark.slow,
               pytest.mark.usefixtures("single_thread_module")]
@@ -28,12 +26,7 @@ STEPS, BATCH = 4, 4
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    generator = write_generator(root)
-    face, embedding = write_test_face(root)
-    build_corpus(root / "corpus", CorpusSettings(str(generator), count=12, shard_size=8,
-                                                 image_size=32), progress=False)
-    detect_corpus_landmarks(root / "corpus", source="synthetic", face_model=str(face),
-                            embedding=str(embedding), progress=False)
+    generator, face, embedding = write_corpus(root)
     dfr = DFRSettings(face_model=str(face), embedding=str(embedding), steps=STEPS,
                       batch_size=BATCH, hidden=64, lr=1e-3, log_every=1, checkpoint_every=2,
                       preview_every=0)

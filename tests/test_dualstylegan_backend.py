@@ -1,5 +1,6 @@
 """The dualstylegan backend: narrow random networks written in the official file layouts
-(tests/dualstylegan_fixtures.py), rendered in process and through a real server subprocess."""
+(tests/support/dualstylegan_fixtures.py), rendered in process and through a real server
+subprocess."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dualstylegan_fixtures import ANIME, CARTOON, TINY, write_style_home
+from tests.support.dualstylegan_fixtures import ANIME, CARTOON, TINY, write_style_home
 from portrait_rig.client import Client, ServerError
 from portrait_rig.params import RigParams
 from server.backends import create_backend
@@ -20,8 +21,8 @@ from server.backends.stylegan_rig import frame_images
 from server.models.dualstylegan import DualStyleGAN
 from server.renderer.face_model import FaceModel
 from server.renderer.head_view import head_views
-from server_process import ServerProcess
-from synthetic_face import synthetic_face
+from tests.support.server_process import ServerProcess
+from tests.support.synthetic_face import synthetic_face
 
 S = TINY.generator.img_resolution
 L, N_S = TINY.num_ws, TINY.structure_layers

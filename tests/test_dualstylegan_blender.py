@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blender_env import (blender, bpy, draw, extension, extension_repository,  # noqa: F401
-                         pump)
-from dualstylegan_fixtures import CARTOON, TINY, write_style_home
+from tests.support.blender_env import (blender, bpy, draw, extension,  # noqa: F401
+                                       extension_repository, pump)
+from tests.support.dualstylegan_fixtures import CARTOON, TINY, write_style_home
 from portrait_rig.client import Client
 from portrait_rig.face_source import load_face_data
 from portrait_rig.params import RigParams
-from server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 pytestmark = pytest.mark.blender
 

@@ -1,5 +1,5 @@
 """DualStyleGAN's networks and files: equality with the official code on fixtures
-(tests/dualstylegan_fixtures.py says how they were made), strict loading of the official
+(tests/support/dualstylegan_fixtures.py says how they were made), strict loading of the official
 layouts, routing of the structure and colour weights, refusal of anything else."""
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from dualstylegan_fixtures import (MANIFESTS, OFFICIAL, SEEDS, TINY, TINY_ENCODER, TINY_SAMPLER,
-                                   WEIGHTS_DEFAULT, WEIGHTS_MIXED, official_generator_state,
-                                   official_inputs, official_keys, pattern_state,
-                                   random_dualstylegan, random_encoder, random_sampler,
-                                   write_encoder_pt, write_exstyle_codes, write_generator_pt,
-                                   write_sampler_pt)
+from tests.support.dualstylegan_fixtures import (MANIFESTS, OFFICIAL, SEEDS, TINY, TINY_ENCODER,
+                                                 TINY_SAMPLER, WEIGHTS_DEFAULT, WEIGHTS_MIXED,
+                                                 official_generator_state, official_inputs,
+                                                 official_keys, pattern_state, random_dualstylegan,
+                                                 random_encoder, random_sampler, write_encoder_pt,
+                                                 write_exstyle_codes, write_generator_pt,
+                                                 write_sampler_pt)
 from server.checkpoints.diffusionrig import check_state_dict
 from server.checkpoints.dualstylegan import (CheckpointMismatch, _finish, dualstylegan_from_state,
                                              encoder_config, generator_config, load_dualstylegan,

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from encoder_fixtures import DATA, random_encoder_state, write_encoder_checkpoint
+from tests.support.encoder_fixtures import DATA, random_encoder_state, write_encoder_checkpoint
 from server.checkpoints.encoders import (EncoderCheckpointError, check_generator, encoder_keys,
                                          load_encoder)
 from server.models import StyleGAN2Config, StyleGAN3Config
 from server.models.encoders import E4EEncoder, PhotoEncoder, ReStyleEncoder
-from stylegan_fixtures import random_generator
+from tests.support.stylegan_fixtures import random_generator
 
 TOLERANCE = 1e-5
 MANIFEST = DATA.parent / "encoder_checkpoint_keys.json"

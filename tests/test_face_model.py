@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import flame_fixture as ff
+from tests.support import flame_fixture as ff
 from portrait_rig.face_data import FaceData, FaceDataError
 from portrait_rig.flame_file import load_flame
 from server.renderer.face_model import FaceModel
@@ -57,9 +57,9 @@ def test_pose_matches_smplx_flame(flame_files, n_shape, n_expression):
 
 @pytest.fixture(scope="module")
 def small_data():
-    arrays = ff.random_flame_arrays(seed=5, n_vertices=200, n_faces=300)
+    arrays = ff.random_flame_arrays(seed=5, n_vertices=200, n_triangles=300)
     rng = np.random.default_rng(5)
-    return FaceData(v_template=arrays["v_template"], faces=arrays["f"],
+    return FaceData(v_template=arrays["v_template"], triangles=arrays["f"],
                     shapedirs=arrays["shapedirs"][:, :, :6],
                     exprdirs=arrays["shapedirs"][:, :, 300:304],
                     posedirs=arrays["posedirs"], J_regressor=arrays["J_regressor"],
@@ -73,7 +73,7 @@ def assert_same_face_data(a: FaceData, b: FaceData):
     assert a.meta() == b.meta()
     assert a.arrays().keys() == b.arrays().keys()
     for key, value in a.arrays().items():
-        other = getattr(b, key)
+        other = b.arrays()[key]
         assert other.dtype == value.dtype and other.shape == value.shape, key
         assert other.tobytes() == value.tobytes(), key
 

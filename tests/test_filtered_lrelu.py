@@ -5,7 +5,7 @@ import torch
 
 from server.models.ops import filtered_lrelu, filtered_lrelu_fused
 from server.models.stylegan3 import set_fused_lrelu
-from tests.stylegan_fixtures import SMALL_SG3_R, SMALL_SG3_T, random_generator
+from tests.support.stylegan_fixtures import SMALL_SG3_R, SMALL_SG3_T, random_generator
 
 
 def layer_inputs(layer, batch=2, device="cpu", dtype=torch.float32, seed=0):

@@ -15,7 +15,7 @@ from PIL import Image  # noqa: E402
 from portrait_rig import protocol  # noqa: E402
 from portrait_rig.client import Client, ServerError  # noqa: E402
 from portrait_rig.params import RigParams  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
+from tests.support.server_process import ServerProcess  # noqa: E402
 
 
 def encoded(array, fmt="PNG") -> bytes:

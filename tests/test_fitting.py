@@ -15,7 +15,7 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
 
-from flame_fixture import pickle_calling, write_flame_fixture  # noqa: E402
+from tests.support.flame_fixture import pickle_calling, write_flame_fixture  # noqa: E402
 from portrait_rig.demo_head import demo_head  # noqa: E402
 from portrait_rig.face_source import load_face_data  # noqa: E402
 from portrait_rig.params import Camera  # noqa: E402
@@ -53,12 +53,12 @@ def test_landmark_model_poses_exactly_like_the_whole_mesh(demo):
     subset = LandmarkModel(model, embedding)
     assert subset.n < model.data.n_vertices / 10
     assert torch.allclose(subset.landmarks(shape, exp, pose),
-                          embedding.points(vertices, model.faces), atol=1e-6)
+                          embedding.points(vertices, model.triangles), atol=1e-6)
 
 
 def test_demo_head_embedding_is_where_a_face_has_its_landmarks(demo):
     model, embedding = demo
-    p = embedding.points(model.v_template[None], model.faces)[0].numpy()
+    p = embedding.points(model.v_template[None], model.triangles)[0].numpy()
     assert embedding.valid.all()
     np.testing.assert_allclose(embedding.barycentric.sum(1), 1, atol=1e-6)
     # the two eyes mirror each other (36-41 image-left = the subject's right, -X)
@@ -85,11 +85,11 @@ def render_target(model, embedding, size):
     camera = Camera(type="orthographic", scale=7.5, tx=0.004, ty=0.01)
     vertices, _ = model.pose(shape, exp, pose)
     albedo = torch.as_tensor(linear_to_srgb(model.data.vertex_albedo), dtype=torch.float32)
-    buffers = BufferRenderer(model.data.faces).render(vertices, albedo, light, [camera],
+    buffers = BufferRenderer(model.data.triangles).render(vertices, albedo, light, [camera],
                                                      size, size)
     image = buffers.rendered[0].clamp(0, 1) * buffers.mask[0] + 0.4 * (1 - buffers.mask[0])
     cameras = CameraBatch.from_params([camera])
-    ndc, depth = project(embedding.points(vertices, model.faces), cameras, size, size)
+    ndc, depth = project(embedding.points(vertices, model.triangles), cameras, size, size)
     landmarks = screen_space(ndc, depth, cameras, size, size)[0][0].numpy() - 0.5
     truth = dict(shape=shape[0].numpy(), exp=exp[0].numpy(), pose=pose[0].numpy(), light=light,
                  camera=camera)
@@ -148,17 +148,17 @@ def test_fit_finds_the_face_in_a_photo(demo):
 # --------------------------------------------------------------------------------------------
 # FLAME landmark embedding files
 
-def deca_embedding_file(path, n_faces, seed=0):
+def deca_embedding_file(path, n_triangles, seed=0):
     """A ``landmark_embedding.npy`` laid out like DECA's: a pickled dict of numpy arrays and,
     for the pose-dependent jaw line, torch tensors."""
     rng = np.random.default_rng(seed)
     bary = rng.uniform(0.1, 1, (1, 68, 3))
     content = {
-        "static_lmk_faces_idx": rng.integers(0, n_faces, 51),
+        "static_lmk_faces_idx": rng.integers(0, n_triangles, 51),
         "static_lmk_bary_coords": rng.uniform(0, 1, (51, 3)),
-        "dynamic_lmk_faces_idx": torch.from_numpy(rng.integers(0, n_faces, (79, 17))),
+        "dynamic_lmk_faces_idx": torch.from_numpy(rng.integers(0, n_triangles, (79, 17))),
         "dynamic_lmk_bary_coords": torch.rand(79, 17, 3),
-        "full_lmk_faces_idx": rng.integers(0, n_faces, (1, 68)),
+        "full_lmk_faces_idx": rng.integers(0, n_triangles, (1, 68)),
         "full_lmk_bary_coords": bary / bary.sum(-1, keepdims=True),
     }
     np.save(path, content, allow_pickle=True)
@@ -315,7 +315,7 @@ def test_photo_fitter_takes_deca_codes_into_the_rig(deca_model, tmp_path):
     flame = tmp_path / "generic_model.pkl"
     write_flame_fixture(flame)
     model = FaceModel(load_face_data(str(flame)))
-    deca_embedding_file(tmp_path / "landmark_embedding.npy", model.data.n_faces)
+    deca_embedding_file(tmp_path / "landmark_embedding.npy", model.data.n_triangles)
     codes = DECA_CODES
     fitter = PhotoFitter(model, deca_model=deca_model,
                          embedding=tmp_path / "landmark_embedding.npy")

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-import flame_fixture as ff
+from tests.support import flame_fixture as ff
 from portrait_rig import flame_file
 from portrait_rig.face_data import FaceData
 from portrait_rig.face_source import load_face_data
@@ -33,7 +33,7 @@ def distributed(arrays, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small():
-    return ff.random_flame_arrays(seed=3, n_vertices=200, n_faces=300)
+    return ff.random_flame_arrays(seed=3, n_vertices=200, n_triangles=300)
 
 
 def assert_same_arrays(read: dict, written: dict):
@@ -72,7 +72,7 @@ def test_load_flame_splits_identity_and_expression(distributed, arrays):
     dirs = arrays["shapedirs"].astype(np.float32)
     np.testing.assert_array_equal(data.shapedirs, dirs[:, :, :300])
     np.testing.assert_array_equal(data.exprdirs, dirs[:, :, 300:])
-    for ours, theirs in (("v_template", "v_template"), ("faces", "f"), ("posedirs", "posedirs"),
+    for ours, theirs in (("v_template", "v_template"), ("triangles", "f"), ("posedirs", "posedirs"),
                          ("J_regressor", "J_regressor"), ("weights", "weights")):
         np.testing.assert_array_equal(getattr(data, ours),
                                       arrays[theirs].astype(getattr(data, ours).dtype))
@@ -145,10 +145,10 @@ def test_bad_kintree_is_refused(small, tmp_path, kintree, message):
 
 @pytest.mark.parametrize("sparse_class", ["csc_matrix", "csr_matrix", "csc_array", "csr_array"])
 def test_flame2023_style_file(tmp_path, sparse_class):
-    """Same arrays, other dtypes (float32, int64 faces, int64 kintree with -1), shapedirs as a
+    """Same arrays, other dtypes (float32, int64 triangles, int64 kintree with -1), shapedirs as a
     plain array and the regressor pickled by today's scipy (``scipy.sparse._csc`` etc.)."""
     sparse = pytest.importorskip("scipy.sparse")
-    arrays = ff.random_flame_arrays(seed=4, n_vertices=200, n_faces=300, float_dtype=np.float32,
+    arrays = ff.random_flame_arrays(seed=4, n_vertices=200, n_triangles=300, float_dtype=np.float32,
                                     face_dtype=np.int64, kintree_dtype=np.int64)
     content = {**arrays, "J_regressor": getattr(sparse, sparse_class)(arrays["J_regressor"])}
     path = tmp_path / "flame2023.pkl"
@@ -274,9 +274,9 @@ def test_missing_or_unusable_arrays(small, tmp_path):
     ff.write_distributed_pickle(path, {**small, "weights": small["weights"][:, :4]})
     with pytest.raises(FlameFileError, match="weights has shape"):
         load_flame(path)
-    faces = small["f"].astype(np.int64)
-    faces[7, 1] = 2 ** 32 + 5   # would wrap to vertex 5 in int32
-    ff.write_distributed_pickle(path, {**small, "f": faces})
+    triangles = small["f"].astype(np.int64)
+    triangles[7, 1] = 2 ** 32 + 5   # would wrap to vertex 5 in int32
+    ff.write_distributed_pickle(path, {**small, "f": triangles})
     with pytest.raises(FlameFileError, match="f indexes vertices outside 0..199"):
         load_flame(path)
 
@@ -303,7 +303,7 @@ def test_sources(distributed, tmp_path):
     flame.save(npz)
     again = load_face_data(npz)
     for key, value in flame.arrays().items():
-        np.testing.assert_array_equal(getattr(again, key), value)
+        np.testing.assert_array_equal(again.arrays()[key], value)
     fewer = load_face_data(str(npz), n_shape=5, n_expression=0)
     np.testing.assert_array_equal(fewer.shapedirs, flame.shapedirs[:, :, :5])
     assert fewer.n_expression == 0

@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from blender_env import REPO_ROOT, blender, bpy, extension, extension_repository  # noqa: F401
+from tests.support.blender_env import (REPO_ROOT, blender, bpy, extension,  # noqa: F401
+                                       extension_repository)
 
 pytestmark = pytest.mark.blender
 

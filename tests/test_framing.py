@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionrig_fixtures import write_checkpoint
+from tests.support.diffusionrig_fixtures import write_checkpoint
 from portrait_rig import sh
 from portrait_rig.face_source import load_face_data
 from portrait_rig.params import RigParams
@@ -65,8 +65,8 @@ def test_reframed_codes_show_the_head_through_the_framing(demo, framer):
     torch.testing.assert_close(ndc @ M.T + torch.tensor([0.1, -0.2], dtype=torch.float64),
                                rig_ndc, atol=2e-6, rtol=0)
     # Normals turn with the view, and the light with them: every surface keeps its shading.
-    normals = vertex_normals(renderer.vertices(codes), renderer.renderer.faces)[0].double()
-    turned = vertex_normals(aligned_vertices, renderer.renderer.faces)[0].double()
+    normals = vertex_normals(renderer.vertices(codes), renderer.renderer.triangles)[0].double()
+    turned = vertex_normals(aligned_vertices, renderer.renderer.triangles)[0].double()
     roll = torch.from_numpy(axis_angle_to_matrix([0.0, 0.0, -0.4]))
     torch.testing.assert_close(turned, normals @ roll.T, atol=1e-4, rtol=0)
     np.testing.assert_allclose(sh.shade(turned.numpy(), aligned.light[0].double().numpy()),
@@ -167,7 +167,7 @@ def rig_landmarks(demo, embedding, params) -> np.ndarray:
     """The rig head's 68 landmarks [68, 2] in frame pixels (dlib's convention), through the
     rig's own perspective camera."""
     vertices, _ = demo.pose_params([params])
-    points = embedding.points(vertices, demo.faces)
+    points = embedding.points(vertices, demo.triangles)
     cameras = CameraBatch.from_params([params.camera])
     ndc, depth = project(points, cameras, W, H)
     return screen_space(ndc, depth, cameras, W, H)[0][0].double().numpy() - 0.5

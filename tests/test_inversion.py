@@ -21,7 +21,7 @@ from server.inversion.frame import MAX_SHIFT, photo_frame  # noqa: E402
 from server.models.stylegan3 import make_transform  # noqa: E402
 from server.photo.align import align_face, crop  # noqa: E402
 from server.photo.landmarks import FaceDetector  # noqa: E402
-from lpips_fixtures import DATA  # noqa: E402
+from tests.support.lpips_fixtures import DATA  # noqa: E402
 
 OFFICIAL = json.loads((DATA / "photo_frame_official.json").read_text())
 
@@ -83,7 +83,7 @@ def test_the_transform_carries_the_aligned_crop_onto_the_photos_framing(detector
 def test_optimisation_lowers_its_losses_and_repeats_for_a_seed(single_thread):
     from server.checkpoints.stylegan import load_generator
     from server.inversion.invert import PhotoInverter
-    from stylegan_fixtures import DATA as STYLEGAN_DATA
+    from tests.support.stylegan_fixtures import DATA as STYLEGAN_DATA
 
     inverter = PhotoInverter(load_generator(STYLEGAN_DATA / "stylegan2_tiny.safetensors"))
     photo = skimage_data.astronaut()
@@ -105,11 +105,11 @@ def test_optimisation_lowers_its_losses_and_repeats_for_a_seed(single_thread):
 
 @pytest.mark.slow
 def test_restyle_encoder_inverts_through_the_generator(tmp_path):
-    from encoder_fixtures import write_encoder_checkpoint
+    from tests.support.encoder_fixtures import write_encoder_checkpoint
     from server.checkpoints.encoders import load_encoder
     from server.inversion.invert import PhotoInverter
     from server.models import StyleGAN3Config
-    from stylegan_fixtures import random_generator
+    from tests.support.stylegan_fixtures import random_generator
 
     G = random_generator(StyleGAN3Config.preset("r", 16, z_dim=512, w_dim=512, channel_base=512,
                                                 channel_max=16, mapping_layers=2), seed=5)

@@ -18,8 +18,9 @@ from PIL import Image  # noqa: E402
 from portrait_rig import protocol  # noqa: E402
 from portrait_rig.client import Client, ServerError  # noqa: E402
 from portrait_rig.params import Appearance, RigParams  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
-from stylegan_fixtures import SMALL_SG3_R, random_generator, write_nvidia_pickle  # noqa: E402
+from tests.support.server_process import ServerProcess  # noqa: E402
+from tests.support.stylegan_fixtures import (SMALL_SG3_R, random_generator,  # noqa: E402
+                                             write_nvidia_pickle, write_stylerig_home)
 
 STEPS = 6
 
@@ -33,15 +34,11 @@ def encoded(array, fmt="PNG") -> bytes:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    G = random_generator(SMALL_SG3_R, seed=3)
-    (home / "stylegan" / "directions").mkdir(parents=True)
-    write_nvidia_pickle(home / "stylegan" / "generator.pkl", G)
-    direction = np.random.RandomState(0).randn(1, G.w_dim).astype(np.float32)
-    np.save(home / "stylegan" / "directions" / "age_boundary.npy", direction)
+    G, direction = write_stylerig_home(home, direction_seed=0)
     with ServerProcess("--backend", "stylerig", "--model", "demo", "--quiet",
                        env={"PORTRAIT_RIG_HOME": str(home)}) as server, \
             Client(server.host, server.port, timeout=60.0) as client:
-        yield client, home, G, torch.from_numpy(direction[0])
+        yield client, home, G, direction
 
 
 def frame_of(client, appearance: dict) -> np.ndarray:

@@ -13,8 +13,8 @@ from PIL import Image
 
 from portrait_rig.colour import srgb_to_linear
 
-from blender_env import (blender, bpy, draw, extension, extension_repository,  # noqa: F401
-                         pump, render_server)
+from tests.support.blender_env import (blender, bpy, draw, extension,  # noqa: F401
+                                       extension_repository, pump, render_server)
 
 pytestmark = pytest.mark.blender
 
@@ -164,7 +164,7 @@ def test_backends_come_from_the_server_hello(extension, render_server):
 
 
 def test_dead_server_never_blocks_blender(extension, tmp_path):
-    from server_process import ServerProcess
+    from tests.support.server_process import ServerProcess
     live_link = extension.module("blender_rig.live_link")
     rig_builder = extension.module("blender_rig.rig_builder")
     with ServerProcess("--model", "demo", "--backend", "preview", "--quiet") as server:
@@ -250,8 +250,8 @@ def test_a_progressive_backend_streams_previews_into_the_image(extension, tmp_pa
     """With a diffusion backend the artist sees the model's x0 estimate after the first
     sampler step: the link asks for previews (the hello says the backend streams them), shows
     them, and the request's frame still follows."""
-    from diffusionrig_fixtures import write_checkpoint
-    from server_process import ServerProcess
+    from tests.support.diffusionrig_fixtures import write_checkpoint
+    from tests.support.server_process import ServerProcess
     live_link = extension.module("blender_rig.live_link")
     write_checkpoint(tmp_path / "diffusionrig" / "model.safetensors")
     latent = tmp_path / "latents" / "latent.npy"          # in the data folder's latents/

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lpips_fixtures import DATA, write_lpips_files
+from tests.support.lpips_fixtures import DATA, write_lpips_files
 from server.models.lpips import load_lpips
 
 dlib = pytest.importorskip("dlib")

@@ -48,7 +48,7 @@ def face_model():
 def album(tmp_path_factory, face_model):
     """Three 256-pixel portraits of the demo head: different pose, expression and light."""
     folder = tmp_path_factory.mktemp("album")
-    renderer = BufferRenderer(face_model.data.faces)
+    renderer = BufferRenderer(face_model.data.triangles)
     albedo = torch.as_tensor(linear_to_srgb(face_model.data.vertex_albedo), dtype=torch.float32)
     g = torch.Generator().manual_seed(5)
     for i, yaw in enumerate((-12, 0, 10)):

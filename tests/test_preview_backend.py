@@ -16,7 +16,7 @@ from portrait_rig.protocol import PASSES
 from server.backends import BACKEND_NAMES, create_backend, describe_backends
 from server.backends.base import RenderRequest
 from server.renderer.face_model import FaceModel
-from synthetic_face import synthetic_face
+from tests.support.synthetic_face import synthetic_face
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from portrait_rig import protocol
 from portrait_rig.client import Client
 from server.service import frame_codec
 
-from server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 
 # ---------------------------------------------------------------------------- framing

@@ -19,7 +19,7 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
 
-from server_process import REPO  # noqa: E402
+from tests.support.server_process import REPO  # noqa: E402
 
 pytestmark = [pytest.mark.training, pytest.mark.slow]
 GENERATOR = REPO / "tests" / "data" / "stylegan2_tiny.safetensors"
@@ -76,7 +76,7 @@ def test_pti_resumes_after_a_kill_and_improves_the_reconstruction(tmp_path):
     from server.backends.base import RenderRequest
     from server.checkpoints.stylegan import load_generator
     from server.renderer.face_model import FaceModel
-    from synthetic_face import synthetic_face
+    from tests.support.synthetic_face import synthetic_face
 
     from server import paths
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blender_env import (REPO_ROOT, blender, bpy, draw, extension,  # noqa: F401
-                         extension_repository, render_server)
+from tests.support.blender_env import (REPO_ROOT, blender, bpy, draw, extension,  # noqa: F401
+                                       extension_repository, render_server)
 from portrait_rig.client import Client
 from portrait_rig.face_source import load_face_data
-from server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 Image = pytest.importorskip("PIL.Image")
 

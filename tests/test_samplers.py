@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusionrig_fixtures import DDIM_X0_STEPS, DPM_TIMESTEPS, TINY, load_fixture
+from tests.support.diffusionrig_fixtures import DDIM_X0_STEPS, DPM_TIMESTEPS, TINY, load_fixture
 from server.diffusion import (NoiseSchedule, ddim_sample, dpm_solver_pp_sample, initial_noise,
                               linear_betas, space_timesteps)
 from server.models.diffusionrig_unet import DiffusionRigUNet

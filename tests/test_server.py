@@ -24,7 +24,7 @@ from portrait_rig.face_data import FaceData
 from portrait_rig.face_source import load_face_data
 from portrait_rig.params import RigParams
 
-from server_process import REPO, ServerProcess
+from tests.support.server_process import REPO, ServerProcess
 
 TOKEN = "correct horse battery staple"
 W, H = 96, 64                     # not square: catches swapped axes
@@ -132,7 +132,7 @@ def test_model_arrays_equal_face_source(client, demo):
     header, payload = client.fetch_model()
     received = FaceData.from_wire(header, payload)
     for name, array in demo.arrays().items():
-        np.testing.assert_array_equal(getattr(received, name), array, err_msg=name)
+        np.testing.assert_array_equal(received.arrays()[name], array, err_msg=name)
     assert received.meta() == demo.meta()
 
 
@@ -438,7 +438,7 @@ class BlockingBackend(RecordingBackend):
 
 
 def make_scheduler(backends: dict, **options):
-    from synthetic_face import synthetic_face
+    from tests.support.synthetic_face import synthetic_face
 
     from server.service.scheduler import Scheduler
 

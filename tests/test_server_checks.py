@@ -14,7 +14,7 @@ import torch
 from portrait_rig.client import Client
 from server.backends.check import check_backend
 from server.checkpoints.identify import identify
-from server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,8 @@ def test_options_are_validated_before_anything_runs(home):
     assert "unknown stylerig option(s): foo" in check_backend("stylerig", {"foo": "1"}).reason
     bad = check_backend("diffusionrig", {"sampler": "euler"})
     assert bad.state == "unavailable"
-    assert "diffusionrig.sampler: expected one of ddim, dpm++, got 'euler'" in bad.reason
+    assert ("diffusionrig.sampler: expected one of ddim, dpm++, distilled, got 'euler'"
+            in bad.reason)
     for args in (["--option", "stylerig.foo=1"], ["--option", "diffusionrig.sampler=euler"],
                  ["--option", "nope.x=1"]):
         started = run_server("--port", "0", *args, home=home)

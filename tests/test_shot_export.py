@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from blender_env import (blender, bpy, draw, extension,  # noqa: F401
-                         extension_repository, render_server)
+from tests.support.blender_env import (blender, bpy, draw, extension,  # noqa: F401
+                                       extension_repository, render_server)
 from portrait_rig.face_source import load_face_data
 from portrait_rig.shot_file import ShotFile
 from portrait_rig_cli import cli

@@ -21,7 +21,7 @@ from portrait_rig.params import RigParams
 from portrait_rig.shot_file import ShotFile, ShotFileError, ShotFrame
 from portrait_rig_cli import cli
 from portrait_rig_cli.render import parse_frames
-from server_process import REPO, ServerProcess
+from tests.support.server_process import REPO, ServerProcess
 
 Image = pytest.importorskip("PIL.Image")
 OpenEXR = pytest.importorskip("OpenEXR")

@@ -9,7 +9,7 @@ import torch
 from server.checkpoints.stylegan import load_generator
 from server.models import StyleGAN2Config, StyleGAN2Generator
 from server.models.ops import modulated_conv2d, setup_filter, upfirdn2d
-from tests.stylegan_fixtures import DATA, TINY_SG2, official_keys, random_generator
+from tests.support.stylegan_fixtures import DATA, TINY_SG2, official_keys, random_generator
 
 
 @pytest.mark.parametrize("config, key_file", [

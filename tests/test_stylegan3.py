@@ -11,7 +11,8 @@ import torch
 from server.checkpoints.stylegan import load_generator
 from server.models import StyleGAN3Config, StyleGAN3Generator, make_transform, set_transform
 from server.models.ops import kaiser_lowpass
-from tests.stylegan_fixtures import DATA, SMALL_SG3_R, SMALL_SG3_T, official_keys, random_generator
+from tests.support.stylegan_fixtures import (DATA, SMALL_SG3_R, SMALL_SG3_T, official_keys,
+                                             random_generator)
 
 
 @pytest.mark.parametrize("preset, key_file", [("t", "stylegan3-t-G_ema-1024"),

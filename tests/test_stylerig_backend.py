@@ -18,7 +18,7 @@ from server.backends.check import check_backend
 from server.backends.base import RenderRequest
 from server.backends.preview import PreviewBackend
 from server.renderer.face_model import FaceModel
-from server.models.rignet import ControlLayout, RigNet, control_vector
+from server.models.rignet import control_vector
 from server.checkpoints.stylegan import generator_fingerprint, load_generator
 from server.checkpoints.stylerig import save_rignet
 from server.models.stylegan3 import set_transform
@@ -26,9 +26,11 @@ from portrait_rig.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 from server.backends.latents import seed_z
 from server.renderer.head_view import head_views
 from server.backends.shots import Shot, smooth_latents
-from server_process import ServerProcess
-from stylegan_fixtures import SMALL_SG3_R, TINY_SG2, random_generator, write_nvidia_pickle
-from synthetic_face import synthetic_face
+from tests.support.server_process import ServerProcess
+from tests.support.stylegan_fixtures import (SMALL_SG3_R, TINY_SG2, random_generator,
+                                             write_nvidia_pickle)
+from tests.support.stylerig_fixtures import write_random_rignet
+from tests.support.synthetic_face import synthetic_face
 
 S2, S3 = TINY_SG2.img_resolution, SMALL_SG3_R.img_resolution
 
@@ -49,12 +51,8 @@ def files(tmp_path_factory, face_model):
         affine.copy_(torch.randn(affine.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
     write_nvidia_pickle(folder / "sg2.pkl", G2, repo="stylegan2-ada")
     write_nvidia_pickle(folder / "sg3.pkl", G3, repo="stylegan3")
-    torch.manual_seed(3)
-    net = RigNet(G2.num_ws, G2.w_dim, latent_dim=4,
-                 layout=ControlLayout.for_model(face_model.data.n_expression))
-    with torch.no_grad():
-        net.decoder.weight.normal_(0, 0.5)
-    save_rignet(net.eval(), folder / "rignet.safetensors")
+    net = write_random_rignet(folder / "rignet.safetensors", G2, face_model.data.n_expression,
+                              seed=3)
     return {"dir": folder, "sg2": folder / "sg2.pkl", "sg3": folder / "sg3.pkl",
             "rignet": folder / "rignet.safetensors", "G2": G2, "G3": G3, "net": net}
 

@@ -1,7 +1,7 @@
 """The StyleRig pipeline at tiny scale: corpus shards, landmarks, F (DFR), RigNet, evaluation.
 
 A random 32 px StyleGAN2 paints noise, so the training tests use the explicit synthetic
-landmarks and the small sphere head of ``tests/stylerig_fixtures.py``; the dlib stage is
+landmarks and the small sphere head of ``tests/support/stylerig_fixtures.py``; the dlib stage is
 tested on renders of the demo head.
 """
 
@@ -32,7 +32,7 @@ from server.training.stylerig.losses import RenderLoss, RenderLossWeights, Targe
 from server.training.stylerig.run import RunDir, scheduled_lr
 from server.training.stylerig.train_dfr import DFRSettings, train_dfr
 from server.training.stylerig.train_rignet import RigNetObjective, RigNetSettings, train_rignet
-from tests.stylerig_fixtures import write_generator, write_test_face
+from tests.support.stylerig_fixtures import write_corpus
 
 CRASH_STEP = 13             # a simulated kill after this many steps (checkpoints every 8)
 
@@ -45,12 +45,7 @@ def setup(tmp_path_factory):
     """Generator, sphere head, a 12-sample corpus (2 shards) with synthetic landmarks, and one
     uninterrupted DFR run and RigNet run."""
     root = tmp_path_factory.mktemp("stylerig")
-    generator = write_generator(root)
-    face, embedding = write_test_face(root)
-    build_corpus(root / "corpus", CorpusSettings(str(generator), count=12, shard_size=8,
-                                                 image_size=32), progress=False)
-    detect_corpus_landmarks(root / "corpus", source="synthetic", face_model=str(face),
-                            embedding=str(embedding), progress=False)
+    generator, face, embedding = write_corpus(root)
     dfr = DFRSettings(face_model=str(face), embedding=str(embedding), steps=24, batch_size=4,
                       hidden=64, lr=1e-3, log_every=1, checkpoint_every=8, preview_every=0)
     train_dfr(root / "corpus", root / "dfr", dfr, progress=False)
@@ -188,7 +183,7 @@ def demo_render(size: int, turn: float) -> np.ndarray:
     c, s = math.cos(turn), math.sin(turn)
     rotation = torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
     vertices = torch.as_tensor(data.v_template) @ rotation.T
-    buffers = BufferRenderer(data.faces).render(
+    buffers = BufferRenderer(data.triangles).render(
         vertices[None], torch.as_tensor(data.vertex_albedo), torch.tensor(default_sh()) * 0.3,
         [framing_camera(data)], size, size)
     mask = buffers.mask[0, ..., 0].numpy() > 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flame_fixture import write_flame_fixture
+from tests.support.flame_fixture import write_flame_fixture
 from portrait_rig.face_source import load_face_data
 from portrait_rig.params import RigParams
 from server.photo.embedding import LandmarkEmbedding
@@ -112,7 +112,7 @@ def test_optimisation_fits_the_texture_code(flame):
     image = (buffers.rendered[0] * buffers.mask[0] + 0.4 * (1 - buffers.mask[0])).clamp(0, 1)
     image = np.round(image.numpy() * 255).astype(np.uint8)
     vertices = renderer.vertices(codes)
-    ndc, depth = project(embedding.points(vertices, model.faces), renderer.cameras(codes),
+    ndc, depth = project(embedding.points(vertices, model.triangles), renderer.cameras(codes),
                          size, size)
     landmarks = screen_space(ndc, depth, renderer.cameras(codes), size, size)[0][0].double()
     settings = FitSettings(rigid_steps=60, shape_steps=40, light_steps=150, refine_steps=0,
@@ -135,7 +135,7 @@ def test_clients_fetch_the_texture_space_the_backend_samples(flame, tmp_path):
     from portrait_rig import protocol
     from portrait_rig.client import Client, ServerError
     from portrait_rig.texture_space import TextureSpace
-    from server_process import ServerProcess
+    from tests.support.server_process import ServerProcess
 
     model, texture, _ = flame
     home = tmp_path / "home"
@@ -160,7 +160,7 @@ def test_clients_fetch_the_texture_space_the_backend_samples(flame, tmp_path):
 def test_a_server_without_texture_space_says_so(tmp_path):
     from portrait_rig.client import Client
     from portrait_rig.texture_space import TextureSpace
-    from server_process import ServerProcess
+    from tests.support.server_process import ServerProcess
 
     with ServerProcess("--model", "demo", env={"PORTRAIT_RIG_HOME": str(tmp_path)}) as server, \
             Client(server.host, server.port, timeout=60.0) as client:

@@ -71,10 +71,12 @@ SPECS: dict[str, BackendSpec] = {spec.name: spec for spec in (
         "reference photo's appearance (needs its checkpoint; CUDA)",
         (Option("checkpoint", None, "stage-1 model file; default: the model folder's "
                 "diffusionrig/model.pt", file_or()),
-         Option("sampler", "ddim", "'ddim' (the official DDIM) or 'dpm++' (DPM-Solver++(2M))",
-                choice("ddim", "dpm++")),
-         Option("steps", None, "sampler steps (default 20 for ddim, 10 for dpm++)",
-                optional_integer(2, 1000)),
+         Option("sampler", "ddim", "'ddim' (the official DDIM), 'dpm++' (DPM-Solver++(2M)) "
+                "or 'distilled' (a few-step student from server.training.diffusionrig.distill "
+                "as the checkpoint, on the grid its file carries)",
+                choice("ddim", "dpm++", "distilled")),
+         Option("steps", None, "sampler steps (default 20 for ddim, 10 for dpm++; a distilled "
+                "student's come from its file)", optional_integer(2, 1000)),
          Option("precision", "auto", "'auto' (fp16 autocast on CUDA, else fp32), 'fp32', "
                 "'fp16' or 'bf16'", choice("auto", "fp32", "fp16", "bf16")),
          Option("texture", "auto", "'auto' (the model folder's flame/FLAME_texture.npz when it "

@@ -48,7 +48,8 @@ from portrait_rig.params import Appearance, RigParams
 from server import paths
 from server.backends.framing import HeadFramer, check_framing, identity_framings, place
 from server.renderer.deca import DecaBufferRenderer, DecaCodes
-from server.diffusion import NoiseSchedule, ddim_sample, dpm_solver_pp_sample, initial_noise
+from server.diffusion import (NoiseSchedule, ddim_sample, distilled_sample, dpm_solver_pp_sample,
+                              initial_noise, read_distilled_timesteps)
 from server.renderer.face_model import FaceModel
 from server.models.diffusionrig import DiffusionRig
 from server.checkpoints.diffusionrig import load_diffusionrig
@@ -61,7 +62,7 @@ from server.backends.base import (LRU, Backend, RenderCancelled, RenderRequest, 
                                   StageTimer, check_request, file_stamp, resolve_precision,
                                   stop_if_cancelled, torch_device)
 
-SAMPLERS = {"ddim": 20, "dpm++": 10}              # name -> default number of steps
+SAMPLERS = {"ddim": 20, "dpm++": 10, "distilled": 2}  # name -> default number of steps
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 LATENT_DIM = 64
 _CACHE_ENTRIES = 64                               # latents and noise tensors kept
@@ -71,13 +72,15 @@ class DiffusionRigBackend(Backend):
     """DiffusionRig on "cpu" or "cuda" (CPU only makes sense for tests). Options (typed,
     documented and validated in the registry, ``server.backends.SPECS``): ``checkpoint``,
     ``sampler`` ("ddim": the official deterministic DDIM on the respaced grid; "dpm++":
-    DPM-Solver++(2M)), ``steps``, ``precision``, ``texture`` ("auto" uses the FLAME texture
-    space when it fits the face model), ``resolution`` (the architecture itself is read from
-    the checkpoint), ``framing`` ("ffhq": the network sees the head FFHQ-aligned, as it was
-    trained; "centre": only the FFHQ centre placed, as the official inference script does;
-    "rig": the rig's own framing; ``server.backends.framing``), ``personal_dir`` and
-    ``max_models`` (the stage-1 model is never evicted,
-    and the personal model in use always stays)."""
+    DPM-Solver++(2M); "distilled": a few-step student written by
+    ``server.training.diffusionrig.distill`` and given as ``checkpoint``, sampled on the grid
+    its file carries, ``steps`` ignored), ``steps``, ``precision``, ``texture`` ("auto" uses
+    the FLAME texture space when it fits the face model), ``resolution`` (the architecture
+    itself is read from the checkpoint), ``framing`` ("ffhq": the network sees the head
+    FFHQ-aligned, as it was trained; "centre": only the FFHQ centre placed, as the official
+    inference script does; "rig": the rig's own framing; ``server.backends.framing``),
+    ``personal_dir`` and ``max_models`` (the stage-1 model is never evicted, and the personal
+    model in use always stays)."""
 
     name = "diffusionrig"
 
@@ -101,6 +104,13 @@ class DiffusionRigBackend(Backend):
                            else paths.diffusionrig_checkpoint())
         if not self.checkpoint.is_file():
             raise FileNotFoundError(f"DiffusionRig checkpoint not found: {self.checkpoint}")
+        if self.sampler == "distilled":   # the student's own grid, from its file
+            grid = read_distilled_timesteps(self.checkpoint)
+            if grid is None:
+                raise ValueError(f"sampler distilled: {self.checkpoint} is not a distilled "
+                                 "student (write one with python -m "
+                                 "server.training.diffusionrig.distill)")
+            self.timesteps, self.steps = grid, len(grid)
         base = load_diffusionrig(self.checkpoint, None, self.torch_device, self.resolution)
         if base.config.latent_dim != LATENT_DIM:
             raise ValueError(f"{self.checkpoint}: latent size {base.config.latent_dim}, "
@@ -110,7 +120,7 @@ class DiffusionRigBackend(Backend):
         if face_model.device != self.torch_device:
             face_model = FaceModel(face_model.data, self.torch_device)
         self.buffers = DecaBufferRenderer(
-            face_model, choose_texture(texture, face_model.faces.shape[0], self.torch_device))
+            face_model, choose_texture(texture, face_model.triangles.shape[0], self.torch_device))
         self.framer = HeadFramer(face_model) if self.framing != "rig" else None
         self._latents = LRU(_CACHE_ENTRIES)
         self._noise = LRU(_CACHE_ENTRIES)
@@ -130,6 +140,10 @@ class DiffusionRigBackend(Backend):
         if name in self._models:
             self._models.move_to_end(name)
             return self._models[name]
+        if self.sampler == "distilled":
+            raise ValueError("appearance.personal_model: the distilled sampler runs its "
+                             "student checkpoint only; distil the personal model and give it "
+                             "as diffusionrig.checkpoint")
         path = paths.personal_checkpoint(name, self.personal_dir)
         if not path.is_file():
             if (path.parent / "state.pt").is_file():
@@ -223,6 +237,9 @@ class DiffusionRigBackend(Backend):
 
         if self.sampler == "ddim":
             x0 = ddim_sample(denoise, noise, self.schedule, self.timesteps, callback=callback)
+        elif self.sampler == "distilled":
+            x0 = distilled_sample(denoise, noise, self.schedule, self.timesteps,
+                                  callback=callback)
         else:
             x0 = dpm_solver_pp_sample(denoise, noise, self.schedule, timesteps=self.timesteps,
                                       callback=callback)

@@ -265,12 +265,7 @@ class DualStyleGANBackend(Backend):
                    for image, (start, _, centre) in
                    zip(frame_images(torch.stack(images), requests), windows)]
         lap("image")
-        if any(r.passes for r in requests):
-            self._passes.add(requests, results)
-            lap("passes")
-        for result in results:
-            result.timings = dict(lap.times)
-        return results
+        return self._passes.complete(requests, results, lap)
 
     def _identity(self, appearance: Appearance) -> torch.Tensor:
         """Content W+ [L, C] before RigNet: a photo's embedding, or the seed / latent file."""

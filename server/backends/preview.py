@@ -53,12 +53,12 @@ class PreviewBackend(Backend):
         self.path = path
         if path == "fast":
             from server.renderer.raster_cpu import NumbaRasterizer
-            self._faces_np = face_model.faces.cpu().numpy().astype(np.int32)
+            self._triangles_np = face_model.triangles.cpu().numpy().astype(np.int32)
             self._albedo_np = face_model.vertex_albedo.cpu().numpy()
-            self._rasterizer = NumbaRasterizer(self._faces_np)
+            self._rasterizer = NumbaRasterizer(self._triangles_np)
             self._scratch: dict[tuple, dict] = {}       # arrays per (B, H, W)
         else:
-            self.renderer = BufferRenderer(face_model.faces, self.torch_device, "torch")
+            self.renderer = BufferRenderer(face_model.triangles, self.torch_device, "torch")
             self._reuse: dict[tuple, Buffers] = {}      # buffers per (B, H, W)
 
     # ------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class PreviewBackend(Backend):
         ndc, depth = project(vertices, cameras, width, height)
         pixel_xy, z_key, w = screen_space(ndc, depth, cameras, width, height)
         pixel_xy, z_key, w = pixel_xy.numpy(), z_key.numpy(), w.numpy()
-        normals = vertex_normals_numba(np.ascontiguousarray(vertices.numpy()), self._faces_np)
+        normals = vertex_normals_numba(np.ascontiguousarray(vertices.numpy()), self._triangles_np)
         albedo = np.broadcast_to(self._albedo_np, normals.shape)
         attributes = np.concatenate([depth.numpy()[..., None], normals, albedo], axis=-1)
         lap("geometry")
@@ -128,7 +128,7 @@ class PreviewBackend(Backend):
             if "packed" not in scratch:
                 scratch["packed"] = np.empty((*key, N_CHANNELS), np.float32)
             packed = scratch["packed"]
-        shade_frame(triangle, pixel_xy, w, self._faces_np, attributes, sh, self.background,
+        shade_frame(triangle, pixel_xy, w, self._triangles_np, attributes, sh, self.background,
                     images, packed)
         lap("shade")
         return images, packed

@@ -197,3 +197,13 @@ class RigPasses:
         buffers = self._renderer.render([requests[i] for i in wanted])
         for i, rendered in zip(wanted, buffers):
             results[i].passes = rendered.passes
+
+    def complete(self, requests, results, lap) -> list:
+        """``results`` with the passes their requests ask for (timed as "passes") and the
+        batch's stage timings from ``lap``."""
+        if any(r.passes for r in requests):
+            self.add(requests, results)
+            lap("passes")
+        for result in results:
+            result.timings = dict(lap.times)
+        return results

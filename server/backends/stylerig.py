@@ -194,12 +194,7 @@ class StyleRigBackend(Backend):
             frames = frame_images(images, requests)
         results = [RenderResult(image) for image in frames]
         lap("image")
-        if any(r.passes for r in requests):
-            self._passes.add(requests, results)
-            lap("passes")
-        for result in results:
-            result.timings = dict(lap.times)
-        return results
+        return self._passes.complete(requests, results, lap)
 
     def _synthesize(self, requests: list[RenderRequest], ws: torch.Tensor,
                     transforms: torch.Tensor | None) -> torch.Tensor:

@@ -32,7 +32,7 @@ from server.inversion.frame import PhotoFrame, photo_frame
 from server.inversion.losses import CROP, LossWeights, ReconstructionLosses
 from server.inversion.optimise import OptimiseSettings, optimise_latent
 from server.photo.align import FaceAlignment, align_face, crop
-from server.photo.landmarks import Face, FaceDetector, decode_photo, to_rgb
+from server.photo.landmarks import FaceDetection, FaceDetector, decode_photo, to_rgb
 
 METHODS = ("auto", "encoder", "optimisation")
 MAX_STEPS = 5000
@@ -60,7 +60,7 @@ class Inversion:
     losses: dict
     metrics: dict
     frame: PhotoFrame
-    face: Face
+    detection: FaceDetection
     alignment: FaceAlignment
     aligned: np.ndarray
     reconstruction: np.ndarray
@@ -151,8 +151,8 @@ class PhotoInverter:
 
         rgb = decode_photo(photo) if isinstance(photo, (bytes, bytearray, memoryview)) \
             else to_rgb(photo)
-        face = self.detector(rgb)
-        aligned, alignment = align_face(rgb, CROP, landmarks=face.landmarks)
+        detection = self.detector(rgb)
+        aligned, alignment = align_face(rgb, CROP, landmarks=detection.landmarks)
         frame = photo_frame(alignment, (rgb.shape[1], rgb.shape[0]))
         landmarks = alignment.aligned_landmarks
         losses = ReconstructionLosses(aligned, landmarks, self.weights, lpips=self.lpips,
@@ -196,8 +196,9 @@ class PhotoInverter:
                             if used),
             steps=steps, iterations=n_passes,
             losses={"first": first, "last": final}, metrics=_rounded(metrics), frame=frame,
-            face=face, alignment=alignment, aligned=aligned, reconstruction=to_uint8(image),
-            unaligned=unaligned, framed=framed, photo_size=(rgb.shape[1], rgb.shape[0]),
+            detection=detection, alignment=alignment, aligned=aligned,
+            reconstruction=to_uint8(image), unaligned=unaligned, framed=framed,
+            photo_size=(rgb.shape[1], rgb.shape[0]),
             history=history)
 
 

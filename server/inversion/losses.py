@@ -174,6 +174,6 @@ def _predictor_and_box(photo: np.ndarray, landmarks: np.ndarray):
 
     from server.photo.landmarks import FaceDetector, _load_predictor
 
-    faces = FaceDetector(upsample=0).detect(photo)
-    box = faces[0].box if faces else _landmark_box(landmarks)
+    detections = FaceDetector(upsample=0).detect(photo)
+    box = detections[0].box if detections else _landmark_box(landmarks)
     return _load_predictor(), dlib.rectangle(*(int(round(v)) for v in box))

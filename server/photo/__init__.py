@@ -19,7 +19,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {"FaceAlignment": "align", "align_face": "align", "ffhq_square": "align",
-            "N_LANDMARKS": "landmarks", "Face": "landmarks", "FaceDetector": "landmarks",
+            "N_LANDMARKS": "landmarks", "FaceDetection": "landmarks",
+            "FaceDetector": "landmarks",
             "FaceModelsMissing": "landmarks", "NoFaceFound": "landmarks",
             "decode_photo": "landmarks", "to_rgb": "landmarks",
             "PhotoFit": "fit", "PhotoFitter": "fit", "FLAME_VERTICES": "fit",

@@ -64,7 +64,7 @@ def fitter_from_args(args, settings=None):
 
     fitter = PhotoFitter(model, deca_model=deca, embedding=embedding, method=args.fit_method,
                          size=args.fit_size, detector=args.detector, settings=settings,
-                         texture=choose_texture(args.texture, model.faces.shape[0]))
+                         texture=choose_texture(args.texture, model.triangles.shape[0]))
     return model, fitter
 
 
@@ -98,7 +98,7 @@ def overlay(fit, face_model) -> np.ndarray:
     with torch.no_grad():
         vertices, _ = face_model.pose_params([params])
         albedo = torch.as_tensor(linear_to_srgb(result.vertex_albedo), dtype=torch.float32)
-        buffers = BufferRenderer(face_model.data.faces).render(
+        buffers = BufferRenderer(face_model.data.triangles).render(
             vertices, albedo, torch.tensor(params.lighting.sh), [params.camera], size, size)
     mask = OVERLAY_OPACITY * buffers.mask[0].numpy()
     face = np.clip(buffers.rendered[0].numpy(), 0, 1) * 255

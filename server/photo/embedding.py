@@ -42,7 +42,7 @@ class EmbeddingError(ValueError):
 
 @dataclass(frozen=True)
 class LandmarkEmbedding:
-    """``triangles`` [68] int64 (rows of the model's ``faces``), ``barycentric`` [68, 3] float32
+    """``triangles`` [68] int64 (rows of the mesh's triangle array), ``barycentric`` [68, 3] float32
     (weights of the triangle's three corners, summing to 1), ``valid`` [68] bool (False where
     the source does not define the landmark; its triangle and weights are then meaningless)."""
     triangles: np.ndarray
@@ -60,16 +60,17 @@ class LandmarkEmbedding:
     def check(self, data: FaceData) -> "LandmarkEmbedding":
         """Raise ``EmbeddingError`` unless every valid landmark names a triangle of ``data``."""
         used = self.triangles[self.valid]
-        if used.size and (used.min() < 0 or used.max() >= data.n_faces):
+        if used.size and (used.min() < 0 or used.max() >= data.n_triangles):
             raise EmbeddingError(f"{self.source or 'embedding'} names triangles up to "
-                                 f"{used.max()}, but {data.name} has {data.n_faces}")
+                                 f"{used.max()}, but {data.name} has {data.n_triangles}")
         return self
 
-    def points(self, vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    def points(self, vertices: torch.Tensor, mesh_triangles: torch.Tensor) -> torch.Tensor:
         """Landmark positions [B, 68, 3] on meshes ``vertices`` [B, V, 3] with triangles
-        ``faces`` [F, 3] long. Invalid landmarks come out as the position of their (arbitrary)
-        triangle; mask them with ``valid``."""
-        corners = faces[torch.as_tensor(self.triangles, device=faces.device)]        # [68, 3]
+        ``mesh_triangles`` [F, 3] long. Invalid landmarks come out as the position of their
+        (arbitrary) triangle; mask them with ``valid``."""
+        corners = mesh_triangles[torch.as_tensor(self.triangles,
+                                                 device=mesh_triangles.device)]  # [68, 3]
         weights = torch.as_tensor(self.barycentric, dtype=vertices.dtype,
                                   device=vertices.device)
         return (vertices[:, corners] * weights[None, :, :, None]).sum(dim=2)
@@ -83,8 +84,8 @@ class LandmarkModel:
     picks; smplx's ``lbs`` then runs on a few hundred vertices instead of the whole mesh."""
 
     def __init__(self, model, embedding: LandmarkEmbedding):
-        faces = model.faces[torch.as_tensor(embedding.triangles, device=model.device)]  # [68, 3]
-        ids, corners = torch.unique(faces, return_inverse=True)
+        used = model.triangles[torch.as_tensor(embedding.triangles, device=model.device)]  # [68, 3]
+        ids, corners = torch.unique(used, return_inverse=True)
         n, n_joints = len(ids), model.J_regressor.shape[0]
         joints = model.J_regressor
         self.v_template = torch.cat([model.v_template[ids], joints @ model.v_template])
@@ -248,7 +249,7 @@ def detect_embedding(data: FaceData, size: int = DETECTION_SIZE) -> LandmarkEmbe
 
 def _fingerprint(data: FaceData) -> str:
     digest = hashlib.sha1()
-    for array in (data.v_template, data.faces, data.vertex_albedo):
+    for array in (data.v_template, data.triangles, data.vertex_albedo):
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
@@ -260,7 +261,7 @@ def _detect(data: FaceData, size: int) -> LandmarkEmbedding:
     centre = (lo + hi) / 2
     camera = Camera(type="orthographic", scale=1.7 / float(hi[1] - lo[1]),
                     tx=-float(centre[0]), ty=-float(centre[1]))
-    renderer = BufferRenderer(data.faces)
+    renderer = BufferRenderer(data.triangles)
     vertices = torch.as_tensor(data.v_template, dtype=torch.float32)[None]
     with torch.no_grad():
         buffers = renderer.render(vertices, torch.as_tensor(data.vertex_albedo),
@@ -289,7 +290,7 @@ def _detect(data: FaceData, size: int) -> LandmarkEmbedding:
         if not (0 <= row < size and 0 <= col < size and mask[row, col]):
             row, col = covered[np.argmin(((covered - [y, x]) ** 2).sum(1))]
         tri = int(triangle_image[row, col])
-        a, b, c = pixel_xy[data.faces[tri]]
+        a, b, c = pixel_xy[data.triangles[tri]]
         point = np.array([x, y]) + 0.5                 # dlib's pixel centres -> renderer's
         weights = np.linalg.solve(np.array([[a[0], b[0], c[0]], [a[1], b[1], c[1]],
                                             [1.0, 1.0, 1.0]]), np.array([*point, 1.0]))

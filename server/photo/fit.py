@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from server.renderer.face_model import FaceModel
-from server.photo import Face, FaceAlignment, FaceDetector, align_face, decode_photo, to_rgb
+from server.photo import (FaceAlignment, FaceDetection, FaceDetector, align_face, decode_photo,
+                          to_rgb)
 
 from server.checkpoints.deca import load_deca_encoder
 from server.models.deca_encoder import DecaEncoder
@@ -28,7 +29,7 @@ class PhotoFit:
     result: FitResult
     aligned: np.ndarray
     alignment: FaceAlignment
-    face: Face
+    detection: FaceDetection
 
 
 class PhotoFitter:
@@ -59,7 +60,7 @@ class PhotoFitter:
                                             if use_deca else None)
         self.method = "deca" if use_deca else "optimisation"
         if texture is not None:
-            texture.check_faces(model.data.n_faces)
+            texture.check_triangles(model.data.n_triangles)
         self.texture = texture
 
     def fit(self, photo) -> PhotoFit:
@@ -67,15 +68,15 @@ class PhotoFitter:
         Raises ``server.photo.NoFaceFound`` when no face is found."""
         rgb = decode_photo(photo) if isinstance(photo, (bytes, bytearray, memoryview)) \
             else to_rgb(photo)
-        face = self.detector(rgb)
-        aligned, alignment = align_face(rgb, self.size, landmarks=face.landmarks)
+        detection = self.detector(rgb)
+        aligned, alignment = align_face(rgb, self.size, landmarks=detection.landmarks)
         landmarks = alignment.aligned_landmarks
         if self.encoder is not None:
             result = self._fit_deca(aligned, landmarks)
         else:
             result = fit_aligned(aligned, landmarks, self.model, self.embedding, self.settings,
                                  texture=self.texture)
-        return PhotoFit(result=result, aligned=aligned, alignment=alignment, face=face)
+        return PhotoFit(result=result, aligned=aligned, alignment=alignment, detection=detection)
 
     def _fit_deca(self, aligned: np.ndarray, landmarks: np.ndarray) -> FitResult:
         codes, crop = encode_photo(self.encoder, aligned, landmarks)

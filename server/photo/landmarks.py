@@ -108,7 +108,7 @@ def decode_photo(data: bytes) -> np.ndarray:
 
 
 @dataclass
-class Face:
+class FaceDetection:
     """One detected face: ``box`` (left, top, right, bottom) pixels, the detector's ``score``
     (larger is more certain) and ``landmarks`` [68, 2] float64."""
     box: tuple[float, float, float, float]
@@ -134,7 +134,7 @@ class FaceDetector:
         self._predictor = _load_predictor()
         self._detect = _load_detector(detector)
 
-    def detect(self, image) -> list[Face]:
+    def detect(self, image) -> list[FaceDetection]:
         """Every face in ``image``, most certain first."""
         rgb = to_rgb(image)
         if self.detector == "hog":
@@ -142,20 +142,21 @@ class FaceDetector:
         else:
             found = self._detect(rgb, self.upsample)
             boxes, scores = [d.rect for d in found], [d.confidence for d in found]
-        faces = [Face(box=(float(b.left()), float(b.top()), float(b.right()), float(b.bottom())),
-                      score=float(s), landmarks=self._landmarks(rgb, b))
-                 for b, s in zip(boxes, scores)]
-        return sorted(faces, key=lambda f: -f.score)
+        detections = [FaceDetection(box=(float(b.left()), float(b.top()), float(b.right()),
+                                         float(b.bottom())),
+                                    score=float(s), landmarks=self._landmarks(rgb, b))
+                      for b, s in zip(boxes, scores)]
+        return sorted(detections, key=lambda d: -d.score)
 
-    def __call__(self, image) -> Face:
+    def __call__(self, image) -> FaceDetection:
         """The most certain face in ``image``; raises ``NoFaceFound`` when there is none."""
-        faces = self.detect(image)
-        if not faces:
+        detections = self.detect(image)
+        if not detections:
             height, width = np.shape(to_rgb(image))[:2]
             raise NoFaceFound(f"no face found in the {width}x{height} image by the "
                               f"{self.detector} detector (upsample {self.upsample}); a "
                               "frontal, well-lit face at least ~40 pixels across is needed")
-        return faces[0]
+        return detections[0]
 
     def _landmarks(self, rgb: np.ndarray, box) -> np.ndarray:
         shape = self._predictor(rgb, box)

@@ -218,7 +218,7 @@ def fit_aligned(image: np.ndarray, landmarks: np.ndarray, model: FaceModel,
         raise ValueError(f"landmarks: expected finite [{N_LANDMARKS}, 2], got {landmarks.shape}")
     embedding.check(model.data)
     if texture is not None:
-        texture.check_faces(model.data.n_faces)
+        texture.check_triangles(model.data.n_triangles)
 
     with torch.enable_grad():
         return _Fit(image, landmarks, model, embedding, settings, sh_start, texture).run()
@@ -231,7 +231,7 @@ class _Fit:
         self.target = torch.as_tensor(landmarks + 0.5, dtype=torch.float32)  # renderer pixels
         self.valid = embedding.valid.copy()
         self.weights = landmark_weights(self.valid)
-        self.renderer = BufferRenderer(model.data.faces)
+        self.renderer = BufferRenderer(model.data.triangles)
         self.landmark_model = LandmarkModel(model, embedding)
         r = settings.render_size
         small = Image.fromarray(image).resize((r, r), Image.BOX)
@@ -272,7 +272,7 @@ class _Fit:
             return buffers
         maps = self.texture.albedo_map(self.var.texture if tinted else None)
         return textured(buffers, maps, self.texture.face_uv, vertices, cameras,
-                        self.renderer.faces)
+                        self.renderer.triangles)
 
     def face_mask(self, buffers) -> torch.Tensor:
         return (buffers.mask[0, ..., 0] > 0) & self.outline
@@ -300,7 +300,7 @@ class _Fit:
                 maps = self.texture.directions(k)                       # [3, S, S, K]
                 maps = maps.permute(0, 3, 1, 2).reshape(1, 3 * k, *maps.shape[1:3])
                 grid = texel_grid(buffers, self.texture.face_uv, vertices,
-                                  self.var.cameras(), self.renderer.faces)
+                                  self.var.cameras(), self.renderer.triangles)
                 directions = sample_albedo(maps, grid)[0][mask].view(-1, 3, k)
             return (sh_basis(buffers.normal[0][mask]), buffers.albedo[0][mask], directions,
                     self.photo[mask])

@@ -11,8 +11,8 @@ outside the mask.
 * mask      [.., 1]  1 where a triangle covers the pixel centre (not differentiable)
 * depth     [.., 1]  view depth, perspective-correct (metres along the viewing axis; -Z for
                      orthographic cameras)
-* normal    [.., 3]  unit vertex normals of the posed mesh in the model frame (area-weighted face
-                     normals summed per vertex, then normalised), interpolated and NOT
+* normal    [.., 3]  unit vertex normals of the posed mesh in the model frame (area-weighted
+                     triangle normals summed per vertex, then normalised), interpolated and NOT
                      renormalised (DiffusionRig's convention), in [-1, 1]
 * albedo    [.., 3]  interpolated per-vertex albedo (linear)
 * shading   [.., 3]  DECA SH irradiance of the interpolated normal: sum_k L[k] C[k] B_k(n)
@@ -63,17 +63,18 @@ class Buffers:
                 if f.name in CHANNELS}
 
 
-def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Unit vertex normals [B, V, 3]: area-weighted face normals (CCW = outward) summed per
+def vertex_normals(vertices: torch.Tensor, triangles: torch.Tensor) -> torch.Tensor:
+    """Unit vertex normals [B, V, 3]: area-weighted triangle normals (CCW = outward) summed per
     vertex, then normalised. Differentiable."""
     batch, n_verts, _ = vertices.shape
-    corners = vertices[:, faces.reshape(-1)].view(batch, -1, 3, 3)          # [B, F, 3, 3]
-    face_normal = torch.linalg.cross(corners[:, :, 1] - corners[:, :, 0],
-                                     corners[:, :, 2] - corners[:, :, 0])  # |n| = 2 * area
+    corners = vertices[:, triangles.reshape(-1)].view(batch, -1, 3, 3)          # [B, F, 3, 3]
+    triangle_normal = torch.linalg.cross(corners[:, :, 1] - corners[:, :, 0],
+                                         corners[:, :, 2] - corners[:, :, 0])  # |n| = 2 * area
     # One index_add over a flat [B*V, 3] table (much faster on the CPU than over dim 1).
-    target = faces.reshape(1, -1) + n_verts * torch.arange(batch, device=faces.device)[:, None]
+    offsets = n_verts * torch.arange(batch, device=triangles.device)[:, None]
+    target = triangles.reshape(1, -1) + offsets
     normals = vertices.new_zeros(batch * n_verts, 3).index_add(
-        0, target.reshape(-1), face_normal.repeat_interleave(3, dim=1).reshape(-1, 3))
+        0, target.reshape(-1), triangle_normal.repeat_interleave(3, dim=1).reshape(-1, 3))
     normals = normals.view(batch, n_verts, 3)
     return normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-20)
 
@@ -86,11 +87,11 @@ def sh_basis(normals: torch.Tensor) -> torch.Tensor:
     return basis * basis.new_tensor(SH_CONSTANTS)
 
 
-def barycentrics(pixel_xy: torch.Tensor, w: torch.Tensor, faces: torch.Tensor,
+def barycentrics(pixel_xy: torch.Tensor, w: torch.Tensor, triangles: torch.Tensor,
                  triangle: torch.Tensor, width: int, height: int):
     """Perspective-correct barycentrics of the covered pixels.
 
-    pixel_xy [B, V, 2], w [B, V] (``cameras.screen_space``), faces [F, 3] long, triangle
+    pixel_xy [B, V, 2], w [B, V] (``cameras.screen_space``), triangles [F, 3] long, triangle
     [B, H, W] int. Returns (pixel [N] flat index into B*H*W, batch [N], vertex [N, 3] flat index
     into B*V, weights [N, 3]); pixels come in increasing order, so grouped by image.
     """
@@ -100,7 +101,7 @@ def barycentrics(pixel_xy: torch.Tensor, w: torch.Tensor, faces: torch.Tensor,
     image = pixel // (height * width)
     rest = pixel - image * (height * width)
     row, col = rest // width, rest % width
-    vertex = faces[flat[pixel].long()] + (image * n_verts)[:, None]          # [N, 3]
+    vertex = triangles[flat[pixel].long()] + (image * n_verts)[:, None]          # [N, 3]
     p = pixel_xy.reshape(-1, 2)[vertex]                                      # [N, 3, 2]
     px = col.to(p.dtype) + 0.5
     py = row.to(p.dtype) + 0.5
@@ -124,11 +125,11 @@ class BufferRenderer:
     vertices, vertex albedo and SH light.
     """
 
-    def __init__(self, faces, device="cpu", rasterizer: str = "auto"):
+    def __init__(self, triangles, device="cpu", rasterizer: str = "auto"):
         self.device = torch.device(device)
-        self.faces = torch.as_tensor(faces).to(self.device, torch.long)
-        if self.faces.ndim != 2 or self.faces.shape[1] != 3:
-            raise ValueError(f"faces: expected [F, 3], got {list(self.faces.shape)}")
+        self.triangles = torch.as_tensor(triangles).to(self.device, torch.long)
+        if self.triangles.ndim != 2 or self.triangles.shape[1] != 3:
+            raise ValueError(f"triangles: expected [F, 3], got {list(self.triangles.shape)}")
         if rasterizer == "auto":
             rasterizer = "numba" if self.device.type == "cpu" else "torch"
         if rasterizer not in ("numba", "torch"):
@@ -136,7 +137,7 @@ class BufferRenderer:
         if rasterizer == "numba" and self.device.type != "cpu":
             raise ValueError(f"rasterizer 'numba' runs on the CPU, not on {self.device}")
         self.rasterizer = rasterizer
-        self._max_index = int(self.faces.max()) if self.faces.numel() else -1
+        self._max_index = int(self.triangles.max()) if self.triangles.numel() else -1
         self._numba = None
 
     def visibility(self, pixel_xy: torch.Tensor, z_key: torch.Tensor, width: int,
@@ -144,10 +145,10 @@ class BufferRenderer:
         """Triangle ids [B, H, W] int32 on the renderer's device (-1 background)."""
         if self.rasterizer == "torch":
             from server.renderer.raster_torch import rasterize_torch
-            return rasterize_torch(pixel_xy, z_key, self.faces, width, height)
+            return rasterize_torch(pixel_xy, z_key, self.triangles, width, height)
         if self._numba is None:
             from server.renderer.raster_cpu import NumbaRasterizer
-            self._numba = NumbaRasterizer(self.faces)
+            self._numba = NumbaRasterizer(self.triangles)
         return torch.from_numpy(self._numba(pixel_xy, z_key, width, height))
 
     def render(self, vertices: torch.Tensor, vertex_albedo: torch.Tensor, sh: torch.Tensor,
@@ -168,13 +169,13 @@ class BufferRenderer:
             cameras = CameraBatch.from_params(list(cameras), self.device, vertices.dtype)
         ndc, depth = project(vertices, cameras, width, height)
         pixel_xy, z_key, w = screen_space(ndc, depth, cameras, width, height)
-        normals = vertex_normals(vertices, self.faces)
+        normals = vertex_normals(vertices, self.triangles)
         lap("geometry")
         with torch.no_grad():
             triangle = self.visibility(pixel_xy, z_key, width, height).to(self.device)
         lap("raster")
 
-        pixel, image, vertex, weights = barycentrics(pixel_xy, w, self.faces, triangle,
+        pixel, image, vertex, weights = barycentrics(pixel_xy, w, self.triangles, triangle,
                                                      width, height)
         attributes = torch.cat([depth[..., None], normals, vertex_albedo], dim=-1)  # [B, V, 7]
         values = (weights[..., None] * attributes.reshape(-1, 7)[vertex]).sum(dim=1)
@@ -204,7 +205,7 @@ class BufferRenderer:
             raise ValueError(f"vertices: expected [B, V, 3], got {list(vertices.shape)}")
         batch, n_verts = vertices.shape[:2]
         if self._max_index >= n_verts:
-            raise ValueError(f"vertices: {n_verts} vertices, but faces index up to "
+            raise ValueError(f"vertices: {n_verts} vertices, but triangles index up to "
                              f"{self._max_index}")
         if vertex_albedo.ndim == 2:
             vertex_albedo = vertex_albedo.expand(batch, -1, -1)

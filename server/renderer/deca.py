@@ -15,8 +15,8 @@ into the 256 x 256 FFHQ-aligned photo. This module reproduces them from a ``RigP
   similarity transform; both are scale + offset, so one (s, tx, ty) in the output frame is the
   same projection. Visibility is the nearest surface (largest Z).
 * Buffers, channels last [B, S, S, C], rows top to bottom, zero outside the face mask:
-  ``normal``: unit vertex normals of the posed mesh (area-weighted face normals, normalised) in
-  DECA's world frame (= the camera frame: +Z towards the viewer), interpolated with screen
+  ``normal``: unit vertex normals of the posed mesh (area-weighted triangle normals, normalised)
+  in DECA's world frame (= the camera frame: +Z towards the viewer), interpolated with screen
   barycentrics (exact for an orthographic camera) and not renormalised, in [-1, 1];
   ``albedo``: display-referred code values / 255 in [0, 1], from FLAME's texture space at each
   request's texture code, sampled per pixel (``renderer.texture``), or, for a face model
@@ -220,12 +220,12 @@ class DecaBufferRenderer:
         self.model = face_model
         self.device = face_model.device
         self.geometry = RigGeometry(face_model.data)
-        self.renderer = BufferRenderer(face_model.faces, self.device, rasterizer)
+        self.renderer = BufferRenderer(face_model.triangles, self.device, rasterizer)
         # DECA's albedo is display-referred (texture code values), the face model's linear.
         encoded = linear_to_srgb(face_model.data.vertex_albedo)
         self.vertex_albedo = torch.as_tensor(encoded, dtype=torch.float32, device=self.device)
         if texture is not None:
-            texture.check_faces(face_model.faces.shape[0])
+            texture.check_triangles(face_model.triangles.shape[0])
         self.texture = texture
 
     def codes(self, params: list[RigParams], width: int, height: int) -> DecaCodes:
@@ -249,7 +249,7 @@ class DecaBufferRenderer:
             return buffers
         maps = self.texture.albedo_map(codes.tex.to(self.device))
         return textured(buffers, maps, self.texture.face_uv, vertices, cameras,
-                        self.renderer.faces)
+                        self.renderer.triangles)
 
     @staticmethod
     def conditioning(buffers: Buffers) -> torch.Tensor:

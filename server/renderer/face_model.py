@@ -38,7 +38,7 @@ class FaceModel:
         self.J_regressor = t(data.J_regressor)                                  # [J, V]
         self.weights = t(data.weights)                                          # [V, J]
         self.parents = t(data.parents, torch.long)                              # [J]
-        self.faces = t(data.faces, torch.long)                                  # [F, 3]
+        self.triangles = t(data.triangles, torch.long)                                  # [F, 3]
         self.vertex_albedo = t(data.vertex_albedo)                              # [V, 3]
 
     @property

@@ -34,14 +34,14 @@ _start_numba_threads()
 
 
 @njit(cache=True, parallel=True)
-def _setup(pixel_xy, z_key, faces, width, height, rows, cols, area):
+def _setup(pixel_xy, z_key, triangles, width, height, rows, cols, area):
     """Per (image, triangle): candidate pixel rows/cols ([B, F, 2] int32, empty when r0 > r1)
     and the doubled signed area [B, F] (``raster_torch.triangle_setup``'s formula)."""
-    batch, n_faces = area.shape
-    for job in prange(batch * n_faces):
-        b = job // n_faces
-        f = job % n_faces
-        i0, i1, i2 = faces[f, 0], faces[f, 1], faces[f, 2]
+    batch, n_triangles = area.shape
+    for job in prange(batch * n_triangles):
+        b = job // n_triangles
+        f = job % n_triangles
+        i0, i1, i2 = triangles[f, 0], triangles[f, 1], triangles[f, 2]
         x0, y0 = pixel_xy[b, i0, 0], pixel_xy[b, i0, 1]
         x1, y1 = pixel_xy[b, i1, 0], pixel_xy[b, i1, 1]
         x2, y2 = pixel_xy[b, i2, 0], pixel_xy[b, i2, 1]
@@ -71,10 +71,10 @@ def _setup(pixel_xy, z_key, faces, width, height, rows, cols, area):
 def _bin(rows, band_rows, bands):
     """Triangles per (image, band of rows), in increasing triangle order (so exact depth ties
     resolve to the lowest id, as in ``raster_torch``). Returns (offsets [B*bands+1], ids)."""
-    batch, n_faces = rows.shape[0], rows.shape[1]
+    batch, n_triangles = rows.shape[0], rows.shape[1]
     offsets = np.zeros(batch * bands + 1, np.int64)
     for b in range(batch):
-        for f in range(n_faces):
+        for f in range(n_triangles):
             if rows[b, f, 0] <= rows[b, f, 1]:
                 for k in range(rows[b, f, 0] // band_rows, rows[b, f, 1] // band_rows + 1):
                     offsets[b * bands + k + 1] += 1
@@ -83,7 +83,7 @@ def _bin(rows, band_rows, bands):
     ids = np.empty(offsets[-1], np.int32)
     cursor = offsets[:-1].copy()
     for b in range(batch):
-        for f in range(n_faces):
+        for f in range(n_triangles):
             if rows[b, f, 0] <= rows[b, f, 1]:
                 for k in range(rows[b, f, 0] // band_rows, rows[b, f, 1] // band_rows + 1):
                     ids[cursor[b * bands + k]] = f
@@ -104,7 +104,7 @@ def _edge_setup(pixel_xy, b, ia, ib):
 
 
 @njit(cache=True, parallel=True)
-def _raster(pixel_xy, z_key, faces, rows, cols, area, band_rows, offsets, ids, n_threads,
+def _raster(pixel_xy, z_key, triangles, rows, cols, area, band_rows, offsets, ids, n_threads,
             tri_out, zbuf):
     batch, height, width = tri_out.shape
     bands = (height + band_rows - 1) // band_rows
@@ -126,7 +126,7 @@ def _raster(pixel_xy, z_key, faces, rows, cols, area, band_rows, offsets, ids, n
                 zbuf[b, r, c] = np.inf
         for item in range(offsets[b * bands + band], offsets[b * bands + band + 1]):
             f = ids[item]
-            i0, i1, i2 = faces[f, 0], faces[f, 1], faces[f, 2]
+            i0, i1, i2 = triangles[f, 0], triangles[f, 1], triangles[f, 2]
             a = area[b, f]
             z0, z1, z2 = z_key[b, i0], z_key[b, i1], z_key[b, i2]
             ax0, ay0, dx0, dy0, s0 = _edge_setup(pixel_xy, b, i1, i2)
@@ -153,15 +153,17 @@ def _raster(pixel_xy, z_key, faces, rows, cols, area, band_rows, offsets, ids, n
 class NumbaRasterizer:
     """Visibility on the CPU. Keeps its scratch arrays between calls of the same size."""
 
-    def __init__(self, faces: np.ndarray | torch.Tensor, band_rows: int = 8,
+    def __init__(self, triangles: np.ndarray | torch.Tensor, band_rows: int = 8,
                  threads: StageThreads = PREVIEW):
-        faces = faces.cpu().numpy() if isinstance(faces, torch.Tensor) else np.asarray(faces)
-        if faces.ndim != 2 or faces.shape[1] != 3:
-            raise ValueError(f"faces: expected [F, 3], got {list(faces.shape)}")
-        self.faces = np.ascontiguousarray(faces, dtype=np.int32)
-        self.max_index = int(self.faces.max()) if self.faces.size else -1
-        if self.faces.size and self.faces.min() < 0:
-            raise ValueError("faces: negative vertex index")
+        if isinstance(triangles, torch.Tensor):
+            triangles = triangles.cpu().numpy()
+        triangles = np.asarray(triangles)
+        if triangles.ndim != 2 or triangles.shape[1] != 3:
+            raise ValueError(f"triangles: expected [F, 3], got {list(triangles.shape)}")
+        self.triangles = np.ascontiguousarray(triangles, dtype=np.int32)
+        self.max_index = int(self.triangles.max()) if self.triangles.size else -1
+        if self.triangles.size and self.triangles.min() < 0:
+            raise ValueError("triangles: negative vertex index")
         self.band_rows = band_rows
         self.threads = threads  # numba threads per call, chosen by measurement
         self._scratch: dict[tuple, tuple] = {}
@@ -177,9 +179,9 @@ class NumbaRasterizer:
         if z_key.shape != pixel_xy.shape[:2]:
             raise ValueError(f"z_key: expected {list(pixel_xy.shape[:2])}, got {list(z_key.shape)}")
         if self.max_index >= pixel_xy.shape[1]:
-            raise ValueError(f"pixel_xy: {pixel_xy.shape[1]} vertices, but faces index up to "
+            raise ValueError(f"pixel_xy: {pixel_xy.shape[1]} vertices, but triangles index up to "
                              f"{self.max_index}")
-        batch, n_faces = pixel_xy.shape[0], self.faces.shape[0]
+        batch, n_triangles = pixel_xy.shape[0], self.triangles.shape[0]
         if out is None:
             out = np.empty((batch, height, width), np.int32)
         elif out.shape != (batch, height, width) or out.dtype != np.int32 \
@@ -189,16 +191,16 @@ class NumbaRasterizer:
         key = (batch, height, width)
         if key not in self._scratch:
             self._scratch.clear()
-            self._scratch[key] = (np.empty((batch, n_faces, 2), np.int32),
-                                  np.empty((batch, n_faces, 2), np.int32),
-                                  np.empty((batch, n_faces), np.float32),
+            self._scratch[key] = (np.empty((batch, n_triangles, 2), np.int32),
+                                  np.empty((batch, n_triangles, 2), np.int32),
+                                  np.empty((batch, n_triangles), np.float32),
                                   np.empty((batch, height, width), np.float32))
         rows, cols, area, zbuf = self._scratch[key]
         with self.threads.stage("raster", work=batch * height * width) as n_threads:
-            _setup(pixel_xy, z_key, self.faces, width, height, rows, cols, area)
+            _setup(pixel_xy, z_key, self.triangles, width, height, rows, cols, area)
             bands = -(-height // self.band_rows)
             offsets, ids = _bin(rows, self.band_rows, bands)
-            _raster(pixel_xy, z_key, self.faces, rows, cols, area, self.band_rows, offsets,
+            _raster(pixel_xy, z_key, self.triangles, rows, cols, area, self.band_rows, offsets,
                     ids, n_threads, out, zbuf)
         return out
 

@@ -27,18 +27,18 @@ import torch
 INT64_MAX = torch.iinfo(torch.int64).max
 
 
-def triangle_setup(pixel_xy: torch.Tensor, z_key: torch.Tensor, faces: torch.Tensor,
+def triangle_setup(pixel_xy: torch.Tensor, z_key: torch.Tensor, triangles: torch.Tensor,
                    width: int, height: int) -> dict[str, torch.Tensor]:
     """Per-triangle quantities [B, F, ...] for the edge tests (see the module notes)."""
-    faces = faces.long()
-    p = pixel_xy.detach()[:, faces]                                  # [B, F, 3, 2]
-    z = z_key.detach()[:, faces]                                     # [B, F, 3]
+    triangles = triangles.long()
+    p = pixel_xy.detach()[:, triangles]                                  # [B, F, 3, 2]
+    z = z_key.detach()[:, triangles]                                     # [B, F, 3]
     area = ((p[:, :, 1, 0] - p[:, :, 0, 0]) * (p[:, :, 2, 1] - p[:, :, 0, 1])
             - (p[:, :, 1, 1] - p[:, :, 0, 1]) * (p[:, :, 2, 0] - p[:, :, 0, 0]))
     # Edge k joins vertices (k+1, k+2); start from the lower vertex index.
-    start_slot = torch.tensor([1, 2, 0], device=faces.device)
-    end_slot = torch.tensor([2, 0, 1], device=faces.device)
-    swap = faces[:, start_slot] > faces[:, end_slot]                 # [F, 3]
+    start_slot = torch.tensor([1, 2, 0], device=triangles.device)
+    end_slot = torch.tensor([2, 0, 1], device=triangles.device)
+    swap = triangles[:, start_slot] > triangles[:, end_slot]                 # [F, 3]
     a_slot = torch.where(swap, end_slot, start_slot)
     b_slot = torch.where(swap, start_slot, end_slot)
     batch = p.shape[0]
@@ -62,18 +62,18 @@ def triangle_setup(pixel_xy: torch.Tensor, z_key: torch.Tensor, faces: torch.Ten
             "nx": nx, "count": count}
 
 
-def rasterize_torch(pixel_xy: torch.Tensor, z_key: torch.Tensor, faces: torch.Tensor,
+def rasterize_torch(pixel_xy: torch.Tensor, z_key: torch.Tensor, triangles: torch.Tensor,
                     width: int, height: int, max_fragments: int = 1 << 20) -> torch.Tensor:
     """Nearest triangle per pixel.
 
     pixel_xy [B, V, 2] float32 pixel coordinates (``cameras.screen_space``), z_key [B, V]
-    float32 (smaller is nearer; non-finite keys drop their triangles), faces [F, 3] integer.
+    float32 (smaller is nearer; non-finite keys drop their triangles), triangles [F, 3] integer.
     Returns triangle ids [B, H, W] int32, -1 for background, rows top to bottom.
     ``max_fragments`` bounds the temporary memory of one chunk (about 100 bytes a fragment).
     """
-    batch, n_faces = pixel_xy.shape[0], faces.shape[0]
+    batch, n_triangles = pixel_xy.shape[0], triangles.shape[0]
     device = pixel_xy.device
-    s = triangle_setup(pixel_xy, z_key, faces, width, height)
+    s = triangle_setup(pixel_xy, z_key, triangles, width, height)
     best = torch.full((batch * height * width,), INT64_MAX, dtype=torch.int64, device=device)
     flat_count = s["count"].reshape(-1)
     tris = torch.nonzero(flat_count).squeeze(1)                      # flat (b, f) indices
@@ -85,14 +85,14 @@ def rasterize_torch(pixel_xy: torch.Tensor, z_key: torch.Tensor, faces: torch.Te
             done = ends[start - 1] if start else 0
             stop = bisect.bisect_right(ends, done + max_fragments)
             stop = max(stop, start + 1)
-            _draw_chunk(s, tris[start:stop], n_faces, width, height, best)
+            _draw_chunk(s, tris[start:stop], n_triangles, width, height, best)
             start = stop
     tri = (best & 0xFFFFFFFF).to(torch.int32)
     tri = torch.where(best == INT64_MAX, torch.full_like(tri, -1), tri)
     return tri.view(batch, height, width)
 
 
-def _draw_chunk(s: dict, tris: torch.Tensor, n_faces: int, width: int, height: int,
+def _draw_chunk(s: dict, tris: torch.Tensor, n_triangles: int, width: int, height: int,
                 best: torch.Tensor) -> None:
     count = s["count"].reshape(-1)[tris]
     owner = torch.repeat_interleave(torch.arange(tris.numel(), device=tris.device), count)
@@ -106,11 +106,11 @@ def _draw_chunk(s: dict, tris: torch.Tensor, n_faces: int, width: int, height: i
     px = col.to(dtype) + 0.5
     py = row.to(dtype) + 0.5
 
-    face = tri % n_faces
+    triangle = tri % n_triangles
     a = s["a"].reshape(-1, 3, 2)[tri]                                 # [N, 3, 2]
     d = s["d"].reshape(-1, 3, 2)[tri]
     edge = (d[..., 0] * (py[:, None] - a[..., 1]) - d[..., 1] * (px[:, None] - a[..., 0]))
-    edge = edge * s["sign"][face]
+    edge = edge * s["sign"][triangle]
     area = s["area"].reshape(-1)[tri]
     positive = area > 0
     inside = torch.where(positive, (edge >= 0).all(1), (edge <= 0).all(1))
@@ -119,8 +119,8 @@ def _draw_chunk(s: dict, tris: torch.Tensor, n_faces: int, width: int, height: i
     depth = bary[:, 0] * z[:, 0] + bary[:, 1] * z[:, 1] + bary[:, 2] * z[:, 2]
 
     keep = torch.nonzero(inside).squeeze(1)
-    pixel = (tri[keep] // n_faces) * (height * width) + row[keep] * width + col[keep]
-    packed = (_sortable_int(depth[keep]).long() << 32) + face[keep]
+    pixel = (tri[keep] // n_triangles) * (height * width) + row[keep] * width + col[keep]
+    packed = (_sortable_int(depth[keep]).long() << 32) + triangle[keep]
     best.scatter_reduce_(0, pixel, packed, reduce="amin")
 
 

@@ -24,12 +24,12 @@ _THRESHOLDS_PADDED = np.append(THRESHOLDS, np.float32(np.inf))
 
 
 @njit(cache=True)
-def _vertex_normals(vertices, faces, out):
+def _vertex_normals(vertices, triangles, out):
     batch, n_verts, _ = vertices.shape
     for b in range(batch):
         out[b] = 0
-        for f in range(faces.shape[0]):
-            i0, i1, i2 = faces[f, 0], faces[f, 1], faces[f, 2]
+        for f in range(triangles.shape[0]):
+            i0, i1, i2 = triangles[f, 0], triangles[f, 1], triangles[f, 2]
             ax = vertices[b, i1, 0] - vertices[b, i0, 0]
             ay = vertices[b, i1, 1] - vertices[b, i0, 1]
             az = vertices[b, i1, 2] - vertices[b, i0, 2]
@@ -48,13 +48,13 @@ def _vertex_normals(vertices, faces, out):
                 out[b, i, k] /= length
 
 
-def vertex_normals_numba(vertices: np.ndarray, faces: np.ndarray,
+def vertex_normals_numba(vertices: np.ndarray, triangles: np.ndarray,
                          out: np.ndarray | None = None) -> np.ndarray:
-    """``buffers.vertex_normals`` for float32 numpy arrays [B, V, 3] (faces [F, 3] int32),
+    """``buffers.vertex_normals`` for float32 numpy arrays [B, V, 3] (triangles [F, 3] int32),
     written into ``out`` if given."""
     if out is None:
         out = np.empty_like(vertices)
-    _vertex_normals(vertices, faces, out)
+    _vertex_normals(vertices, triangles, out)
     return out
 
 
@@ -71,22 +71,8 @@ def _encode(x, lut, thresholds):
     return v + np.uint8(thresholds[v] <= x)
 
 
-@njit(cache=True)
-def _encode_all(linear, lut, thresholds, out):
-    for i in range(linear.size):
-        out[i] = _encode(linear[i], lut, thresholds)
-
-
-def encode_numba(linear: np.ndarray) -> np.ndarray:
-    """The fast path's sRGB encoder on a float32 array (any shape) -> uint8 code values."""
-    flat = np.ascontiguousarray(linear, dtype=np.float32).reshape(-1)
-    out = np.empty(flat.shape, np.uint8)
-    _encode_all(flat, LUT, _THRESHOLDS_PADDED, out)
-    return out.reshape(np.shape(linear))
-
-
 @njit(cache=True, parallel=True)
-def _shade(tri, pixel_xy, inv_w, faces, attributes, light, background, lut, thresholds,
+def _shade(tri, pixel_xy, inv_w, triangles, attributes, light, background, lut, thresholds,
            want_packed, rgba, packed):
     batch, height, width = tri.shape
     half = np.float32(0.5)
@@ -106,7 +92,7 @@ def _shade(tri, pixel_xy, inv_w, faces, attributes, light, background, lut, thre
                         packed[b, r, c, k] = 0
                 continue
             px = np.float32(c) + half
-            i0, i1, i2 = faces[f, 0], faces[f, 1], faces[f, 2]
+            i0, i1, i2 = triangles[f, 0], triangles[f, 1], triangles[f, 2]
             x0, y0 = pixel_xy[b, i0, 0], pixel_xy[b, i0, 1]
             x1, y1 = pixel_xy[b, i1, 0], pixel_xy[b, i1, 1]
             x2, y2 = pixel_xy[b, i2, 0], pixel_xy[b, i2, 1]
@@ -144,7 +130,7 @@ def _shade(tri, pixel_xy, inv_w, faces, attributes, light, background, lut, thre
             rgba[b, r, c, 3] = 255
 
 
-def shade_frame(triangle: np.ndarray, pixel_xy: np.ndarray, w: np.ndarray, faces: np.ndarray,
+def shade_frame(triangle: np.ndarray, pixel_xy: np.ndarray, w: np.ndarray, triangles: np.ndarray,
                 attributes: np.ndarray, sh: np.ndarray, background: np.ndarray,
                 rgba: np.ndarray, packed: np.ndarray | None = None,
                 threads: StageThreads = PREVIEW) -> None:
@@ -153,7 +139,7 @@ def shade_frame(triangle: np.ndarray, pixel_xy: np.ndarray, w: np.ndarray, faces
     (``buffers.CHANNELS``).
 
     triangle [B, H, W] int32 from visibility; pixel_xy [B, V, 2] and w [B, V] from
-    ``cameras.screen_space``; faces [F, 3] int32; attributes [B, V, 7] = (view depth, unit
+    ``cameras.screen_space``; triangles [F, 3] int32; attributes [B, V, 7] = (view depth, unit
     vertex normal, linear albedo); sh [B, 9, 3] DECA light codes. All float arrays float32.
     ``threads`` picks numba's thread count for the pass by measurement.
     """
@@ -167,8 +153,8 @@ def shade_frame(triangle: np.ndarray, pixel_xy: np.ndarray, w: np.ndarray, faces
     for name, (array, shape) in expected.items():
         if array.shape != shape:
             raise ValueError(f"{name}: expected shape {list(shape)}, got {list(array.shape)}")
-    if faces.size and int(faces.max()) >= n_verts:
-        raise ValueError(f"faces index up to {int(faces.max())}, but there are {n_verts} "
+    if triangles.size and int(triangles.max()) >= n_verts:
+        raise ValueError(f"triangles index up to {int(triangles.max())}, but there are {n_verts} "
                          "vertices")
     light = np.ascontiguousarray(sh * _SH_CONSTANTS[None, :, None], dtype=np.float32)
     want = packed is not None
@@ -176,6 +162,6 @@ def shade_frame(triangle: np.ndarray, pixel_xy: np.ndarray, w: np.ndarray, faces
         packed = np.empty((1, 1, 1, N_CHANNELS), np.float32)
     inv_w = np.float32(1) / w
     with threads.stage("shade", work=batch * height * width):
-        _shade(triangle, pixel_xy, inv_w, faces, attributes, light, background, LUT,
+        _shade(triangle, pixel_xy, inv_w, triangles, attributes, light, background, LUT,
                _THRESHOLDS_PADDED, want, rgba, packed)
 

@@ -6,7 +6,7 @@ DECA's ``FLAMETex`` read it:
     mean     [H, W, 3]       mean texture, BGR code values in [0, 255] (written with OpenCV)
     tex_dir  [H, W, 3, K]    K = 200 principal directions in the same units
     vt       [T, 2]          texture coordinates (u right, v up: v = 1 is the image's top row)
-    ft       [F, 3]          per-triangle indices into ``vt``, parallel to FLAME's faces
+    ft       [F, 3]          per-triangle indices into ``vt``, parallel to FLAME's triangles
 
 DECA builds the albedo map of a texture code c (its ``tex``, 50 values) as
 ``(mean + tex_dir[..., :n] @ c) / 255``, resizes it to 256 x 256 with nearest-neighbour
@@ -83,7 +83,7 @@ class FlameTexture:
             raise TextureError(f"{self.path}: vt has shape {vt.shape}, expected [T, 2]")
         if ft.ndim != 2 or ft.shape[1] != 3 or ft.min() < 0 or ft.max() >= len(vt):
             raise TextureError(f"{self.path}: ft must be [F, 3] indices into vt's {len(vt)} rows")
-        self.n_faces = ft.shape[0]
+        self.n_triangles = ft.shape[0]
         self.n_components = int(dir_shape[3])
         self._rows = nearest_indices(mean.shape[0], size)
         self._cols = nearest_indices(mean.shape[1], size)
@@ -94,11 +94,11 @@ class FlameTexture:
         self.face_uv = torch.stack([uv[..., 0] * 2 - 1, 1 - uv[..., 1] * 2], dim=-1).to(self.device)
         self._directions: torch.Tensor | None = None
 
-    def check_faces(self, n_faces: int) -> None:
+    def check_triangles(self, n_triangles: int) -> None:
         """Raise TextureError unless the texture's triangles are the face model's."""
-        if n_faces != self.n_faces:
-            raise TextureError(f"{self.path.name} maps {self.n_faces} triangles (FLAME's "
-                               f"topology), the face model has {n_faces}")
+        if n_triangles != self.n_triangles:
+            raise TextureError(f"{self.path.name} maps {self.n_triangles} triangles (FLAME's "
+                               f"topology), the face model has {n_triangles}")
 
     def check_code(self, n: int, field: str = "appearance.texture") -> None:
         """Raise ValueError when a texture code of ``n`` values has more than the space."""
@@ -142,10 +142,10 @@ class FlameTexture:
                             face_uv=self.texel_uv.numpy(), source=self.path.name)
 
 
-def choose_texture(texture: str, n_faces: int, device="cpu") -> "FlameTexture | None":
+def choose_texture(texture: str, n_triangles: int, device="cpu") -> "FlameTexture | None":
     """The albedo source named by a ``texture`` option, as the ``diffusionrig`` backend, its
     training and photo fitting all choose it (so they condition on the same albedo): "auto"
-    (``server.paths.flame_texture()`` when it exists and fits a mesh of ``n_faces``
+    (``server.paths.flame_texture()`` when it exists and fits a mesh of ``n_triangles``
     triangles, else None: the face model's vertex albedo), "none", or a FLAME_texture.npz
     path (its layout is checked against the mesh when it is used)."""
     from server import paths
@@ -157,7 +157,7 @@ def choose_texture(texture: str, n_faces: int, device="cpu") -> "FlameTexture | 
         if not path.is_file():
             return None
         loaded = FlameTexture(path, device)
-        return loaded if loaded.n_faces == n_faces else None
+        return loaded if loaded.n_triangles == n_triangles else None
     return FlameTexture(Path(texture).expanduser(), device)
 
 
@@ -225,9 +225,9 @@ def sample_albedo(albedo_map: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 
 def texel_grid(buffers, face_uv: torch.Tensor, vertices: torch.Tensor, cameras,
-               faces: torch.Tensor) -> torch.Tensor:
+               triangles: torch.Tensor) -> torch.Tensor:
     """Where each pixel of ``buffers`` (a ``renderer.Buffers`` of ``vertices`` [B, V, 3] seen
-    by ``cameras``, triangles ``faces`` [F, 3]) samples the texture: ``grid_sample``
+    by ``cameras``, ``triangles`` [F, 3]) samples the texture: ``grid_sample``
     coordinates [B, H, W, 2] (``uv_grid``). Differentiable with respect to the vertices."""
     from server.renderer.buffers import barycentrics
     from server.renderer.cameras import project, screen_space
@@ -235,18 +235,18 @@ def texel_grid(buffers, face_uv: torch.Tensor, vertices: torch.Tensor, cameras,
     height, width = buffers.mask.shape[1:3]
     ndc, depth = project(vertices, cameras, width, height)
     pixel_xy, _, w = screen_space(ndc, depth, cameras, width, height)
-    pixel, _, _, weights = barycentrics(pixel_xy, w, faces, buffers.triangle, width, height)
+    pixel, _, _, weights = barycentrics(pixel_xy, w, triangles, buffers.triangle, width, height)
     return uv_grid(face_uv, buffers.triangle, pixel, weights)
 
 
 def textured(buffers, maps: torch.Tensor, face_uv: torch.Tensor, vertices: torch.Tensor,
-             cameras, faces: torch.Tensor):
+             cameras, triangles: torch.Tensor):
     """``buffers`` with albedo and rendered taken from albedo ``maps`` [B or 1, 3, h, w]
     sampled per pixel (``texel_grid``), as DECA textures its renders. Differentiable with
     respect to the maps and the vertices."""
     from server.renderer.buffers import Buffers
 
-    grid = texel_grid(buffers, face_uv, vertices, cameras, faces)
+    grid = texel_grid(buffers, face_uv, vertices, cameras, triangles)
     albedo = sample_albedo(maps, grid) * buffers.mask
     packed = torch.cat([buffers.mask, buffers.depth, buffers.normal, albedo, buffers.shading,
                         albedo * buffers.shading], dim=-1)

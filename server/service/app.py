@@ -129,12 +129,12 @@ class RenderServer:
         with self._texture_lock:
             if self._texture is None:
                 self._texture = choose_texture(self.texture_option,
-                                               self.face_data.n_faces) or False
+                                               self.face_data.n_triangles) or False
             texture = self._texture
             if not texture:
                 header, buffers = {"size": 0, "components": 0, "source": "", "arrays": []}, []
             else:
-                texture.check_faces(self.face_data.n_faces)
+                texture.check_triangles(self.face_data.n_triangles)
                 header, buffers = texture.client_space(components).to_wire()
         nbytes = sum(buf.nbytes for buf in buffers)
         return [protocol.encode_header(dict(header, type="texture", id=rid), nbytes), *buffers]

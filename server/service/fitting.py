@@ -183,7 +183,7 @@ class FitService:
             flame = self.face_data.n_vertices == FLAME_VERTICES
             deca = self.deca_model or (default_deca_model() if flame else None)
             embedding = self.embedding or (default_embedding() if flame else None)
-            texture = choose_texture(self.texture, self.face_data.n_faces)   # ValueError
+            texture = choose_texture(self.texture, self.face_data.n_triangles)   # ValueError
             self._fitter = PhotoFitter(FaceModel(self.face_data, "cpu"), deca_model=deca,
                                        embedding=embedding, texture=texture)
         return self._fitter
@@ -207,8 +207,8 @@ class FitService:
                 "landmark_error": round(result.landmark_error, 4),
                 "albedo_gain": [round(float(g), 6) for g in result.albedo_gain],
                 "aligned_size": int(fit.aligned.shape[0]),
-                "face_box": [float(v) for v in fit.face.box],
+                "face_box": [float(v) for v in fit.detection.box],
                 "landmarks": [[round(float(x), 3), round(float(y), 3)]
-                              for x, y in fit.face.landmarks],
+                              for x, y in fit.detection.landmarks],
                 "photo_size": [int(rgb.shape[1]), int(rgb.shape[0])],
                 "ms": round((time.perf_counter() - started) * 1e3, 1)}

@@ -164,7 +164,7 @@ class InvertService:
                 "metrics": result.metrics, "num_ws": int(result.ws.shape[0]),
                 "w_dim": int(result.ws.shape[1]), "generator": record["generator"],
                 "aligned_size": PREVIEW_SIZE,
-                "face_box": [float(v) for v in result.face.box],
+                "face_box": [float(v) for v in result.detection.box],
                 "photo_size": list(result.photo_size),
                 "ms": round((time.perf_counter() - started) * 1e3, 1)}
 

@@ -62,7 +62,7 @@ def fitter_key(fitter) -> str:
     the face model's, embedding's and texture space's content."""
     data = fitter.model.data
     digest = hashlib.sha256()
-    arrays = [data.v_template, data.faces, data.shapedirs, data.exprdirs, data.vertex_albedo,
+    arrays = [data.v_template, data.triangles, data.shapedirs, data.exprdirs, data.vertex_albedo,
               fitter.embedding.triangles, fitter.embedding.barycentric]
     texture = getattr(fitter, "texture", None)
     if texture is not None:

@@ -63,7 +63,7 @@ def personalise(photos, checkpoint, out_dir, config: TrainConfig = TrainConfig()
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
     face_model = face_model or FaceModel(load_face_data("demo"))
-    texture = choose_texture(texture, face_model.faces.shape[0])
+    texture = choose_texture(texture, face_model.triangles.shape[0])
     fitter = fitter or make_fitter(face_model, texture=texture)
     photo_paths = list_photos(photos)
     if not photo_paths:

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         from server.renderer.face_model import FaceModel
         face_model = FaceModel(load_face_data(paths.face_model_source(args.face_model)))
         data = FolderData(args.data, face_model, args.image_size,
-                          choose_texture(args.texture, face_model.faces.shape[0]))
+                          choose_texture(args.texture, face_model.triangles.shape[0]))
         train(data, args.out, train_config(args, train_encoder=True), args.checkpoint,
               UNetConfig(image_size=args.image_size), args.device, resume=not args.restart)
     return run_command(run)

@@ -123,8 +123,8 @@ class ImageEstimator:
         for i, image in enumerate(images):
             points = None if landmarks is None else landmarks[i]
             if points is None:
-                faces = self.detector.detect(image)
-                points = faces[0].landmarks if faces else None
+                detections = self.detector.detect(image)
+                points = detections[0].landmarks if detections else None
             if points is None:
                 rows.append(torch.full((self.layout.dim,), float("nan")))
                 continue

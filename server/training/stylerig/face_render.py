@@ -25,7 +25,7 @@ class FaceRenderer:
         self.data, self.layout = data, layout
         self.model = FaceModel(data, device)
         self.device = self.model.device
-        self.renderer = BufferRenderer(data.faces, device, rasterizer)
+        self.renderer = BufferRenderer(data.triangles, device, rasterizer)
         self.embedding = embedding.check(data)
         self.basis = torch.as_tensor(albedo_basis(data, layout.albedo_terms), device=self.device)
 
@@ -58,7 +58,7 @@ class FaceRenderer:
     def landmarks(self, vertices: torch.Tensor, cameras: CameraBatch, size: int) -> torch.Tensor:
         """Projected landmarks [B, 68, 2] in renderer pixels of a ``size`` frame (pixel centres
         at +0.5; subtract 0.5 for dlib's convention)."""
-        points = self.embedding.points(vertices, self.model.faces)
+        points = self.embedding.points(vertices, self.model.triangles)
         ndc, depth = project(points, cameras, size, size)
         return screen_space(ndc, depth, cameras, size, size)[0]
 

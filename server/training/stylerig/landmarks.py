@@ -52,9 +52,9 @@ def dlib_landmarks(images: np.ndarray, detector: FaceDetector
     found = np.zeros(n, dtype=bool)
     score = np.zeros(n, dtype=np.float32)
     for i, image in enumerate(images):
-        faces = detector.detect(image)
-        if faces:
-            points[i], found[i], score[i] = faces[0].landmarks, True, faces[0].score
+        detections = detector.detect(image)
+        if detections:
+            points[i], found[i], score[i] = detections[0].landmarks, True, detections[0].score
     return points, found, score
 
 
@@ -82,7 +82,7 @@ def synthetic_landmarks(indices: np.ndarray, seed: int, size: int, data: FaceDat
         expression[row, :k] = torch.from_numpy(rng.normal(0.0, 0.5, k))
     with torch.no_grad():
         vertices, _ = model.pose(torch.zeros(n, model.n_shape), expression, pose)
-        points = embedding.points(vertices, model.faces)
+        points = embedding.points(vertices, model.triangles)
         cameras = CameraBatch.from_params([framing_camera(data)] * n)
         ndc, depth = project(points, cameras, size, size)
         pixel = screen_space(ndc, depth, cameras, size, size)[0]

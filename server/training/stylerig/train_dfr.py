@@ -70,7 +70,7 @@ def set_anchors(net: FaceReconstructionNet, data: TrainingData, renderer: FaceRe
     # Camera: least-squares scale and offset from the neutral landmarks (x, y) to the mean
     # detected ones in NDC, as DECA's orthographic projection NDC = s * (X + t).
     zero = net(w[:1]).map(torch.zeros_like)
-    neutral = renderer.embedding.points(renderer.vertices(zero), renderer.model.faces)[0, :, :2]
+    neutral = renderer.embedding.points(renderer.vertices(zero), renderer.model.triangles)[0, :, :2]
     pixels = torch.as_tensor(data.landmarks[indices].mean(0) + 0.5, device=device)
     ndc = torch.stack([pixels[:, 0] / data.image_size * 2 - 1,
                        1 - pixels[:, 1] / data.image_size * 2], dim=1)

@@ -24,13 +24,13 @@ import contextlib
 import io
 import os
 import pickle
-import sys
-import types
 
 import numpy as np
 
+from tests.support.stand_ins import stand_in_modules
+
 N_VERTICES = 5023
-N_FACES = 9976
+N_TRIANGLES = 9976
 N_IDENTITY = 300
 N_EXPRESSION = 100
 PARENTS = (-1, 0, 1, 1, 1)   # root, neck, jaw, left eye, right eye
@@ -40,7 +40,7 @@ JOINT_SITES = np.array([[0.0, -0.09, -0.02], [0.0, -0.06, -0.02], [0.0, -0.03, 0
 ROOT_PARENT_UINT32 = 0xFFFFFFFF
 
 
-def random_flame_arrays(seed: int = 0, n_vertices: int = N_VERTICES, n_faces: int = N_FACES,
+def random_flame_arrays(seed: int = 0, n_vertices: int = N_VERTICES, n_triangles: int = N_TRIANGLES,
                         float_dtype=np.float64, face_dtype=np.uint32,
                         kintree_dtype=np.uint32) -> dict:
     """FLAME's dict with random content: v_template, f, shapedirs (300 + 100), posedirs,
@@ -50,7 +50,7 @@ def random_flame_arrays(seed: int = 0, n_vertices: int = N_VERTICES, n_faces: in
     dtypes, -1 for signed ones.
     """
     rng = np.random.default_rng(seed)
-    verts, faces = _blob(rng, n_vertices, n_faces)
+    verts, triangles = _blob(rng, n_vertices, n_triangles)
     n_joints = len(PARENTS)
 
     regressor = np.zeros((n_joints, n_vertices))
@@ -73,7 +73,7 @@ def random_flame_arrays(seed: int = 0, n_vertices: int = N_VERTICES, n_faces: in
     kintree = np.array([[root, *PARENTS[1:]], list(range(n_joints))], dtype=kintree_dtype)
     return {
         "v_template": verts.astype(float_dtype),
-        "f": faces.astype(face_dtype),
+        "f": triangles.astype(face_dtype),
         "shapedirs": shapedirs.astype(float_dtype),
         "posedirs": posedirs.astype(float_dtype),
         "J_regressor": regressor.astype(float_dtype),
@@ -85,14 +85,14 @@ def random_flame_arrays(seed: int = 0, n_vertices: int = N_VERTICES, n_faces: in
     }
 
 
-def _blob(rng, n_vertices: int, n_faces: int) -> tuple[np.ndarray, np.ndarray]:
+def _blob(rng, n_vertices: int, n_triangles: int) -> tuple[np.ndarray, np.ndarray]:
     """A closed, outward-wound (counter-clockwise) lat-long ellipsoid with wobbles, trimmed to
-    ``n_faces`` by opening a hole at the bottom pole and padded with loose vertices."""
-    segments = 64 if n_faces >= 2000 else 8
-    rings = -(-n_faces // (2 * segments))   # faces of a closed sphere: 2 * rings * segments
+    ``n_triangles`` by opening a hole at the bottom pole and padded with loose vertices."""
+    segments = 64 if n_triangles >= 2000 else 8
+    rings = -(-n_triangles // (2 * segments))   # triangles of a closed sphere: 2 * rings * segments
     n_grid = rings * segments + 2
     if n_grid > n_vertices:
-        raise ValueError(f"{n_faces} faces need at least {n_grid} vertices")
+        raise ValueError(f"{n_triangles} triangles need at least {n_grid} vertices")
     theta = np.pi * (np.arange(rings) + 1) / (rings + 1)        # from the top pole down
     phi = 2 * np.pi * np.arange(segments) / segments
     t, p = np.meshgrid(theta, phi, indexing="ij")
@@ -115,8 +115,8 @@ def _blob(rng, n_vertices: int, n_faces: int) -> tuple[np.ndarray, np.ndarray]:
         a, b, c, d = ring(r), ring_next(r), ring(r + 1), ring_next(r + 1)
         bands += [np.stack([a, c, b], 1), np.stack([b, c, d], 1)]
     bottom = [np.stack([np.full(segments, n_grid - 1), ring_next(rings - 1), ring(rings - 1)], 1)]
-    faces = np.concatenate(top + bands + bottom)
-    return verts, faces[: n_faces]
+    triangles = np.concatenate(top + bands + bottom)
+    return verts, triangles[: n_triangles]
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,27 +126,19 @@ def _blob(rng, n_vertices: int, n_faces: int) -> tuple[np.ndarray, np.ndarray]:
 def _stand_in_classes(*qualified_names: str):
     """Temporary modules and classes named like chumpy's / scipy's, so the pickler writes
     exactly those global names. Modules that already exist are replaced for the duration."""
-    saved, classes = {}, {}
-    try:
+    names = {}
+    for qualified in qualified_names:
+        parts = qualified.split(".")[:-1]
+        names.update({".".join(parts[:i]): {} for i in range(1, len(parts) + 1)})
+    with stand_in_modules(names) as modules:
+        classes = {}
         for qualified in qualified_names:
             module_name, class_name = qualified.rsplit(".", 1)
-            parts = module_name.split(".")
-            for i in range(1, len(parts) + 1):
-                name = ".".join(parts[:i])
-                if name not in saved:
-                    saved[name] = sys.modules.get(name)
-                    sys.modules[name] = types.ModuleType(name)
             cls = type(class_name, (_PickledState,), {"__module__": module_name,
                                                       "__qualname__": class_name})
-            setattr(sys.modules[module_name], class_name, cls)
+            setattr(modules[module_name], class_name, cls)
             classes[qualified] = cls
         yield classes
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 class _PickledState:
@@ -227,14 +219,14 @@ def write_distributed_pickle(path, arrays: dict, chumpy_keys=("v_template", "sha
 
 def write_flame_fixture(path, seed: int = 0, **array_options) -> dict:
     """Random FLAME arrays written as the distributed pickle at ``path``; returns the arrays
-    (``array_options`` go to ``random_flame_arrays``, e.g. n_vertices=200, n_faces=300)."""
+    (``array_options`` go to ``random_flame_arrays``, e.g. n_vertices=200, n_triangles=300)."""
     arrays = random_flame_arrays(seed, **array_options)
     write_distributed_pickle(path, arrays)
     return arrays
 
 
 def write_smplx_folder(folder, arrays: dict, n_landmarks: int = 51, seed: int = 0) -> str:
-    """``FLAME_NEUTRAL.pkl`` (plain numpy) and ``flame_static_embedding.pkl`` (landmark faces
+    """``FLAME_NEUTRAL.pkl`` (plain numpy) and ``flame_static_embedding.pkl`` (landmark triangles
     ``lmk_face_idx`` and barycentrics ``lmk_b_coords``, the keys smplx.FLAME reads); returns
     the folder for ``smplx.FLAME(model_path=folder)``."""
     os.makedirs(folder, exist_ok=True)

@@ -1,11 +1,14 @@
 """Small inputs for the StyleRig pipeline tests.
 
 * ``write_generator``: a tiny random StyleGAN2 (32 px) saved with ``save_generator``.
-* ``write_test_face``: the sphere head of ``tests/synthetic_face.py`` (738 vertices, a tenth of
-  the demo head's, so training steps are fast) as a FaceData ``.npz``, with a 68-point landmark
+* ``write_test_face``: the sphere head of ``synthetic_face.py`` (738 vertices, a tenth of the
+  demo head's, so training steps are fast) as a FaceData ``.npz``, with a 68-point landmark
   embedding in DECA's ``landmark_embedding.npy`` format: a face-like 2D layout of the iBUG
   points (jaw line, brows, nose, eyes, lips) placed on the front of the sphere, each point on
   the triangle under it in a frontal orthographic view.
+* ``write_corpus``: both of the above and a 12-sample corpus (two shards) of the generator
+  with synthetic landmarks of the sphere head.
+* ``write_random_rignet``: a RigNet with a random decoder, saved with ``save_rignet``.
 """
 
 from __future__ import annotations
@@ -14,16 +17,48 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from server.checkpoints.stylegan import save_generator
-from tests.stylegan_fixtures import TINY_SG2, random_generator
-from tests.synthetic_face import synthetic_face
+from server.checkpoints.stylerig import save_rignet
+from server.models.rignet import ControlLayout, RigNet
+from tests.support.stylegan_fixtures import TINY_SG2, random_generator
+from tests.support.synthetic_face import synthetic_face
 
 
 def write_generator(folder, seed: int = 0) -> Path:
     path = Path(folder) / "generator.safetensors"
     save_generator(random_generator(TINY_SG2, seed), path)
     return path
+
+
+def write_corpus(root) -> tuple[Path, Path, Path]:
+    """``write_generator`` and ``write_test_face`` in ``root``, and the generator's 12-sample
+    corpus in two shards at ``root / "corpus"`` with the head's synthetic landmarks. Returns
+    the generator, face model and embedding paths."""
+    from server.training.stylerig.corpus import CorpusSettings, build_corpus
+    from server.training.stylerig.landmarks import detect_corpus_landmarks
+
+    root = Path(root)
+    generator = write_generator(root)
+    face, embedding = write_test_face(root)
+    build_corpus(root / "corpus", CorpusSettings(str(generator), count=12, shard_size=8,
+                                                 image_size=32), progress=False)
+    detect_corpus_landmarks(root / "corpus", source="synthetic", face_model=str(face),
+                            embedding=str(embedding), progress=False)
+    return generator, face, embedding
+
+
+def write_random_rignet(path, G, n_expression: int, seed: int = 0):
+    """A RigNet for ``G`` (latent size 4, the control layout of a face model with
+    ``n_expression`` components) whose decoder has random weights, so that it moves the latent
+    (an untrained one leaves it as it is), saved to ``path``. Returns the network."""
+    torch.manual_seed(seed)
+    net = RigNet(G.num_ws, G.w_dim, latent_dim=4, layout=ControlLayout.for_model(n_expression))
+    with torch.no_grad():
+        net.decoder.weight.normal_(0, 0.5)
+    save_rignet(net.eval(), path)
+    return net
 
 
 def _ellipse(centre, radii, count, start=0.0):
@@ -53,7 +88,7 @@ def write_test_face(folder) -> tuple[Path, Path]:
     data.save(face_path)
 
     radius = float(np.abs(data.v_template).max())
-    corners = data.v_template[data.faces] / radius                     # [F, 3, 3]
+    corners = data.v_template[data.triangles] / radius                     # [F, 3, 3]
     front = corners[:, :, 2].min(1) > 0
     triangles, bary = np.zeros(68, np.int64), np.zeros((68, 3))
     for i, (x, y) in enumerate(landmark_layout()):

@@ -47,13 +47,13 @@ import numpy as np
 import torch
 
 from server.checkpoints.dualstylegan import dualstylegan_from_state
-from stylegan_fixtures import official_to_rosinality
 from server.models.dualstylegan import DualStyleGAN, DualStyleGANConfig
 from server.models.psp_encoder import PSPEncoder, PSPEncoderConfig
 from server.models.style_sampler import StyleSampler, StyleSamplerConfig
 from server.models.stylegan2 import StyleGAN2Config
+from tests.support.stylegan_fixtures import official_to_rosinality
 
-DATA = Path(__file__).parent / "data" / "dualstylegan"
+DATA = Path(__file__).resolve().parents[1] / "data" / "dualstylegan"
 KEYS = DATA / "keys.json"
 OFFICIAL = DATA / "official.npz"
 MANIFESTS = DATA / "official_1024_keys.json"

@@ -11,14 +11,14 @@ preferences' ``bl_idname`` and ``register`` / ``unregister`` run exactly as in B
 
 Use from a test module::
 
-    from blender_env import bpy, blender, extension      # noqa: F401 (fixtures)
+    from tests.support.blender_env import bpy, blender, extension  # noqa: F401 (fixtures)
 
     def test_something(extension):
         live_link = extension.module("blender_rig.live_link")
 
 Timers and modal operators need Blender's event loop, which the module does not run: tests call
 the timer functions themselves (see ``pump``). ``render_server`` is the real render server
-(``tests/server_process.py``) on an ephemeral port, one per test session.
+(``tests/support/server_process.py``) on an ephemeral port, one per test session.
 
 Blender 4.2 as a module crashes after Python has finalised once an add-on registered
 callbacks (``portrait_rig_cli.extension.exit_status``): there the test process ends with
@@ -38,7 +38,7 @@ bpy = pytest.importorskip("bpy")
 
 from portrait_rig_cli import extension as loader  # noqa: E402  (needs bpy to enable)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY_MODULE = "portrait_rig_tests"
 EXTENSION_ID = loader.EXTENSION_ID
 PACKAGE = loader.package_name(REPOSITORY_MODULE)
@@ -179,7 +179,7 @@ def render_server(request):
     it has ``host``, ``port`` and ``log()``. Tests that stop a server start their own."""
     global _shared_server
     if _shared_server is None or _shared_server.proc.poll() is not None:
-        from server_process import ServerProcess
+        from tests.support.server_process import ServerProcess
         server = ServerProcess("--model", "demo", "--backend", "preview")
         server.__enter__()
         request.config.add_cleanup(lambda: server.__exit__(None, None, None))

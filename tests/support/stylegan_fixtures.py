@@ -24,8 +24,6 @@ import contextlib
 import io
 import json
 import pickle
-import sys
-import types
 from collections import OrderedDict
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import torch
 
 from server.checkpoints.stylegan import _TO_ROSINALITY, _rosinality_table
 from server.models import StyleGAN2Config, StyleGAN2Generator, StyleGAN3Config, StyleGAN3Generator
+from tests.support.stand_ins import stand_in_modules
 
 TINY_SG2 = StyleGAN2Config(img_resolution=32, z_dim=16, w_dim=16, channel_base=256, channel_max=16,
                            mapping_layers=2, num_fp16_res=4, conv_clamp=256)
@@ -46,7 +45,7 @@ SMALL_SG3_R = StyleGAN3Config.preset("r", 16, z_dim=8, w_dim=8, channel_base=128
                                      num_layers=6)
 
 PERSISTENCE_VERSION = 6
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def official_keys(name: str) -> list[tuple[str, list[int]]]:
@@ -97,21 +96,10 @@ _STAND_INS = {
 @contextlib.contextmanager
 def official_globals():
     """Register ``torch_utils.persistence`` and ``dnnlib.util`` stand-ins while pickling."""
-    saved = {name: sys.modules.get(name) for name in _STAND_INS}
-    try:
-        for name, attrs in _STAND_INS.items():
-            module = types.ModuleType(name)
-            module.__dict__.update(attrs)
-            sys.modules[name] = module
+    with stand_in_modules(_STAND_INS):
         _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
         EasyDict.__module__, EasyDict.__qualname__ = "dnnlib.util", "EasyDict"
         yield
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 class PersistentRecord:
@@ -204,6 +192,19 @@ def write_nvidia_pickle(path, G, repo: str = "stylegan3", marker_path=None,
 
 
 # --- rosinality ----------------------------------------------------------------------------
+
+def write_stylerig_home(home, direction_seed: int = 0):
+    """A data folder for the stylerig backend: a random StyleGAN3-R generator (``SMALL_SG3_R``,
+    seed 3) as ``stylegan/generator.pkl`` and a random edit direction
+    ``stylegan/directions/age_boundary.npy``. Returns the generator and the direction [w_dim]."""
+    home = Path(home)
+    G = random_generator(SMALL_SG3_R, seed=3)
+    (home / "stylegan" / "directions").mkdir(parents=True)
+    write_nvidia_pickle(home / "stylegan" / "generator.pkl", G)
+    direction = np.random.RandomState(direction_seed).randn(1, G.w_dim).astype(np.float32)
+    np.save(home / "stylegan" / "directions" / "age_boundary.npy", direction)
+    return G, torch.from_numpy(direction[0])
+
 
 def write_rosinality_checkpoint(path, G: StyleGAN2Generator, latent_avg: bool = True,
                                 training: bool = False) -> None:

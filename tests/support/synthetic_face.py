@@ -37,21 +37,21 @@ def uv_sphere(radius: float = 1.0, n_lat: int = 16, n_lon: int = 24,
     def idx(lat, lon):
         return 1 + lat * n_lon + lon % n_lon
 
-    faces = []
+    triangles = []
     for j in range(n_lon):
-        faces.append((top, idx(0, j), idx(0, j + 1)))
-        faces.append((bottom, idx(n_lat - 2, j + 1), idx(n_lat - 2, j)))
+        triangles.append((top, idx(0, j), idx(0, j + 1)))
+        triangles.append((bottom, idx(n_lat - 2, j + 1), idx(n_lat - 2, j)))
         for i in range(n_lat - 2):
             a, b = idx(i, j), idx(i, j + 1)
             c, d = idx(i + 1, j), idx(i + 1, j + 1)
-            faces += [(a, c, d), (a, d, b)]
-    faces = np.asarray(faces, dtype=np.int32)
-    return verts, faces
+            triangles += [(a, c, d), (a, d, b)]
+    triangles = np.asarray(triangles, dtype=np.int32)
+    return verts, triangles
 
 
 def synthetic_face(radius: float = 0.1, n_lat: int = 24, n_lon: int = 32) -> FaceData:
     """The test head described in the module notes (defaults: 738 vertices, 1472 triangles)."""
-    verts, faces = uv_sphere(radius, n_lat, n_lon)
+    verts, triangles = uv_sphere(radius, n_lat, n_lon)
     n = len(verts)
     unit = verts / radius
     x, y, z = unit[:, 0], unit[:, 1], unit[:, 2]
@@ -99,9 +99,9 @@ def synthetic_face(radius: float = 0.1, n_lat: int = 24, n_lon: int = 32) -> Fac
     albedo[lips] = [0.7, 0.32, 0.3]
 
     return FaceData(
-        v_template=verts, faces=faces, shapedirs=shapedirs, exprdirs=exprdirs,
+        v_template=verts, triangles=triangles, shapedirs=shapedirs, exprdirs=exprdirs,
         posedirs=np.zeros((n, 3, 36)), J_regressor=regressor, weights=weights,
         parents=np.array([-1, 0, 1, 1, 1]), vertex_albedo=albedo,
         shape_names=["width", "height", "depth", "chin"],
         expression_names=["mouth_drop", "smile", "brow_raise"],
-        name="synthetic test head", source="tests/synthetic_face.py")
+        name="synthetic test head", source="tests/support/synthetic_face.py")

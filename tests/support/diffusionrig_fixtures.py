@@ -23,7 +23,7 @@ A ResNet-18 has 11.7M parameters, too many to ship, so the encoder's weights are
 pseudo-random pattern that this module and the generator compute identically.
 
 Regenerate (needs an environment where the official code and ``torchvision.models.resnet18``
-import):  python tests/diffusionrig_fixtures.py DIFFUSION_RIG_CHECKOUT DPM_SOLVER_CHECKOUT
+import):  python tests/support/diffusionrig_fixtures.py DIFFUSION_RIG_CHECKOUT DPM_SOLVER_CHECKOUT
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from server.models.diffusionrig_unet import UNetConfig  # noqa: E402
 
-FIXTURE_DIR = Path(__file__).resolve().parent / "data" / "diffusionrig"
+FIXTURE_DIR = ROOT / "tests" / "data" / "diffusionrig"
 WEIGHTS = FIXTURE_DIR / "tiny_unet.safetensors"
 OUTPUTS = FIXTURE_DIR / "tiny_official.npz"
 CHECKPOINT_KEYS = FIXTURE_DIR / "stage1_256_keys.json"

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from blender_env import bpy
+from tests.support.blender_env import bpy
 from portrait_rig.demo_head import demo_head
-from synthetic_face import synthetic_face
+from tests.support.synthetic_face import synthetic_face
 
 
 def rig_modules(extension) -> SimpleNamespace:

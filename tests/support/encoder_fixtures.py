@@ -23,7 +23,7 @@ import torch
 
 from server.checkpoints.encoders import encoder_keys
 
-DATA = Path(__file__).parent / "data" / "encoders"
+DATA = Path(__file__).resolve().parents[1] / "data" / "encoders"
 WINDOW_SLACK = 4099
 
 

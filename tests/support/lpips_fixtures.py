@@ -14,7 +14,7 @@ import torch
 
 from server.models.lpips import LPIPS
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def random_lpips_state(net: str, seed: int = 0) -> tuple[dict, dict]:

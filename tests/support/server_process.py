@@ -10,6 +10,6 @@ from pathlib import Path
 
 from portrait_rig_cli.local_server import LocalServer as ServerProcess
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 __all__ = ["REPO", "ServerProcess"]
