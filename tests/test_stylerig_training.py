@@ -22,13 +22,14 @@ from server.models.rignet import RigNet
 from server.checkpoints.stylerig import load_rignet, save_rignet
 from server.renderer import BufferRenderer
 from portrait_rig.colour import linear_to_srgb
-from server.training.stylerig.corpus import (Corpus, CorpusSettings, build_corpus, sample_z,
-                                             to_pipeline_images)
+from server.training.stylerig.corpus import (Corpus, CorpusSettings, build_corpus,
+                                             sample_latents, sample_z, to_pipeline_images)
 from server.training.stylerig.data import TrainingData, load_face
 from server.training.stylerig.evaluate import EvalSettings, evaluate, rotation_angle_deg
 from server.training.stylerig.face_render import FaceRenderer
 from server.training.stylerig.landmarks import detect_corpus_landmarks, framing_camera
 from server.training.stylerig.losses import RenderLoss, RenderLossWeights, Targets
+from server.training.stylerig.run import RunDir, scheduled_lr
 from server.training.stylerig.train_dfr import DFRSettings, train_dfr
 from server.training.stylerig.train_rignet import RigNetObjective, RigNetSettings, train_rignet
 from tests.support.stylerig_fixtures import write_corpus
@@ -112,6 +113,67 @@ def test_corpus_resumes_and_extends_without_redoing_shards(setup, tmp_path):
         Corpus(folder)
 
 
+def test_style_mixed_samples_take_their_later_layers_from_a_second_latent(setup, tmp_path):
+    G = load_generator(setup["generator"])
+    build_corpus(tmp_path / "mixed", CorpusSettings(str(setup["generator"]), count=5,
+                                                    image_size=32, style_mixing=1.0),
+                 progress=False)
+    corpus = Corpus(tmp_path / "mixed")
+    for i in range(5):
+        z, z2, cutoff = sample_latents(0, i, G.z_dim, G.num_ws, 1.0)
+        assert 1 <= cutoff < G.num_ws
+        with torch.no_grad():
+            w1, w2 = G.mapping(torch.from_numpy(np.stack([z, z2])), truncation_psi=0.7)
+            expected = torch.cat([w1[:cutoff], w2[cutoff:]])
+            image = to_pipeline_images(G.synthesis(expected[None]), 32)
+        torch.testing.assert_close(corpus.w([i])[0], expected)
+        assert np.abs(corpus.images([i]).astype(int) - image).max() <= 1
+    # Without mixing a sample is the plain z of sample_z, as corpora sampled before mixing.
+    z, _, cutoff = sample_latents(0, 3, G.z_dim, G.num_ws, 0.0)
+    assert cutoff == G.num_ws and np.array_equal(z, sample_z(0, 3, G.z_dim))
+
+
+def test_settings_added_later_take_their_defaults_on_resume(setup, tmp_path):
+    folder = tmp_path / "corpus"
+    settings = CorpusSettings(str(setup["generator"]), count=2, image_size=32)
+    build_corpus(folder, settings, progress=False)
+    manifest = json.loads((folder / "corpus.json").read_text())
+    del manifest["style_mixing"]                     # a corpus sampled before the option
+    (folder / "corpus.json").write_text(json.dumps(manifest))
+    build_corpus(folder, CorpusSettings(**{**settings.__dict__, "count": 3}), progress=False)
+    with pytest.raises(ValueError, match="style_mixing"):
+        build_corpus(folder, CorpusSettings(**{**settings.__dict__, "style_mixing": 0.5}),
+                     progress=False)
+
+    run = tmp_path / "run"
+    RunDir(run, DFRSettings())
+    stored = json.loads((run / "settings.json").read_text())
+    del stored["lr_decay"]                           # a run started before the option
+    (run / "settings.json").write_text(json.dumps(stored))
+    RunDir(run, DFRSettings())
+    with pytest.raises(ValueError, match="lr_decay"):
+        RunDir(run, DFRSettings(lr_decay=0.5))
+
+    # A RigNet run from before L_control was trained without it and must not resume with it.
+    run = tmp_path / "rignet"
+    RunDir(run, RigNetSettings(w_control=0.0))
+    stored = json.loads((run / "settings.json").read_text())
+    del stored["w_control"]
+    (run / "settings.json").write_text(json.dumps(stored))
+    RunDir(run, RigNetSettings(w_control=0.0))
+    with pytest.raises(ValueError, match="w_control=0.0, now w_control=1.0"):
+        RunDir(run, RigNetSettings())
+
+
+def test_learning_rate_schedule_is_constant_then_a_cosine_to_zero():
+    assert [scheduled_lr(1.0, s, 100, 0.0) for s in (0, 99)] == [1.0, 1.0]
+    assert scheduled_lr(1.0, 49, 100, 0.5) == 1.0
+    assert scheduled_lr(1.0, 75, 100, 0.5) == pytest.approx(0.5)
+    assert scheduled_lr(1.0, 99, 100, 0.5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.98)))
+    with pytest.raises(ValueError, match="lr_decay"):
+        DFRSettings(lr_decay=1.5)
+
+
 # --------------------------------------------------------------------------------------------
 # landmarks
 
@@ -137,7 +199,10 @@ def test_dlib_stage_flags_faceless_images_and_training_skips_them(setup, tmp_pat
     images[0], images[2] = demo_render(128, 0.0), demo_render(128, 0.15)  # 1 stays noise
     np.save(folder / "shard_00000" / "images.npy", images)
 
-    summary = detect_corpus_landmarks(folder, source="dlib", progress=False)
+    from server.training.stylerig.cli import main       # the stage as users run it
+
+    assert main(["--quiet", "landmarks", "--corpus", str(folder)]) == 0
+    summary = json.loads((folder / "landmarks.json").read_text())
     assert summary["found"] == 2 and summary["flagged_indices"] == [1]
     landmarks, found, source = Corpus(folder).landmarks()
     assert found.tolist() == [True, False, True] and source == "dlib-hog"
@@ -205,9 +270,6 @@ def assert_same_run(resumed, reference):
     assert [{k: v for k, v in r.items() if k != "time"} for r in records(resumed)] == strip
 
 
-@pytest.mark.xfail(reason="known regression since torchrun/DDP support: the resumed DFR run "
-                          "differs from the uninterrupted one in the last float bits (fc0); the "
-                          "RigNet and DiffusionRig resume tests still hold exactly", strict=False)
 def test_dfr_resumes_after_a_kill_exactly(setup, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         crash_at(patch, CRASH_STEP)
@@ -251,7 +313,8 @@ def row(batch, i: int):
 
 
 def test_rignet_objective_follows_the_paper(setup):
-    """L_rec, L_edit and L_consist of a random RigNet, written out from their definitions."""
+    """L_rec, L_edit, L_consist and L_control of a random RigNet, written out from their
+    definitions."""
     data = TrainingData(setup["root"] / "corpus")
     dfr, _ = load_dfr(setup["root"] / "dfr" / "dfr.safetensors")
     face, embedding = load_face(str(setup["face"]), str(setup["embedding"]))
@@ -260,7 +323,9 @@ def test_rignet_objective_follows_the_paper(setup):
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         rignet.decoder.weight.copy_(torch.randn(rignet.decoder.weight.shape, generator=g) * 0.3)
-    settings = RigNetSettings(dfr="unused", w_rec=2.0, w_edit=3.0, w_consist=5.0)
+    with torch.no_grad():
+        rignet.set_control_statistics(dfr(data.w(data.usable, "cpu")).controls(rignet.layout))
+    settings = RigNetSettings(dfr="unused", w_rec=2.0, w_edit=3.0, w_consist=5.0, w_control=0.5)
     wi, vi, modes = data.usable[[0, 1, 2]], data.usable[[3, 4, 5]], ["pose", "expression",
                                                                       "lighting"]
     w, v = data.w(wi, "cpu"), data.w(vi, "cpu")
@@ -271,26 +336,36 @@ def test_rignet_objective_follows_the_paper(setup):
         p_w, p_v = dfr(w), dfr(v)
         c_w, c_v = p_w.controls(layout), p_v.controls(layout)
         rec = (((rignet(w, c_w) - w) ** 2).mean() + ((rignet(v, c_v) - v) ** 2).mean()) / 2
-        edit, consist = [], []
+        edit, consist, control_edit, control_consist = [], [], [], []
         for i, mode in enumerate(modes):
             for a, b, p_a, p_b, c_a, c_b, t_a, t_b in ((w, v, p_w, p_v, c_w, c_v, t_w, t_v),
                                                        (v, w, p_v, p_w, c_v, c_w, t_v, t_w)):
                 request = c_a[i:i + 1].clone()
+                edited = torch.zeros(layout.dim, dtype=torch.bool)
                 for name in {"pose": ["global_pose"], "expression": ["jaw", "expression"],
                              "lighting": ["sh"]}[mode]:
                     request[:, layout.slices[name]] = c_b[i:i + 1, layout.slices[name]]
+                    edited[layout.slices[name]] = True
                 p_hat = dfr(rignet(a[i:i + 1], request))
+                d2 = ((p_hat.controls(layout) - request) / rignet.control_scale)[0] ** 2
+                control_edit.append(d2[edited])
+                control_consist.append(d2[~edited])
                 p_edit = row(p_b, i).take(p_hat, [mode])       # b's face, the mode from p_hat
                 p_consist = p_hat.take(row(p_a, i), [mode])    # p_hat, the mode back from a
                 edit.append(loss.terms(p_edit, row(t_b, i))[0]["render"])
                 consist.append(loss.terms(p_consist, row(t_a, i))[0]["render"])
         edit, consist = torch.cat(edit).mean(), torch.cat(consist).mean()
+        control_edit = torch.cat(control_edit).mean()
+        control_consist = torch.cat(control_consist).mean()
     torch.testing.assert_close(terms["rec"], rec)
     torch.testing.assert_close(terms["edit"], edit, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(terms["consist"], consist, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(terms["loss"], 2 * rec + 3 * edit + 5 * consist, rtol=1e-4,
-                               atol=1e-6)
-    assert rec > 0 and edit > 0 and consist > 0
+    torch.testing.assert_close(terms["control_edit"], control_edit, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(terms["control_consist"], control_consist, rtol=1e-4, atol=1e-6)
+    control = 0.5 * (3 * control_edit + 5 * control_consist)
+    torch.testing.assert_close(terms["loss"], 2 * rec + 3 * edit + 5 * consist + control,
+                               rtol=1e-4, atol=1e-6)
+    assert rec > 0 and edit > 0 and consist > 0 and control_edit > 0 and control_consist > 0
 
 
 def test_rignet_training_lowers_its_losses(setup):

@@ -40,6 +40,9 @@ def _add_training_options(p, defaults) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=defaults.batch_size,
                    help="images (dfr) or pairs (rignet) per step")
     p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate")
+    p.add_argument("--lr-decay", dest="lr_decay", type=float, default=defaults.lr_decay,
+                   help="fraction of the run over which the learning rate falls to zero "
+                   "(cosine; 0: constant)")
     p.add_argument("--render-size", dest="render_size", type=int, default=defaults.render_size,
                    help="render and compare at this size (default: the corpus image size)")
     p.add_argument("--w-landmarks", dest="w_landmarks", type=float,
@@ -87,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", dest="image_size", type=int, default=defaults.image_size,
                    help="stored image size (box-filtered from the generator's)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="latent seed")
+    p.add_argument("--style-mixing", dest="style_mixing", type=float,
+                   default=defaults.style_mixing, help="probability that a sample's later "
+                   "layers come from a second latent (StyleGAN's mixing): teaches F which "
+                   "layers carry what")
     p.add_argument("--noise-mode", dest="noise_mode", default=defaults.noise_mode,
                    choices=("const", "random", "none"), help="the generator's noise inputs")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16,
@@ -125,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-dim", dest="latent_dim", type=int, default=RigNetSettings.latent_dim,
                    help="size of each layer's code l_k")
     for name, what in (("w_rec", "weight of L_rec"), ("w_edit", "weight of L_edit"),
-                       ("w_consist", "weight of L_consist"), ("rho", "AdaDelta's rho"),
+                       ("w_consist", "weight of L_consist"),
+                       ("w_control", "weight of L_control, the request in F's parameter "
+                                     "space (not in the paper; see docs/stylerig_training.md)"),
+                       ("rho", "AdaDelta's rho"),
                        ("eps", "AdaDelta's epsilon")):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float,
                        default=getattr(RigNetSettings, name), help=what)
@@ -165,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (cluster schedulers, `kill`) checkpoints like Ctrl-C does.
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
-        check_device(args.device)
+        if hasattr(args, "device"):             # landmarks run dlib, on the CPU
+            check_device(args.device)
         if args.stage == "corpus":
             from server.training.stylerig.corpus import build_corpus
             build_corpus(args.out, CorpusSettings(**_fields(CorpusSettings, args)), args.device,

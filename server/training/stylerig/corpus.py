@@ -6,6 +6,11 @@ W+ with truncation (w = w_avg + psi * (mapping(z) - w_avg) on the first ``trunca
 layers, all if None) and synthesises the image, which is downsampled to ``image_size`` for the
 rest of the pipeline (box filter; antialiased bilinear for non-integer factors).
 
+With ``style_mixing`` p > 0, a sample is, with probability p, a style mix as StyleGAN was
+trained on: the layers from a crossover point on (uniform in 1..num_ws-1) take the latent of a
+second draw (same rng, after z_i). RigNet's edits are W+ latents whose layers differ; F only
+learns which layers carry pose, expression and light if its corpus holds such latents.
+
 Layout of the corpus folder:
 
     corpus.json          settings (generator, truncation, sizes, seed) and the sample count
@@ -53,12 +58,16 @@ class CorpusSettings:
     image_size: int = 256
     seed: int = 0
     noise_mode: str = "const"
+    style_mixing: float = 0.0
 
     def __post_init__(self):
         for name in ("count", "shard_size", "image_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not 0.0 <= self.style_mixing <= 1.0:
+            raise ValueError(f"style_mixing: expected a probability in [0, 1], "
+                             f"got {self.style_mixing!r}")
         if self.noise_mode not in ("const", "random", "none"):
             raise ValueError(f"noise_mode: expected const, random or none, got {self.noise_mode!r}")
 
@@ -67,10 +76,26 @@ class CorpusSettings:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "count"}
 
 
+def _sample_rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index])))
+
+
 def sample_z(seed: int, index: int, z_dim: int) -> np.ndarray:
     """z of sample ``index`` (see the module notes), float32 [z_dim]."""
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index])))
-    return rng.standard_normal(z_dim).astype(np.float32)
+    return _sample_rng(seed, index).standard_normal(z_dim).astype(np.float32)
+
+
+def sample_latents(seed: int, index: int, z_dim: int, num_ws: int, style_mixing: float
+                   ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(z, z2, cutoff) of sample ``index``: with probability ``style_mixing`` the layers from
+    ``cutoff`` (uniform in 1..num_ws-1) on take their latent from a second draw z2, as in
+    StyleGAN's mixing regularisation; otherwise cutoff = num_ws (z2 unused). z is
+    ``sample_z``'s, so a corpus without mixing holds the same latents."""
+    rng = _sample_rng(seed, index)
+    z = rng.standard_normal(z_dim).astype(np.float32)
+    z2 = rng.standard_normal(z_dim).astype(np.float32)
+    mixed = num_ws > 1 and rng.random() < style_mixing
+    return z, z2, int(rng.integers(1, num_ws)) if mixed else num_ws
 
 
 def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -94,9 +119,17 @@ def to_pipeline_images(img: torch.Tensor, size: int) -> np.ndarray:
 def synthesise(G, seed: int, indices, settings: CorpusSettings, device) -> tuple[np.ndarray,
                                                                                   np.ndarray]:
     """(w float32 [n, num_ws, w_dim], images uint8 [n, S, S, 3]) of the given samples."""
-    z = torch.from_numpy(np.stack([sample_z(seed, int(i), G.z_dim) for i in indices])).to(device)
+    drawn = [sample_latents(seed, int(i), G.z_dim, G.num_ws, settings.style_mixing)
+             for i in indices]
+    z, z2 = (torch.from_numpy(np.stack([d[k] for d in drawn])).to(device) for k in (0, 1))
     ws = G.mapping(z, None, truncation_psi=settings.truncation,
                    truncation_cutoff=settings.truncation_cutoff)
+    cutoff = torch.tensor([d[2] for d in drawn], device=device)
+    if bool((cutoff < G.num_ws).any()):
+        ws2 = G.mapping(z2, None, truncation_psi=settings.truncation,
+                        truncation_cutoff=settings.truncation_cutoff)
+        later = torch.arange(G.num_ws, device=device)[None, :] >= cutoff[:, None]
+        ws = torch.where(later[..., None], ws2, ws)
     img = G.synthesis(ws, noise_mode=settings.noise_mode)
     return ws.float().cpu().numpy(), to_pipeline_images(img, settings.image_size)
 
@@ -139,7 +172,10 @@ def _check_manifest(root: Path, settings: CorpusSettings, G) -> None:
                 "img_resolution": G.img_resolution,
                 "generator_fingerprint": generator_fingerprint(G)}
     if path.is_file():
-        previous = json.loads(path.read_text())
+        # Settings added after a corpus was sampled had their defaults then.
+        defaults = {f.name: f.default for f in dataclasses.fields(CorpusSettings)
+                    if f.default is not dataclasses.MISSING}
+        previous = {**defaults, **json.loads(path.read_text())}
         for key, value in manifest.items():
             # The generator is identified by its fingerprint: its file may have moved.
             if key not in ("count", "generator") and previous.get(key) != value:

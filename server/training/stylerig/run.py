@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -41,6 +42,12 @@ class RunDir:
             self.lock = lock_run_folder(self.path)  # held for the rest of the process
             (self.path / "previews").mkdir(exist_ok=True)
         self.settings = json.loads(json.dumps(dataclasses.asdict(settings)))  # as stored
+        # Settings added after a run started are taken to have had their defaults, or the
+        # value the settings class names for runs from before it existed (``ABSENT_MEANS``).
+        self.defaults = json.loads(json.dumps({
+            **{f.name: f.default for f in dataclasses.fields(settings)
+               if f.default is not dataclasses.MISSING},
+            **getattr(settings, "ABSENT_MEANS", {})}))
         self._check_settings()
         self.log_path = self.path / "log.jsonl"
         self.t0 = time.monotonic()
@@ -48,7 +55,7 @@ class RunDir:
     def _check_settings(self) -> None:
         path = self.path / "settings.json"
         if path.is_file():
-            previous = json.loads(path.read_text())
+            previous = {**self.defaults, **json.loads(path.read_text())}
             for key in sorted(set(previous) | set(self.settings)):
                 if key in RESUMABLE_CHANGES:
                     continue
@@ -119,6 +126,21 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def scheduled_lr(lr: float, step: int, steps: int, decay: float) -> float:
+    """Learning rate of optimiser step ``step`` (0-based) of a ``steps``-step run: ``lr``, then
+    over the last ``decay`` fraction of the run a cosine fall to zero (0: constant). A function
+    of the step alone, so a resumed run follows the same schedule."""
+    start = (1.0 - decay) * steps
+    if decay <= 0 or step < start:
+        return lr
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start) / (steps - start))))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def due(step: int, every: int, last: int) -> bool:

@@ -2,7 +2,8 @@
 
 Loss per batch (means over the batch): L_render(I_w, F(w)) + priors (``losses``), where I_w
 is the corpus image of w and its detected landmarks. The generator is not run: the corpus
-holds its images. Adam (the paper does not state F's optimiser).
+holds its images. Adam (the paper does not state F's optimiser); ``lr_decay`` > 0 lowers its
+learning rate to zero along a cosine over that last fraction of the run.
 
 Before the first step, F's anchors are set from the corpus (``FaceReconstructionNet``): the
 input statistics of w; the camera that best maps the neutral face's landmarks onto the mean
@@ -27,7 +28,7 @@ from server.training.stylerig.face_render import FaceRenderer
 from server.training.stylerig.losses import RenderLoss, RenderLossWeights, prior_terms
 from server.training.stylerig.preview import overlay, save_grid, with_points
 from server.training.progress import Progress
-from server.training.stylerig.run import RunDir, due
+from server.training.stylerig.run import RunDir, due, scheduled_lr, set_lr
 
 STATISTICS_SAMPLES = 4096
 
@@ -39,6 +40,7 @@ class DFRSettings:
     steps: int = 100_000
     batch_size: int = 16
     lr: float = 1e-4
+    lr_decay: float = 0.0               # fraction of the run over which lr falls to 0
     hidden: int = 512
     albedo_terms: int = 4
     render_size: int = 0                # 0: the corpus' image size
@@ -50,6 +52,10 @@ class DFRSettings:
     log_every: int = 10
     checkpoint_every: int = 1000
     preview_every: int = 1000
+
+    def __post_init__(self):
+        if not 0.0 <= self.lr_decay <= 1.0:
+            raise ValueError(f"lr_decay: expected a fraction in [0, 1], got {self.lr_decay!r}")
 
 
 @torch.no_grad()
@@ -127,6 +133,7 @@ def train_dfr(corpus_dir, run_dir, settings: DFRSettings, device="cpu",
         while step < settings.steps:
             indices = data.batch(settings.seed, step, settings.batch_size)[part]
             target = data.targets(indices, size, device)
+            set_lr(optimizer, scheduled_lr(settings.lr, step, settings.steps, settings.lr_decay))
             p = model(data.w(indices, device))
             terms, _ = loss_fn.terms(p, target)
             terms.update(prior_terms(p, settings.w_shape, settings.w_expression,

@@ -17,9 +17,19 @@ lighting). With p_w = F(w), p_v = F(v) and their control vectors c_w, c_v (F fro
   network.
 
 L = w_rec L_rec + w_edit L_edit + w_consist L_consist (each averaged over both directions).
+
+``w_control`` > 0 adds the same two demands in F's parameter space, on the controls
+standardised as RigNet standardises them (d = (controls of F(w_hat) - request) / scale):
+w_control (w_edit mean(d^2 over the edited controls) + w_consist mean(d^2 over the others)).
+The paper has only the rendering terms; they carry little gradient for what few pixels show
+(a small image's expression, a light's direction), and there this term is what makes RigNet
+follow the request (measured in docs/stylerig_training.md). ``--w-control 0`` trains the
+paper's objective exactly.
+
 Gradients reach RigNet through F and the renderer; F's and the generator's weights never
 change and the generator is not run at all (the corpus holds I_w and I_v) except for
-previews. Optimiser: AdaDelta, as in the paper.
+previews. Optimiser: AdaDelta, as in the paper (``lr_decay`` > 0: its learning rate falls to
+zero along a cosine over that last fraction of the run).
 
 Before the first step RigNet's control standardisation is set from F's controls over the
 corpus (``RigNet.set_control_statistics``).
@@ -31,6 +41,7 @@ Under torchrun each process trains on its slice of every step's pairs with DDP
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +60,7 @@ from server.training.stylerig.face_render import FaceRenderer
 from server.training.stylerig.losses import RenderLoss, RenderLossWeights, Targets
 from server.training.stylerig.preview import overlay, save_grid
 from server.training.progress import Progress
-from server.training.stylerig.run import RunDir, due
+from server.training.stylerig.run import RunDir, due, scheduled_lr, set_lr
 
 STATISTICS_SAMPLES = 4096
 
@@ -64,19 +75,26 @@ class RigNetSettings:
     batch_size: int = 8
     latent_dim: int = 32
     lr: float = 1.0                      # AdaDelta (torch's and Zeiler's defaults)
+    lr_decay: float = 0.0                # fraction of the run over which lr falls to 0
     rho: float = 0.9
     eps: float = 1e-6
     render_size: int = 0                 # 0: the corpus' image size
     w_rec: float = 1.0
     w_edit: float = 1.0
     w_consist: float = 1.0
+    w_control: float = 1.0               # the edit and consistency in F's parameter space
     w_landmarks: float = 100.0           # lambda_land inside L_render
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 1000
     preview_every: int = 1000
 
+    # Runs started before a setting existed were trained with these values.
+    ABSENT_MEANS: ClassVar[dict] = {"w_control": 0.0}
+
     def __post_init__(self):
+        if not 0.0 <= self.lr_decay <= 1.0:
+            raise ValueError(f"lr_decay: expected a fraction in [0, 1], got {self.lr_decay!r}")
         self.modes = tuple(self.modes)
         unknown = [m for m in self.modes if m not in MODES]
         if not self.modes or unknown:
@@ -137,7 +155,15 @@ class RigNetObjective:
         render = terms["render"]
         edit, consist = render[: 2 * b], render[2 * b:]
         total = s.w_rec * rec + s.w_edit * edit.mean() + s.w_consist * consist.mean()
+        # The same demands in F's standardised parameters (see the module notes).
+        scale = getattr(self.rignet, "module", self.rignet).control_scale
+        d2 = ((p_hat.controls(self.layout) - controls[2 * b:]) / scale) ** 2
+        edited = torch.stack([self.layout.mode_mask(m, d2.device) for m in both_modes])
+        control_edit = d2[edited].mean()
+        control_consist = d2[~edited].mean()
+        total = total + s.w_control * (s.w_edit * control_edit + s.w_consist * control_consist)
         result = {"loss": total, "rec": rec, "edit": edit.mean(), "consist": consist.mean(),
+                  "control_edit": control_edit, "control_consist": control_consist,
                   "edit_photo": terms["photo"][: 2 * b].mean(),
                   "edit_landmarks": terms["landmarks"][: 2 * b].mean()}
         for mode in s.modes:
@@ -206,6 +232,7 @@ def train_rignet(corpus_dir, run_dir, settings: RigNetSettings, device="cpu",
     try:
         while step < settings.steps:
             pairs = Pairs(data, settings, step, part)
+            set_lr(optimizer, scheduled_lr(settings.lr, step, settings.steps, settings.lr_decay))
             terms = objective(data.w(pairs.w_index, device), data.w(pairs.v_index, device),
                               data.targets(pairs.w_index, size, device),
                               data.targets(pairs.v_index, size, device), pairs.modes)
