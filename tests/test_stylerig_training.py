@@ -348,15 +348,15 @@ def test_rignet_objective_follows_the_paper(setup):
                     edited[layout.slices[name]] = True
                 p_hat = dfr(rignet(a[i:i + 1], request))
                 d2 = ((p_hat.controls(layout) - request) / rignet.control_scale)[0] ** 2
-                control_edit.append(d2[edited])
-                control_consist.append(d2[~edited])
+                control_edit.append(d2[edited].mean())
+                control_consist.append(d2[~edited].mean())
                 p_edit = row(p_b, i).take(p_hat, [mode])       # b's face, the mode from p_hat
                 p_consist = p_hat.take(row(p_a, i), [mode])    # p_hat, the mode back from a
                 edit.append(loss.terms(p_edit, row(t_b, i))[0]["render"])
                 consist.append(loss.terms(p_consist, row(t_a, i))[0]["render"])
         edit, consist = torch.cat(edit).mean(), torch.cat(consist).mean()
-        control_edit = torch.cat(control_edit).mean()
-        control_consist = torch.cat(control_consist).mean()
+        control_edit = torch.stack(control_edit).mean()          # per edit, then over edits
+        control_consist = torch.stack(control_consist).mean()
     torch.testing.assert_close(terms["rec"], rec)
     torch.testing.assert_close(terms["edit"], edit, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(terms["consist"], consist, rtol=1e-4, atol=1e-6)

@@ -20,7 +20,8 @@ L = w_rec L_rec + w_edit L_edit + w_consist L_consist (each averaged over both d
 
 ``w_control`` > 0 adds the same two demands in F's parameter space, on the controls
 standardised as RigNet standardises them (d = (controls of F(w_hat) - request) / scale):
-w_control (w_edit mean(d^2 over the edited controls) + w_consist mean(d^2 over the others)).
+w_control (w_edit mean(d^2 over the edited controls) + w_consist mean(d^2 over the others)),
+each averaged per edit, then over the edits.
 The paper has only the rendering terms; they carry little gradient for what few pixels show
 (a small image's expression, a light's direction), and there this term is what makes RigNet
 follow the request (measured in docs/stylerig_training.md). ``--w-control 0`` trains the
@@ -158,9 +159,11 @@ class RigNetObjective:
         # The same demands in F's standardised parameters (see the module notes).
         scale = getattr(self.rignet, "module", self.rignet).control_scale
         d2 = ((p_hat.controls(self.layout) - controls[2 * b:]) / scale) ** 2
-        edited = torch.stack([self.layout.mode_mask(m, d2.device) for m in both_modes])
-        control_edit = d2[edited].mean()
-        control_consist = d2[~edited].mean()
+        edited = torch.stack([self.layout.mode_mask(m, d2.device) for m in both_modes]).float()
+        # Means per edit, then over the batch: the same under DDP, whose processes hold
+        # different modes (and so different numbers of edited controls).
+        control_edit = ((d2 * edited).sum(1) / edited.sum(1)).mean()
+        control_consist = ((d2 * (1 - edited)).sum(1) / (1 - edited).sum(1)).mean()
         total = total + s.w_control * (s.w_edit * control_edit + s.w_consist * control_consist)
         result = {"loss": total, "rec": rec, "edit": edit.mean(), "consist": consist.mean(),
                   "control_edit": control_edit, "control_consist": control_consist,
