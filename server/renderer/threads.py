@@ -10,6 +10,10 @@ skinning step of 1.4 ms took 46 ms that way. So:
   thread and for all cores (``StageThreads``), run with the faster and, every
   ``probe_every`` frames, once with the other, so they follow the machine as it becomes
   busy or quiet;
+* the preview leaves one core to the rest of the machine (``preview_threads``): Blender, the
+  client and the server's own I/O thread. On two cores the second thread bought 20 % of a
+  quiet frame and cost more than that whenever Blender took a core (measured in
+  docs/performance.md); on many cores one less changes nothing;
 * numba's OpenMP workers sleep when idle instead of spinning (``OMP_WAIT_POLICY=PASSIVE``,
   set before its thread pool starts), so a finished region does not steal the core the next
   stage, or Blender, needs.
@@ -90,5 +94,10 @@ class StageThreads:
             self.frames[name] = self.frames.get(name, 0) + 1
 
 
-PREVIEW = StageThreads()
+def preview_threads() -> int:
+    """numba threads the preview may use: every core but one (at least one)."""
+    return max(1, numba.config.NUMBA_NUM_THREADS - 1)
+
+
+PREVIEW = StageThreads(preview_threads())
 """The CPU preview's stages (one render worker per device renders them)."""
