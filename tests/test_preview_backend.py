@@ -169,3 +169,25 @@ def test_cpu_and_cuda_frames_agree(face_model, backend):
     b = _render(gpu, passes=("mask",))
     close = np.abs(a.image.astype(int) - b.image).max(axis=-1) <= 1
     assert close.mean() > 0.995           # silhouette pixels may differ (float ties on edges)
+
+
+def test_a_frame_is_the_same_whatever_it_is_batched_with():
+    """The scheduler batches frames as they arrive; a frame's pixels must not depend on it
+    (a resumed or distributed render must give the frames of an uninterrupted one)."""
+    from portrait_rig.face_source import load_face_data
+    from server import paths
+
+    demo = create_backend("preview", FaceModel(load_face_data(paths.face_model_source("demo"))))
+    frames = []
+    for i in range(40):
+        t = i / 39
+        frames.append(RigParams.from_dict({
+            "pose": {"global": [0.1 * np.sin(9 * t), 0.7 * np.sin(5 * t), 0],
+                     "jaw": [0.25 * t, 0, 0]},
+            "expression": [2 * t - 1, np.cos(7 * t)]}))
+    single = [demo.render([RenderRequest(p, 48, 48)])[0].image for p in frames]
+    batched = []
+    for start in range(0, len(frames), 7):
+        batched += [r.image for r in demo.render([RenderRequest(p, 48, 48)
+                                                  for p in frames[start:start + 7]])]
+    assert [i for i in range(len(frames)) if not np.array_equal(single[i], batched[i])] == []

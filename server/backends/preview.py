@@ -84,7 +84,9 @@ class PreviewBackend(Backend):
                       height: int) -> list[RenderResult]:
         lap = StageTimer(self.torch_device)
         params = [r.params for r in requests]
-        vertices, _ = self.model.pose_params(params)
+        # Frame by frame: a batched skinning sums in another order, and a frame's pixels must
+        # not depend on which frames the scheduler happened to batch it with.
+        vertices = torch.cat([self.model.pose_params([p])[0] for p in params])
         lap("skin")
         cameras = CameraBatch.from_params([p.camera for p in params], self.torch_device)
         sh = torch.tensor([p.lighting.sh for p in params], dtype=torch.float32)
