@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from server.checkpoints.stylegan import generator_fingerprint, load_generator
 
 from server.training.stylerig.preview import save_grid
+from server.training.stylerig.run import absent_values
 from server.training.progress import Progress
 
 FORMAT = "portrait-rig.stylerig-corpus"
@@ -172,10 +173,7 @@ def _check_manifest(root: Path, settings: CorpusSettings, G) -> None:
                 "img_resolution": G.img_resolution,
                 "generator_fingerprint": generator_fingerprint(G)}
     if path.is_file():
-        # Settings added after a corpus was sampled had their defaults then.
-        defaults = {f.name: f.default for f in dataclasses.fields(CorpusSettings)
-                    if f.default is not dataclasses.MISSING}
-        previous = {**defaults, **json.loads(path.read_text())}
+        previous = {**absent_values(settings), **json.loads(path.read_text())}
         for key, value in manifest.items():
             # The generator is identified by its fingerprint: its file may have moved.
             if key not in ("count", "generator") and previous.get(key) != value:

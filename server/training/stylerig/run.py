@@ -34,6 +34,15 @@ from server.training.runs import lock_run_folder
 RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every", "preview_every")
 
 
+def absent_values(settings) -> dict:
+    """What a stored record (run settings, corpus manifest) written before a setting existed
+    is taken to have had: the setting's default, or the value the settings class names for
+    such records (``ABSENT_MEANS``, when the default changed with the setting's arrival)."""
+    return {**{f.name: f.default for f in dataclasses.fields(settings)
+               if f.default is not dataclasses.MISSING},
+            **getattr(settings, "ABSENT_MEANS", {})}
+
+
 class RunDir:
     def __init__(self, path, settings, writable: bool = True):
         self.path = Path(path)
@@ -42,12 +51,7 @@ class RunDir:
             self.lock = lock_run_folder(self.path)  # held for the rest of the process
             (self.path / "previews").mkdir(exist_ok=True)
         self.settings = json.loads(json.dumps(dataclasses.asdict(settings)))  # as stored
-        # Settings added after a run started are taken to have had their defaults, or the
-        # value the settings class names for runs from before it existed (``ABSENT_MEANS``).
-        self.defaults = json.loads(json.dumps({
-            **{f.name: f.default for f in dataclasses.fields(settings)
-               if f.default is not dataclasses.MISSING},
-            **getattr(settings, "ABSENT_MEANS", {})}))
+        self.defaults = json.loads(json.dumps(absent_values(settings)))
         self._check_settings()
         self.log_path = self.path / "log.jsonl"
         self.t0 = time.monotonic()
