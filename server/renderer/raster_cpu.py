@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
@@ -18,19 +17,6 @@ from numba import njit, prange
 from server.renderer.threads import PREVIEW, StageThreads
 
 _HALF = np.float32(0.5)
-
-
-def _start_numba_threads() -> None:
-    """Start numba's thread pool now, keeping torch's thread count: numba's OpenMP layer
-    resets the process' OpenMP thread count to all cores when it starts, which would silently
-    undo a ``torch.set_num_threads`` made before the first render (and busy threads that only
-    wait cost ten times the CPU on a loaded machine)."""
-    threads = torch.get_num_threads()
-    numba.get_num_threads()
-    torch.set_num_threads(threads)
-
-
-_start_numba_threads()
 
 
 @njit(cache=True, parallel=True)

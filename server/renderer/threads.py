@@ -31,6 +31,19 @@ import numba  # noqa: E402
 import torch  # noqa: E402
 
 
+def _start_numba_threads() -> None:
+    """Start numba's thread pool now, keeping torch's thread count: numba's OpenMP layer
+    resets the process' OpenMP thread count to all cores when it starts, which would silently
+    undo a ``torch.set_num_threads`` made before the first render (and busy threads that only
+    wait cost ten times the CPU on a loaded machine)."""
+    threads = torch.get_num_threads()
+    numba.get_num_threads()
+    torch.set_num_threads(threads)
+
+
+_start_numba_threads()
+
+
 @contextlib.contextmanager
 def torch_threads(count: int):
     """Run torch's CPU ops of the calling thread on ``count`` intra-op threads."""
