@@ -310,6 +310,8 @@ def is_world_file(path) -> bool:
 def load_world(path, device="cpu") -> TruthWorld:
     from safetensors import safe_open
 
+    if str(device) != "cpu":
+        raise ValueError("the truth world renders on the CPU")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != WORLD_FORMAT:
@@ -317,8 +319,6 @@ def load_world(path, device="cpu") -> TruthWorld:
         state = {k: f.get_tensor(k) for k in f.keys()}
     world = TruthWorld(WorldConfig(**json.loads(meta["config"])))
     world.load_state_dict(state, strict=True)
-    if str(device) != "cpu":
-        raise ValueError("the truth world renders on the CPU")
     return world.eval()
 
 
