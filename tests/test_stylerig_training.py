@@ -17,7 +17,8 @@ from PIL import Image
 from portrait_rig.demo_head import demo_head
 from portrait_rig.params import default_sh
 from server.checkpoints.stylegan import load_generator
-from server.checkpoints.stylerig import load_dfr
+from server.checkpoints.stylerig import load_dfr, save_dfr
+from server.models.dfr import FaceParamLayout, FaceReconstructionNet
 from server.models.rignet import RigNet
 from server.checkpoints.stylerig import load_rignet, save_rignet
 from server.renderer import BufferRenderer
@@ -30,7 +31,7 @@ from server.training.stylerig.face_render import FaceRenderer
 from server.training.stylerig.landmarks import detect_corpus_landmarks, framing_camera
 from server.training.stylerig.losses import RenderLoss, RenderLossWeights, Targets
 from server.training.stylerig.run import RunDir, scheduled_lr
-from server.training.stylerig.train_dfr import DFRSettings, train_dfr
+from server.training.stylerig.train_dfr import DFRSettings, step_terms, train_dfr
 from server.training.stylerig.train_rignet import RigNetObjective, RigNetSettings, train_rignet
 from tests.support.stylerig_fixtures import write_corpus
 
@@ -47,7 +48,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("stylerig")
     generator, face, embedding = write_corpus(root)
     dfr = DFRSettings(face_model=str(face), embedding=str(embedding), steps=24, batch_size=4,
-                      hidden=64, lr=1e-3, log_every=1, checkpoint_every=8, preview_every=0)
+                      landmark_batch=8, hidden=32, lr=1e-3, log_every=1, checkpoint_every=8,
+                      preview_every=0)
     train_dfr(root / "corpus", root / "dfr", dfr, progress=False)
     rig = RigNetSettings(dfr=str(root / "dfr" / "dfr.safetensors"), face_model=str(face),
                          embedding=str(embedding), steps=24, batch_size=4, log_every=1,
@@ -153,6 +155,17 @@ def test_settings_added_later_take_their_defaults_on_resume(setup, tmp_path):
     RunDir(run, DFRSettings())
     with pytest.raises(ValueError, match="lr_decay"):
         RunDir(run, DFRSettings(lr_decay=0.5))
+
+    # A DFR run from before the landmark batch and the heads: one batch, one shared MLP.
+    run = tmp_path / "dfr-old"
+    old = DFRSettings(landmark_batch=0, heads=False)
+    RunDir(run, old)
+    stored = json.loads((run / "settings.json").read_text())
+    del stored["landmark_batch"], stored["heads"]
+    (run / "settings.json").write_text(json.dumps(stored))
+    RunDir(run, old)
+    with pytest.raises(ValueError, match="landmark_batch=0, now landmark_batch=64"):
+        RunDir(run, DFRSettings(heads=False))
 
     # A RigNet run from before L_control was trained without it and must not resume with it.
     run = tmp_path / "rignet"
@@ -281,7 +294,59 @@ def test_dfr_resumes_after_a_kill_exactly(setup, tmp_path, monkeypatch):
     assert_same_run(tmp_path / "dfr", setup["root"] / "dfr")
     with pytest.raises(ValueError, match="hidden"):
         train_dfr(setup["root"] / "corpus", tmp_path / "dfr",
-                  DFRSettings(**{**setup["dfr"].__dict__, "hidden": 32}), progress=False)
+                  DFRSettings(**{**setup["dfr"].__dict__, "hidden": 16}), progress=False)
+
+
+def test_dfr_estimates_the_landmark_term_on_the_larger_batch(setup):
+    """L_photo on the first images, L_land and the priors on all of them: the same terms as
+    rendering every image, without rasterising the extra ones."""
+    data = TrainingData(setup["root"] / "corpus")
+    face, embedding = load_face(str(setup["face"]), str(setup["embedding"]))
+    net = FaceReconstructionNet(data.corpus.num_ws, data.corpus.w_dim,
+                                FaceParamLayout.for_model(face), hidden=16)
+    with torch.no_grad():
+        net.heads["global_pose"][4].bias.uniform_(-0.3, 0.3)   # landmarks off their targets
+    loss = RenderLoss(FaceRenderer(face, embedding, net.layout), 32, RenderLossWeights())
+    indices = data.usable[:8]
+    with torch.no_grad():
+        p = net(data.w(indices, "cpu"))
+        terms = step_terms(p, data, indices[:3], indices[3:], loss, setup["dfr"], "cpu")
+        every, _ = loss.terms(p, data.targets(indices, 32, "cpu"))
+    assert float(terms["landmarks"]) == pytest.approx(float(every["landmarks"].mean()), rel=1e-5)
+    assert float(terms["photo"]) == pytest.approx(float(every["photo"][:3].mean()), rel=1e-5)
+    assert float(every["landmarks"][3:].mean()) != pytest.approx(
+        float(every["landmarks"][:3].mean()), rel=1e-2)        # the extra images count
+    assert float(terms["prior_shape"]) == pytest.approx(
+        setup["dfr"].w_shape * float(p.shape.pow(2).sum(1).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="landmark_batch: expected 0 or at least"):
+        DFRSettings(batch_size=16, landmark_batch=8)
+
+
+def test_dfr_heads_are_separate_and_shared_mlp_files_still_load(setup, tmp_path):
+    layout = FaceParamLayout(n_shape=4, n_expression=3)
+    net = FaceReconstructionNet(2, 8, layout, hidden=16)
+    w = torch.randn(5, 2, 8, requires_grad=True)
+    pose = torch.autograd.grad(net(w).global_pose.sum(), list(net.parameters()),
+                               allow_unused=True)
+    touched = {name.split(".")[1] for (name, _), g in zip(net.named_parameters(), pose)
+               if g is not None and bool(g.abs().sum() > 0)}
+    assert touched == {"global_pose"}                 # a group's output has its own MLP
+
+    # A file written with one shared MLP (config without "heads") loads as it was written.
+    shared = FaceReconstructionNet(2, 8, layout, hidden=16, heads=False)
+    assert {n.split(".")[0] for n, _ in shared.named_parameters()} == {"fc0", "fc1", "fc2"}
+    path = tmp_path / "dfr.safetensors"
+    save_dfr(shared, path)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    del config["heads"]
+    save_file(tensors, str(path), metadata={**meta, "config": json.dumps(config)})
+    loaded, _ = load_dfr(path)
+    assert not loaded.has_heads
+    assert torch.equal(loaded.raw(w.detach()), shared.raw(w.detach()))
 
 
 # --------------------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ def load_dfr(path: str | PathLike, device: str | torch.device = "cpu"
     meta = _metadata(path, DFR_FORMAT, "face reconstruction network written by save_dfr")
     config = json.loads(meta["config"])
     net = FaceReconstructionNet(config["num_ws"], config["w_dim"],
-                                FaceParamLayout(**config["layout"]), config["hidden"])
+                                FaceParamLayout(**config["layout"]), config["hidden"],
+                                heads=config.get("heads", False))
     _fill(net, path, config)
     return net.to(device).eval().requires_grad_(False), meta

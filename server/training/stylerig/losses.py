@@ -44,13 +44,20 @@ class Targets:
                          for k in ("photo", "landmarks", "region")))
 
 
+def landmark_targets(landmarks: np.ndarray, image_size: int, size: int, device
+                     ) -> torch.Tensor:
+    """dlib landmarks [B, 68, 2] in pixels of ``image_size`` frames -> renderer pixels of a
+    ``size`` frame (centres at +0.5), float32."""
+    return torch.as_tensor((np.asarray(landmarks, np.float64) + 0.5) * (size / image_size),
+                           dtype=torch.float32, device=device)
+
+
 def make_targets(images: np.ndarray, landmarks: np.ndarray, size: int, device) -> Targets:
     """Targets from uint8 images [B, S, S, 3] and their dlib landmarks [B, 68, 2]."""
     image_size = images.shape[1]
     photo = torch.from_numpy(np.ascontiguousarray(images)).to(device).float() / 255.0
     photo = resize_square(photo.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1).contiguous()
-    points = torch.as_tensor((np.asarray(landmarks, np.float64) + 0.5) * (size / image_size),
-                             dtype=torch.float32, device=device)
+    points = landmark_targets(landmarks, image_size, size, device)
     region = torch.as_tensor(np.stack([face_outline_mask(l, image_size, size) for l in landmarks]),
                              device=device)
     return Targets(photo, points, region)
@@ -69,10 +76,11 @@ def photometric_loss(rendered: torch.Tensor, mask: torch.Tensor, target: Targets
     return squared.flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1)
 
 
-def landmark_loss(points: torch.Tensor, target: Targets, weights: torch.Tensor, size: int
+def landmark_loss(points: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, size: int
                   ) -> torch.Tensor:
-    """[B]: weighted mean squared landmark distance in frame-size units."""
-    d2 = ((points - target.landmarks) ** 2).sum(-1) / size ** 2                 # [B, 68]
+    """[B]: weighted mean squared distance of ``points`` to ``target`` (both [B, 68, 2]
+    renderer pixels) in frame-size units."""
+    d2 = ((points - target) ** 2).sum(-1) / size ** 2                          # [B, 68]
     return (d2 * weights).sum(1) / weights.sum().clamp_min(1e-12)
 
 
@@ -87,9 +95,16 @@ class RenderLoss:
         """({'photo' [B], 'landmarks' [B], 'render' [B]}, buffers) of faces ``p``."""
         buffers, points = self.renderer.render(p, self.size)
         photo = photometric_loss(buffers.rendered, buffers.mask, target)
-        land = landmark_loss(points, target, self.landmark_weights, self.size)
+        land = landmark_loss(points, target.landmarks, self.landmark_weights, self.size)
         return {"photo": photo, "landmarks": land,
                 "render": photo + self.weights.landmarks * land}, (buffers, points)
+
+    def landmark_term(self, p: FaceParams, landmarks: torch.Tensor) -> torch.Tensor:
+        """[B]: L_land alone (no rasterisation: a sixth of ``terms``' cost per face) against
+        ``landmarks`` [B, 68, 2] renderer pixels."""
+        r = self.renderer
+        points = r.landmarks(r.vertices(p), r.cameras(p), self.size)
+        return landmark_loss(points, landmarks, self.landmark_weights, self.size)
 
 
 def prior_terms(p: FaceParams, w_shape: float, w_expression: float, w_albedo: float
