@@ -92,7 +92,11 @@ def setup(device="cpu") -> Context:
     return Context(rank, world, device)
 
 
-def teardown() -> None:
-    """Leave the process group (end of a training command)."""
+def teardown(finished: bool = False) -> None:
+    """Leave the process group (end of a training command). ``finished``: every rank ended
+    its work normally, so wait for all of them first; a rank that leaves while rank 0 still
+    writes the last checkpoint can bring the group down under it (gloo aborts)."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

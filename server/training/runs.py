@@ -30,8 +30,10 @@ def run_command(body) -> int:
     from server.checkpoints.torch_file import CheckpointError
     from server.training import distributed
 
+    finished = False
     try:
         body()
+        finished = True
     except (ValueError, FileNotFoundError, RunFolderBusy, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -39,7 +41,7 @@ def run_command(body) -> int:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 1
     finally:
-        distributed.teardown()
+        distributed.teardown(finished)
     return 0
 
 

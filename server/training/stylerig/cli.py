@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.quiet
     # SIGTERM (cluster schedulers, `kill`) checkpoints like Ctrl-C does.
     previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    finished = False
     try:
         if hasattr(args, "device"):             # landmarks run dlib, on the CPU
             check_device(args.device)
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("error: every edit failed, so nothing was measured (see above)",
                       file=sys.stderr)
                 return 1
+        finished = True
     except KeyboardInterrupt:
         print("interrupted: run the same command to resume from the last checkpoint or shard",
               file=sys.stderr)
@@ -220,5 +222,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
-        distributed.teardown()
+        distributed.teardown(finished)
     return 0
