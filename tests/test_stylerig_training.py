@@ -185,6 +185,8 @@ def test_learning_rate_schedule_is_constant_then_a_cosine_to_zero():
     assert scheduled_lr(1.0, 99, 100, 0.5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.98)))
     with pytest.raises(ValueError, match="lr_decay"):
         DFRSettings(lr_decay=1.5)
+    with pytest.raises(ValueError, match="lr_decay"):
+        RigNetSettings(lr_decay=-0.1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -132,6 +132,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_lr_decay(decay: float) -> None:
+    """Refuse an ``lr_decay`` setting that ``scheduled_lr`` cannot follow."""
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"lr_decay: expected a fraction in [0, 1], got {decay!r}")
+
+
 def scheduled_lr(lr: float, step: int, steps: int, decay: float) -> float:
     """Learning rate of optimiser step ``step`` (0-based) of a ``steps``-step run: ``lr``, then
     over the last ``decay`` fraction of the run a cosine fall to zero (0: constant). A function

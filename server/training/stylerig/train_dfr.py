@@ -7,8 +7,10 @@ the priors on ``landmark_batch`` images (the same ones and more). The landmark t
 rasterisation (a sixth of the cost per image) and carries what F learns slowest, the geometry
 (pose, expression, shape, camera). Where the truth is known (``tests/support/truth_world.py``,
 64 px), one shared MLP: 16 images per step for 4000 steps left F's pose 5.1 deg and its jaw
-3.1 deg off; 16 + 48 landmark-only images for 2000 steps, in less time, 4.3 and 2.1 deg. Adam (the paper does not state F's optimiser); ``lr_decay`` > 0 lowers its
-learning rate to zero along a cosine over that last fraction of the run.
+3.1 deg off; 16 + 48 landmark-only images for 2000 steps, in less time, 4.3 and 2.1 deg.
+
+Adam (the paper does not state F's optimiser); ``lr_decay`` > 0 lowers its learning rate to
+zero along a cosine over that last fraction of the run.
 
 Before the first step, F's anchors are set from the corpus (``FaceReconstructionNet``): the
 input statistics of w; the camera that best maps the neutral face's landmarks onto the mean
@@ -35,7 +37,7 @@ from server.training.stylerig.losses import (RenderLoss, RenderLossWeights, land
                                              prior_terms)
 from server.training.stylerig.preview import overlay, save_grid, with_points
 from server.training.progress import Progress
-from server.training.stylerig.run import RunDir, due, scheduled_lr, set_lr
+from server.training.stylerig.run import RunDir, check_lr_decay, due, scheduled_lr, set_lr
 
 STATISTICS_SAMPLES = 4096
 
@@ -65,8 +67,7 @@ class DFRSettings:
     ABSENT_MEANS: ClassVar[dict] = {"landmark_batch": 0, "heads": False}
 
     def __post_init__(self):
-        if not 0.0 <= self.lr_decay <= 1.0:
-            raise ValueError(f"lr_decay: expected a fraction in [0, 1], got {self.lr_decay!r}")
+        check_lr_decay(self.lr_decay)
         if self.landmark_batch and self.landmark_batch < self.batch_size:
             raise ValueError(f"landmark_batch: expected 0 or at least the batch size "
                              f"({self.batch_size}), got {self.landmark_batch}")

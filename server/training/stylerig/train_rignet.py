@@ -61,7 +61,7 @@ from server.training.stylerig.face_render import FaceRenderer
 from server.training.stylerig.losses import RenderLoss, RenderLossWeights, Targets
 from server.training.stylerig.preview import overlay, save_grid
 from server.training.progress import Progress
-from server.training.stylerig.run import RunDir, due, scheduled_lr, set_lr
+from server.training.stylerig.run import RunDir, check_lr_decay, due, scheduled_lr, set_lr
 
 STATISTICS_SAMPLES = 4096
 
@@ -94,8 +94,7 @@ class RigNetSettings:
     ABSENT_MEANS: ClassVar[dict] = {"w_control": 0.0}
 
     def __post_init__(self):
-        if not 0.0 <= self.lr_decay <= 1.0:
-            raise ValueError(f"lr_decay: expected a fraction in [0, 1], got {self.lr_decay!r}")
+        check_lr_decay(self.lr_decay)
         self.modes = tuple(self.modes)
         unknown = [m for m in self.modes if m not in MODES]
         if not self.modes or unknown:
