@@ -105,7 +105,7 @@ def train_steering(args, run: Path, world: TruthWorld, dfr_path: Path) -> Steeri
     optimizer = torch.optim.Adadelta(net.parameters(), lr=settings.lr, rho=settings.rho,
                                      eps=settings.eps)
     loss = RenderLoss(FaceRenderer(world.face, world.embedding, dfr.layout), data.image_size,
-                      RenderLossWeights(settings.w_landmarks))
+                      RenderLossWeights(settings.w_landmarks), settings.supersample)
     objective = RigNetObjective(net, dfr, loss, settings)
     run.mkdir(parents=True, exist_ok=True)
     path, step = run / "checkpoint.pt", 0

@@ -18,7 +18,7 @@ from portrait_rig.demo_head import demo_head
 from portrait_rig.params import default_sh
 from server.checkpoints.stylegan import load_generator
 from server.checkpoints.stylerig import load_dfr, save_dfr
-from server.models.dfr import FaceParamLayout, FaceReconstructionNet
+from server.models.dfr import FaceParamLayout, FaceParams, FaceReconstructionNet
 from server.models.rignet import RigNet
 from server.checkpoints.stylerig import load_rignet, save_rignet
 from server.renderer import BufferRenderer
@@ -156,26 +156,33 @@ def test_settings_added_later_take_their_defaults_on_resume(setup, tmp_path):
     with pytest.raises(ValueError, match="lr_decay"):
         RunDir(run, DFRSettings(lr_decay=0.5))
 
-    # A DFR run from before the landmark batch and the heads: one batch, one shared MLP.
+    # A DFR run from before the landmark batch, the heads and supersampling: one batch, one
+    # shared MLP, pixel centres.
     run = tmp_path / "dfr-old"
-    old = DFRSettings(landmark_batch=0, heads=False)
+    old = DFRSettings(landmark_batch=0, heads=False, supersample=1)
     RunDir(run, old)
     stored = json.loads((run / "settings.json").read_text())
-    del stored["landmark_batch"], stored["heads"]
+    del stored["landmark_batch"], stored["heads"], stored["supersample"]
     (run / "settings.json").write_text(json.dumps(stored))
     RunDir(run, old)
     with pytest.raises(ValueError, match="landmark_batch=0, now landmark_batch=64"):
-        RunDir(run, DFRSettings(heads=False))
+        RunDir(run, DFRSettings(heads=False, supersample=1))
+    with pytest.raises(ValueError, match="supersample=1, now supersample=2"):
+        RunDir(run, DFRSettings(heads=False, landmark_batch=0))
 
-    # A RigNet run from before L_control was trained without it and must not resume with it.
+    # A RigNet run from before L_control and supersampling was trained without them and must
+    # not resume with them.
     run = tmp_path / "rignet"
-    RunDir(run, RigNetSettings(w_control=0.0))
+    old = RigNetSettings(w_control=0.0, supersample=1)
+    RunDir(run, old)
     stored = json.loads((run / "settings.json").read_text())
-    del stored["w_control"]
+    del stored["w_control"], stored["supersample"]
     (run / "settings.json").write_text(json.dumps(stored))
-    RunDir(run, RigNetSettings(w_control=0.0))
+    RunDir(run, old)
     with pytest.raises(ValueError, match="w_control=0.0, now w_control=1.0"):
-        RunDir(run, RigNetSettings())
+        RunDir(run, RigNetSettings(supersample=1))
+    with pytest.raises(ValueError, match="supersample=1, now supersample=2"):
+        RunDir(run, RigNetSettings(w_control=0.0))
 
 
 def test_learning_rate_schedule_is_constant_then_a_cosine_to_zero():
@@ -313,7 +320,7 @@ def test_dfr_estimates_the_landmark_term_on_the_larger_batch(setup):
     with torch.no_grad():
         p = net(data.w(indices, "cpu"))
         terms = step_terms(p, data, indices[:3], indices[3:], loss, setup["dfr"], "cpu")
-        every, _ = loss.terms(p, data.targets(indices, 32, "cpu"))
+        every = loss.terms(p, data.targets(indices, 32, "cpu"))
     assert float(terms["landmarks"]) == pytest.approx(float(every["landmarks"].mean()), rel=1e-5)
     assert float(terms["photo"]) == pytest.approx(float(every["photo"][:3].mean()), rel=1e-5)
     assert float(every["landmarks"][3:].mean()) != pytest.approx(
@@ -322,6 +329,33 @@ def test_dfr_estimates_the_landmark_term_on_the_larger_batch(setup):
         setup["dfr"].w_shape * float(p.shape.pow(2).sum(1).mean()), rel=1e-5)
     with pytest.raises(ValueError, match="landmark_batch: expected 0 or at least"):
         DFRSettings(batch_size=16, landmark_batch=8)
+
+
+def test_supersampled_loss_models_an_image_box_filtered_from_finer_pixels():
+    """A corpus image is box-filtered from the generator's larger one, as a camera's pixel
+    integrates its area. Rendered at twice the size and averaged, a face's own parameters
+    reproduce such an image; sampled at pixel centres they miss it wherever the albedo changes
+    within a pixel, by far more than the rounding of an 8-bit image."""
+    face, embedding = load_face("demo")
+    layout = FaceParamLayout.for_model(face)
+    renderer = FaceRenderer(face, embedding, layout)
+    camera = framing_camera(face)
+    p = FaceParams.from_vector(torch.zeros(2, layout.dim), layout)
+    p.camera[:] = torch.tensor([camera.scale, camera.tx, camera.ty])
+    p.global_pose[1, 1] = 0.4
+    p.sh[:] = torch.tensor(default_sh()) * 0.3
+    with torch.no_grad():
+        fine, points = renderer.render(p, 64)
+        photo = torch.nn.functional.avg_pool2d(fine.rendered.permute(0, 3, 1, 2), 2)
+        target = Targets(photo.permute(0, 2, 3, 1), points / 2,
+                         torch.ones(2, 32, 32, dtype=torch.bool))
+        terms = {s: RenderLoss(renderer, 32, RenderLossWeights(), supersample=s).terms(p, target)
+                 for s in (1, 2)}
+    assert float(terms[2]["photo"].max()) < 1e-10
+    assert float(terms[1]["photo"].min()) > 1e-4          # RMS > 0.01: 2.5 code values
+    assert float(terms[1]["landmarks"].max()) < 1e-10 and float(terms[2]["landmarks"].max()) < 1e-10
+    with pytest.raises(ValueError, match="supersample"):
+        RenderLoss(renderer, 32, RenderLossWeights(), supersample=0)
 
 
 def test_dfr_heads_are_separate_and_shared_mlp_files_still_load(setup, tmp_path):
@@ -419,8 +453,8 @@ def test_rignet_objective_follows_the_paper(setup):
                 control_consist.append(d2[~edited].mean())
                 p_edit = row(p_b, i).take(p_hat, [mode])       # b's face, the mode from p_hat
                 p_consist = p_hat.take(row(p_a, i), [mode])    # p_hat, the mode back from a
-                edit.append(loss.terms(p_edit, row(t_b, i))[0]["render"])
-                consist.append(loss.terms(p_consist, row(t_a, i))[0]["render"])
+                edit.append(loss.terms(p_edit, row(t_b, i))["render"])
+                consist.append(loss.terms(p_consist, row(t_a, i))["render"])
         edit, consist = torch.cat(edit).mean(), torch.cat(consist).mean()
         control_edit = torch.stack(control_edit).mean()          # per edit, then over edits
         control_consist = torch.stack(control_consist).mean()

@@ -45,6 +45,9 @@ def _add_training_options(p, defaults) -> None:
                    "(cosine; 0: constant)")
     p.add_argument("--render-size", dest="render_size", type=int, default=defaults.render_size,
                    help="render and compare at this size (default: the corpus image size)")
+    p.add_argument("--supersample", type=int, default=defaults.supersample,
+                   help="render at this many times the size and average each block, as a "
+                   "camera's pixel integrates its area (1: sample pixel centres)")
     p.add_argument("--w-landmarks", dest="w_landmarks", type=float,
                    default=defaults.w_landmarks, help="lambda_land of L_render")
     p.add_argument("--seed", type=int, default=defaults.seed,

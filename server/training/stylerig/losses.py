@@ -11,6 +11,13 @@ L_render(I, p) = L_photo + lambda_land * L_land  (Tewari et al. 2020, eq. 2-4), 
   line, whose static embedding slides with pose; 0 where the embedding has no point), i.e.
   squared distances in units of the frame size.
 
+Supersampling (``supersample`` s > 1): R(p) is rendered at s x the size and each s x s block
+averaged, the photometric region keeping the pixels the face covers entirely. A camera's (or
+a generator's, or a box-filtered corpus image's) pixel integrates its area; a rasteriser
+samples the centre. The two differ wherever the albedo changes within a pixel (brows, lips,
+eyes), by about as much as the light changes the face, and F then bends the light to make up
+the difference (measured in docs/stylerig_training.md).
+
 Priors (F's training only): w_shape |shape|^2 + w_expression |expression|^2 +
 w_albedo |albedo|^2, the coefficients being in standard deviations (log-gains for albedo).
 """
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from server.photo.optimise import face_outline_mask, landmark_weights
 from server.models.dfr import FaceParams
@@ -85,19 +93,36 @@ def landmark_loss(points: torch.Tensor, target: torch.Tensor, weights: torch.Ten
 
 
 class RenderLoss:
-    """L_render for one face renderer at one render size."""
+    """L_render for one face renderer at one render size (``supersample``: see the module
+    notes)."""
 
-    def __init__(self, renderer: FaceRenderer, size: int, weights: RenderLossWeights):
+    def __init__(self, renderer: FaceRenderer, size: int, weights: RenderLossWeights,
+                 supersample: int = 1):
+        if supersample < 1:
+            raise ValueError(f"supersample: expected 1 or more, got {supersample}")
         self.renderer, self.size, self.weights = renderer, size, weights
+        self.supersample = supersample
         self.landmark_weights = landmark_weights(renderer.embedding.valid).to(renderer.device)
 
-    def terms(self, p: FaceParams, target: Targets) -> tuple[dict[str, torch.Tensor], object]:
-        """({'photo' [B], 'landmarks' [B], 'render' [B]}, buffers) of faces ``p``."""
-        buffers, points = self.renderer.render(p, self.size)
-        photo = photometric_loss(buffers.rendered, buffers.mask, target)
+    def render(self, p: FaceParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rendered [B, R, R, 3], coverage [B, R, R, 1] in [0, 1], landmarks [B, 68, 2]
+        renderer pixels) of faces ``p`` at the loss's size R."""
+        s = self.supersample
+        buffers, points = self.renderer.render(p, self.size * s)
+        if s == 1:
+            return buffers.rendered, buffers.mask, points
+
+        def pool(x):
+            return F.avg_pool2d(x.permute(0, 3, 1, 2), s).permute(0, 2, 3, 1)
+        return pool(buffers.rendered), pool(buffers.mask), points / s
+
+    def terms(self, p: FaceParams, target: Targets) -> dict[str, torch.Tensor]:
+        """{'photo' [B], 'landmarks' [B], 'render' [B]} of faces ``p``."""
+        rendered, coverage, points = self.render(p)
+        photo = photometric_loss(rendered, (coverage > 1 - 1e-6).float(), target)
         land = landmark_loss(points, target.landmarks, self.landmark_weights, self.size)
         return {"photo": photo, "landmarks": land,
-                "render": photo + self.weights.landmarks * land}, (buffers, points)
+                "render": photo + self.weights.landmarks * land}
 
     def landmark_term(self, p: FaceParams, landmarks: torch.Tensor) -> torch.Tensor:
         """[B]: L_land alone (no rasterisation: a sixth of ``terms``' cost per face) against

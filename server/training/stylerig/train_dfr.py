@@ -55,16 +55,18 @@ class DFRSettings:
     heads: bool = True                  # one MLP per parameter group (models.dfr)
     albedo_terms: int = 4
     render_size: int = 0                # 0: the corpus' image size
+    supersample: int = 2                # L_photo renders at this many times the size
     w_landmarks: float = 100.0
-    w_shape: float = 1e-3
-    w_expression: float = 1e-3
+    w_shape: float = 1e-4
+    w_expression: float = 1e-4
     w_albedo: float = 1e-2
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 1000
     preview_every: int = 1000
-    # Runs recorded before these settings existed: every term on the batch alone, one MLP.
-    ABSENT_MEANS: ClassVar[dict] = {"landmark_batch": 0, "heads": False}
+    # Runs recorded before these settings existed: every term on the batch alone, one MLP,
+    # renders sampled at pixel centres.
+    ABSENT_MEANS: ClassVar[dict] = {"landmark_batch": 0, "heads": False, "supersample": 1}
 
     def __post_init__(self):
         check_lr_decay(self.lr_decay)
@@ -132,7 +134,8 @@ def train_dfr(corpus_dir, run_dir, settings: DFRSettings, device="cpu",
     layout = FaceParamLayout.for_model(face, settings.albedo_terms)
     size = settings.render_size or data.image_size
     renderer = FaceRenderer(face, embedding, layout, device)
-    loss_fn = RenderLoss(renderer, size, RenderLossWeights(settings.w_landmarks))
+    loss_fn = RenderLoss(renderer, size, RenderLossWeights(settings.w_landmarks),
+                         settings.supersample)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
@@ -191,7 +194,7 @@ def step_terms(p, data: TrainingData, photometric: np.ndarray, extra: np.ndarray
     images then the ``extra`` ones, which give only the landmark term and the priors."""
     n, size = len(photometric), loss_fn.size
     first = p.map(lambda t: t[:n])
-    terms, _ = loss_fn.terms(first, data.targets(photometric, size, device))
+    terms = loss_fn.terms(first, data.targets(photometric, size, device))
     land = terms["landmarks"]
     if len(extra):
         points = landmark_targets(data.landmarks[extra], data.image_size, size, device)

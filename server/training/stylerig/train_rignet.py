@@ -80,6 +80,7 @@ class RigNetSettings:
     rho: float = 0.9
     eps: float = 1e-6
     render_size: int = 0                 # 0: the corpus' image size
+    supersample: int = 2                 # L_render renders at this many times the size
     w_rec: float = 1.0
     w_edit: float = 1.0
     w_consist: float = 1.0
@@ -91,7 +92,7 @@ class RigNetSettings:
     preview_every: int = 1000
 
     # Runs started before a setting existed were trained with these values.
-    ABSENT_MEANS: ClassVar[dict] = {"w_control": 0.0}
+    ABSENT_MEANS: ClassVar[dict] = {"w_control": 0.0, "supersample": 1}
 
     def __post_init__(self):
         check_lr_decay(self.lr_decay)
@@ -151,7 +152,7 @@ class RigNetObjective:
         p_edit = sources.take(p_hat, both_modes)
         p_consist = p_hat.take(originals, both_modes)
         targets = Targets.cat([target_v, target_w, target_w, target_v])
-        terms, _ = self.loss.terms(FaceParams.cat([p_edit, p_consist]), targets)
+        terms = self.loss.terms(FaceParams.cat([p_edit, p_consist]), targets)
         render = terms["render"]
         edit, consist = render[: 2 * b], render[2 * b:]
         total = s.w_rec * rec + s.w_edit * edit.mean() + s.w_consist * consist.mean()
@@ -204,7 +205,8 @@ def train_rignet(corpus_dir, run_dir, settings: RigNetSettings, device="cpu",
                          f"holds [{data.corpus.num_ws}, {data.corpus.w_dim}]")
     size = settings.render_size or data.image_size
     renderer = FaceRenderer(face, embedding, dfr.layout, device)
-    loss = RenderLoss(renderer, size, RenderLossWeights(settings.w_landmarks))
+    loss = RenderLoss(renderer, size, RenderLossWeights(settings.w_landmarks),
+                      settings.supersample)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
