@@ -315,6 +315,9 @@ def measure(args, world) -> dict:
             nets[variant] = load_variant(args, variant, world, dfr)
             results["control"][variant] = rig_control.measure_control(world, nets[variant],
                                                                       dfr, w, v, spread)
+    if "full" in nets:           # the rig's case: the target's true values, not F's reading
+        results["control"]["full, exact"] = rig_control.measure_control(
+            world, nets["full"], dfr, w, v, spread, exact_request=True)
     if "full" in nets:
         results["sweeps"], sheet = sweeps(world, nets["full"], dfr, w[:1])
     # One pose edit per variant, for the eye: w, v, then each variant's edit of w towards v.
@@ -351,7 +354,9 @@ def report(results: dict, timings: dict, args) -> str:
              f"  untruncated (where edits land): {accuracy(results['dfr_untruncated'])}", "",
              "Control (true parameters of the edit against the target; in brackets the no-edit "
              "baseline; a perfect edit scores 0) and preservation (how far the untouched "
-             "quantities moved, relative to the spread between two faces: 0 = kept):",
+             "quantities moved, relative to the spread between two faces: 0 = kept). The "
+             "request carries F's reading of the target face, except 'full, exact': its true "
+             "values, as a rig's user dials them:",
              rig_control.format_control_table(list(results["control"].items()))]
     for name, curve in results["sweeps"].items():
         lines.append(f"sweep {name}: requested {curve['requested']} -> achieved "

@@ -1,8 +1,9 @@
 """Rig control measured against a truth world (``tests/support/truth_world.py``).
 
 For held-out pairs (w, v) and an edit mode, the request is w's controls (as F estimates them)
-with the mode's controls of v, w_hat = net(w, request), and because the world's map M is known
-the edited face's true parameters M(w_hat) are exact. Measures:
+with the mode's controls of v (as F estimates them, the paper's protocol, or exactly, M(v):
+what an artist dialling values on the rig asks for), w_hat = net(w, request), and because the
+world's map M is known the edited face's true parameters M(w_hat) are exact. Measures:
 
 * control: the error of M(w_hat) against M(v) on the edited quantities, next to the no-edit
   baseline M(w) against M(v) (a perfect edit scores 0);
@@ -117,12 +118,14 @@ def natural_spread(world, w: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def measure_control(world, net, dfr, w: torch.Tensor, v: torch.Tensor,
-                    spread: dict[str, float]) -> dict[str, dict]:
+                    spread: dict[str, float], exact_request: bool = False) -> dict[str, dict]:
     """Per edit of ``EDITS``: {'target': {quantity: (after, before)}, 'preserved':
     {'rig' | 'identity' | 'content': relative change}, 'degradation': mean}. ``net`` maps
-    (w, controls) -> w_hat (a RigNet or any network with its interface)."""
+    (w, controls) -> w_hat (a RigNet or any network with its interface). ``exact_request``:
+    the edited controls are v's true ones, not F's reading of v."""
     layout = world.layout.control_layout()
-    c_w, c_v = dfr(w).controls(layout), dfr(v).controls(layout)
+    c_w = dfr(w).controls(layout)
+    c_v = (world.truth(v) if exact_request else dfr(v)).controls(layout)
     before = quantity_errors(world, w, v)
     results = {}
     for edit, modes in EDITS.items():
