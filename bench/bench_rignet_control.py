@@ -318,7 +318,6 @@ def measure(args, world) -> dict:
     if "full" in nets:           # the rig's case: the target's true values, not F's reading
         results["control"]["full, exact"] = rig_control.measure_control(
             world, nets["full"], dfr, w, v, spread, exact_request=True)
-    if "full" in nets:
         results["sweeps"], sheet = sweeps(world, nets["full"], dfr, w[:1])
     # One pose edit per variant, for the eye: w, v, then each variant's edit of w towards v.
     layout = world.layout.control_layout()

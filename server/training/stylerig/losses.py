@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from server.photo.optimise import face_outline_mask, landmark_weights
 from server.models.dfr import FaceParams
@@ -107,14 +106,11 @@ class RenderLoss:
     def render(self, p: FaceParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rendered [B, R, R, 3], coverage [B, R, R, 1] in [0, 1], landmarks [B, 68, 2]
         renderer pixels) of faces ``p`` at the loss's size R."""
-        s = self.supersample
-        buffers, points = self.renderer.render(p, self.size * s)
-        if s == 1:
-            return buffers.rendered, buffers.mask, points
+        buffers, points = self.renderer.render(p, self.size * self.supersample)
 
-        def pool(x):
-            return F.avg_pool2d(x.permute(0, 3, 1, 2), s).permute(0, 2, 3, 1)
-        return pool(buffers.rendered), pool(buffers.mask), points / s
+        def to_size(x):              # the corpus' own box filter (identity at s = 1)
+            return resize_square(x.permute(0, 3, 1, 2), self.size).permute(0, 2, 3, 1)
+        return to_size(buffers.rendered), to_size(buffers.mask), points / self.supersample
 
     def terms(self, p: FaceParams, target: Targets) -> dict[str, torch.Tensor]:
         """{'photo' [B], 'landmarks' [B], 'render' [B]} of faces ``p``."""
