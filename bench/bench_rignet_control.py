@@ -138,14 +138,26 @@ def train_steering(args, run: Path, world: TruthWorld, dfr_path: Path) -> Steeri
 # --------------------------------------------------------------------------------------------
 # The pipeline, through the CLI
 
+REDONE = ("evaluate-latent", "evaluate-image", "measure")       # by every run, not resumed
+
+
+def add_time(timings: dict, name: str, t: float, cpu: float) -> None:
+    """Record a stage's wall and CPU time since (``t``, ``cpu``). Training stages resume, so
+    their times add up over the runs into the folder (one found done adds only its check);
+    the evaluations and the measurement are redone and replace theirs."""
+    wall, used = time.time() - t, time.process_time() - cpu
+    if name in timings and name not in REDONE:
+        wall, used = wall + timings[name]["wall_s"], used + timings[name]["cpu_s"]
+    timings[name] = {"wall_s": round(wall, 1), "cpu_s": round(used, 1)}
+
+
 def run_stage(name: str, argv: list[str], timings: dict) -> None:
     print(f"\n$ python -m server.training.stylerig {' '.join(argv)}", flush=True)
     t, cpu = time.time(), time.process_time()
     code = cli(argv)
     if code != 0:
         raise SystemExit(f"stage {name} failed with exit code {code}")
-    timings[name] = {"wall_s": round(time.time() - t, 1),
-                     "cpu_s": round(time.process_time() - cpu, 1)}
+    add_time(timings, name, t, cpu)
 
 
 def face_options(args) -> list[str]:
@@ -189,8 +201,7 @@ def train_everything(args, timings: dict) -> TruthWorld:
             if extra is None:
                 t, cpu = time.time(), time.process_time()
                 train_steering(args, out / f"rignet_{variant}", world, dfr)
-                timings[variant] = {"wall_s": round(time.time() - t, 1),
-                                    "cpu_s": round(time.process_time() - cpu, 1)}
+                add_time(timings, variant, t, cpu)
                 continue
             run_stage(variant, ["rignet", "--corpus", corpus, "--run",
                                 str(out / f"rignet_{variant}"), "--dfr", str(dfr),
@@ -355,13 +366,15 @@ def report(results: dict, timings: dict, args) -> str:
              "baseline; a perfect edit scores 0) and preservation (how far the untouched "
              "quantities moved, relative to the spread between two faces: 0 = kept). The "
              "request carries F's reading of the target face, except 'full, exact': its true "
-             "values, as a rig's user dials them:",
+             "values, as a rig's user dials them and the backend passes them (through "
+             "RigNet's light map):",
              rig_control.format_control_table(list(results["control"].items()))]
     for name, curve in results["sweeps"].items():
         lines.append(f"sweep {name}: requested {curve['requested']} -> achieved "
                      f"{[round(a, 2) for a in curve['achieved']]} (max degradation "
                      f"{curve['degradation']:.3f})")
     lines.append("")
+    lines.append("stage times (training stages summed over every run into this folder):")
     lines += [f"  {stage}: {t['wall_s']} s wall, {t['cpu_s']} s CPU" for stage, t in
               timings.items()]
     return "\n".join(lines)
@@ -405,11 +418,12 @@ def main() -> None:
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    timings: dict = {}
+    stored = args.out / "results.json"
+    timings: dict = json.loads(stored.read_text())["timings"] if stored.is_file() else {}
     world = train_everything(args, timings)
-    t = time.time()
+    t, cpu = time.time(), time.process_time()
     results = measure(args, world)
-    timings["measure"] = {"wall_s": round(time.time() - t, 1), "cpu_s": 0.0}
+    add_time(timings, "measure", t, cpu)
     text = report(results, timings, args)
     print("\n" + text)
     (args.out / "report.txt").write_text(text + "\n")

@@ -6,6 +6,8 @@ import torch
 from portrait_rig.params import Lighting, Pose, RigParams
 from server.models.rignet import ControlLayout, RigNet, apply_controls, control_vector, mix_controls, split_controls
 from server.checkpoints.stylerig import load_rignet, read_rignet_metadata, save_rignet
+from server.renderer import sh_basis
+from server.training.stylerig.evaluate import hemisphere_normals
 
 
 def random_params(seed: int, n_expression: int) -> RigParams:
@@ -126,7 +128,15 @@ def test_save_load_round_trip(tmp_path):
         RigNet(num_ws=4, w_dim=8, control_dim=5, layout=layout)
     with pytest.raises(ValueError, match=r"p: expected \[3, 36\]"):
         net(w, p[:, :-1])
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
+    # The light map travels with the file; files written before it load with the identity.
+    net.set_control_statistics(torch.randn(20, layout.dim), sh_basis(hemisphere_normals()))
+    save_rignet(net, path)
+    torch.testing.assert_close(load_rignet(path).request_controls(p), net.request_controls(p))
+    tensors = load_file(str(path))
+    del tensors["light_mean"], tensors["light_map"]
+    save_file(tensors, str(path), metadata=read_rignet_metadata(path))
+    assert torch.equal(load_rignet(path).request_controls(p), p)
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a RigNet"):
         load_rignet(tmp_path / "other.safetensors")
@@ -148,3 +158,38 @@ def test_control_statistics_standardise_p():
     step = mean + std * torch.tensor([0.0, 1.0, 0.0])
     torch.testing.assert_close(net(w, step[None]) - net(w, mean[None]),
                                net.decoder.weight[None, :, :, 2 + 1])
+
+
+def test_light_requests_map_to_the_code_f_reads_for_the_same_visible_shading():
+    """F's codes vary only in some directions of the SH space (here: band 2 never does); a
+    requested code is replaced by the code of F's distribution that shades the visible
+    normals alike. Codes F reads pass nearly unchanged, what F never reads goes to F's mean,
+    and no other control moves."""
+    layout = ControlLayout(2)
+    light = layout.slices["sh"]
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(27, generator=g) * 0.3
+    mixing = torch.randn(27, 27, generator=g)
+    mixing[12:] = 0                                # band 2 (SH 4..8 -> entries 12..26) fixed
+    codes = mean + torch.randn(4000, 27, generator=g) @ mixing.T * 0.2
+    controls = torch.randn(4000, layout.dim, generator=g)
+    controls[:, light] = codes
+    net = RigNet(num_ws=2, w_dim=4, latent_dim=2, layout=layout)
+    p = controls[:64].clone()
+    assert torch.equal(net.request_controls(p), p)              # before any statistics
+    basis = sh_basis(hemisphere_normals())
+    net.set_control_statistics(controls, basis)
+
+    def shading(code):                                          # [B, N, 3] on the normals
+        return basis @ code.reshape(-1, 9, 3)
+
+    mapped = net.request_controls(p)
+    assert torch.equal(mapped[:, : light.start], p[:, : light.start])
+    spread = (shading(codes[:64]) - shading(codes[64:128])).square().mean().sqrt()
+    moved = (shading(mapped[:, light]) - shading(p[:, light])).square().mean().sqrt()
+    assert moved < 0.01 * spread
+    # A request with band 2 of its own (a rig's exact light) loses it: F never reads one.
+    asked = p.clone()
+    asked[:, light.start + 12:] += torch.randn(64, 15, generator=g)
+    torch.testing.assert_close(net.request_controls(asked)[:, light.start + 12:],
+                               mean[12:].expand(64, 15), atol=1e-4, rtol=0)

@@ -165,7 +165,7 @@ def test_rignet_moves_the_latent_to_the_rig(rigged, files):
     params = rig(seed=3, yaw=0.25, jaw=0.2, expression=[1.5, -1.0])
     result = render(rigged, params)
     assert "rignet" in result.timings
-    ws = net(identity_ws(G, 3), control_vector([params], net.layout))
+    ws = net(identity_ws(G, 3), net.request_controls(control_vector([params], net.layout)))
     np.testing.assert_array_equal(result.image[..., :3],
                                   to_uint8(G.synthesis(ws, noise_mode="const"))[0])
     base = render(rigged, rig(seed=3)).image
@@ -294,7 +294,7 @@ def test_smoothing_uses_the_neighbours_the_request_carries(rigged, files):
     shot = Shot("Scene/Camera", frame=10, smooth=True, neighbors=neighbors)
     smoothed = render(rigged, frames[10], shot=shot).image
     ws = net(identity_ws(G, 3).expand(5, -1, -1),
-             control_vector(list(frames.values()), net.layout))
+             net.request_controls(control_vector(list(frames.values()), net.layout)))
     expected = to_uint8(G.synthesis(smooth_latents(ws)[2:3]))[0]
     assert differ(smoothed[..., :3], expected) <= 1
     alone = render(rigged, frames[10]).image

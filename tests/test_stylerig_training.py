@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from PIL import Image
 
 from portrait_rig.demo_head import demo_head
@@ -20,7 +21,7 @@ from server.checkpoints.stylegan import load_generator
 from server.checkpoints.stylerig import load_dfr, save_dfr
 from server.models.dfr import FaceParamLayout, FaceParams, FaceReconstructionNet
 from server.models.rignet import RigNet
-from server.checkpoints.stylerig import load_rignet, save_rignet
+from server.checkpoints.stylerig import load_rignet, read_rignet_metadata, save_rignet
 from server.renderer import BufferRenderer
 from portrait_rig.colour import linear_to_srgb
 from server.training.stylerig.corpus import (Corpus, CorpusSettings, build_corpus,
@@ -490,8 +491,27 @@ def test_rignet_resumes_after_a_kill_exactly(setup, tmp_path, monkeypatch):
         crash_at(patch, CRASH_STEP)
         with pytest.raises(RuntimeError, match="simulated kill"):
             train_rignet(corpus, tmp_path / "rignet", setup["rignet"], progress=False)
+    # A run saved before RigNet held a light map: resuming computes it, and a finished
+    # run's file is written again with it.
+    checkpoint, exported = tmp_path / "rignet" / "checkpoint.pt", tmp_path / "rignet" / "rignet.safetensors"
+
+    def forget_light_map():
+        state = torch.load(checkpoint, weights_only=True)
+        del state["model"]["light_mean"], state["model"]["light_map"]
+        torch.save(state, checkpoint)
+        tensors = load_file(str(exported))
+        del tensors["light_mean"], tensors["light_map"]
+        save_file(tensors, str(exported), metadata=read_rignet_metadata(exported))
+
+    reference = load_rignet(setup["root"] / "rignet" / "rignet.safetensors").light_map
+    assert not torch.equal(reference, torch.eye(27))
+    forget_light_map()
     train_rignet(corpus, tmp_path / "rignet", setup["rignet"], progress=False)
     assert_same_run(tmp_path / "rignet", setup["root"] / "rignet")
+    assert torch.equal(load_rignet(exported).light_map, reference)
+    forget_light_map()
+    train_rignet(corpus, tmp_path / "rignet", setup["rignet"], progress=False)
+    assert torch.equal(load_rignet(exported).light_map, reference)
     # The preview shows the generator's edits: 2 images + (edit, render) per mode per row.
     preview = Image.open(tmp_path / "rignet" / "previews" / "step_0000024.png")
     assert preview.size[0] == (2 + 2 * 3) * 128

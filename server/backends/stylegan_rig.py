@@ -143,7 +143,7 @@ class RigLatents:
         light = torch.tensor(np.stack([v.light for v in views]), dtype=torch.float32)
         controls[:, self.layout.slices["global_pose"]] = pose.to(self.device)
         controls[:, self.layout.slices["sh"]] = light.flatten(1).to(self.device)
-        return self.rignet(w, controls)
+        return self.rignet(w, self.rignet.request_controls(controls))
 
 
 def request_windows(requests) -> tuple[list[RigParams], list[tuple[int, int, int]]]:

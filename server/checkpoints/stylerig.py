@@ -40,11 +40,16 @@ def _metadata(path, format_tag: str, what: str) -> dict[str, str]:
     return meta
 
 
-def _fill(net: torch.nn.Module, path, config) -> None:
+def _fill(net: torch.nn.Module, path, config, optional: tuple[str, ...] = ()) -> None:
+    """Load ``path``'s tensors into ``net`` strictly; names in ``optional`` (added to the format
+    later) keep ``net``'s defaults when the file lacks them."""
     from safetensors.torch import load_file
 
+    tensors = load_file(str(path))
+    own = net.state_dict()
+    tensors.update({name: own[name] for name in optional if name not in tensors})
     try:
-        net.load_state_dict(load_file(str(path)), strict=True)
+        net.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{path}: tensors do not fit {config}:\n{exc}") from None
 
@@ -68,7 +73,8 @@ def load_rignet(path: str | PathLike, device: str | torch.device = "cpu") -> Rig
     layout = (ControlLayout.from_dict(json.loads(meta["control_layout"]))
               if "control_layout" in meta else None)
     net = RigNet(**json.loads(meta["config"]), layout=layout)
-    _fill(net, path, f"RigNet {net.config()}")
+    # Files from before the light map load with the identity map.
+    _fill(net, path, f"RigNet {net.config()}", optional=("light_mean", "light_map"))
     return net.to(device).eval().requires_grad_(False)
 
 

@@ -18,6 +18,15 @@ the FLAME/DECA conventions of ``portrait_rig.params``:
 Edit modes (``MODES``) group the controls that change together: 'pose' = global pose;
 'expression' = expression and jaw (as DECA and DiffusionRig swap them); 'lighting' = SH.
 
+Light requests: F reads an image's light as the SH code of the shading it sees, and codes that
+shade the visible (camera-facing) normals alike are not told apart by an image (the ambient
+term, a frontal key light and band 2 trade against each other), so F's codes fill only part of
+the SH space and RigNet learns requests from that part. A rig states its light exactly and may
+sit anywhere in the unseen directions. ``request_controls`` maps a requested SH code to the
+code F's distribution makes most likely for the same shading on the visible normals (a
+Gaussian conditional: mean ``light_mean`` [27] and the linear map ``light_map`` [27, 27] set
+with the other statistics; identity for files written without them).
+
 Files: ``save_rignet`` writes safetensors with the network's config (and the control layout)
 as JSON metadata; ``load_rignet`` reads them back.
 """
@@ -37,6 +46,9 @@ from server.models.deca_encoder import N_EXPRESSION
 MAX_CONTROLLED_EXPRESSION = N_EXPRESSION  # DECA's expression code size
 CONTROL_FIELDS = ("global_pose", "jaw", "expression", "sh")
 MODES = {"pose": ("global_pose",), "expression": ("expression", "jaw"), "lighting": ("sh",)}
+# Ridge of the light map: shading differences (SH shading per normal and channel, squared)
+# below it count as unseen; the map changes little between 2e-5 and 2e-3.
+LIGHT_RIDGE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -242,6 +254,8 @@ class RigNet(nn.Module):
         nn.init.zeros_(self.decoder.bias)
         self.register_buffer("control_mean", torch.zeros(control_dim))
         self.register_buffer("control_scale", torch.ones(control_dim))
+        self.register_buffer("light_mean", torch.zeros(27))
+        self.register_buffer("light_map", torch.eye(27))
 
     def config(self) -> dict:
         return {"num_ws": self.num_ws, "w_dim": self.w_dim, "latent_dim": self.latent_dim,
@@ -258,11 +272,42 @@ class RigNet(nn.Module):
         controls = controls[:, None, :].expand(-1, self.num_ws, -1)
         return w + self.decoder(torch.cat([latent, controls], dim=2))
 
+    def _light(self) -> slice:
+        return (self.layout or ControlLayout.for_dim(self.control_dim)).slices["sh"]
+
+    def request_controls(self, p: torch.Tensor) -> torch.Tensor:
+        """Controls [B, control_dim] as a rig states them -> the controls to feed RigNet: the
+        SH light replaced by the code F would read for the same visible shading (module
+        notes); the rest unchanged. Identity for a RigNet without light statistics."""
+        light = self._light()
+        p = p.clone()
+        p[:, light] = self.light_mean + (p[:, light] - self.light_mean) @ self.light_map.T
+        return p
+
     @torch.no_grad()
-    def set_control_statistics(self, controls: torch.Tensor, min_scale: float = 1e-3) -> None:
-        """Standardise p with the mean and standard deviation of ``controls`` [N, dim]."""
+    def set_control_statistics(self, controls: torch.Tensor, shading_basis: torch.Tensor | None
+                               = None, min_scale: float = 1e-3,
+                               ridge: float = LIGHT_RIDGE) -> None:
+        """Standardise p with the mean and standard deviation of ``controls`` [N, dim] (F's
+        controls over the corpus). With ``shading_basis`` [M, 9] (the SH basis at M normals
+        a view sees) also set the light map of ``request_controls``: for SH codes c with
+        mean mu and covariance S over ``controls``, and G = mean over the normals of b b^T
+        (per colour channel), c -> mu + S (G S + ridge I)^-1 G (c - mu), the mean of c given
+        its shading on those normals under a Gaussian prior."""
         if controls.ndim != 2 or controls.shape[1] != self.control_dim or controls.shape[0] < 2:
             raise ValueError(f"controls: expected [N >= 2, {self.control_dim}], "
                              f"got {list(controls.shape)}")
         self.control_mean.copy_(controls.mean(0))
         self.control_scale.copy_(controls.std(0).clamp_min(min_scale))
+        if shading_basis is None:
+            return
+        if shading_basis.ndim != 2 or shading_basis.shape[1] != 9:
+            raise ValueError(f"shading_basis: expected [M, 9], got {list(shading_basis.shape)}")
+        codes = controls[:, self._light()].double()
+        cov = torch.cov(codes.T)
+        b = shading_basis.double().to(codes.device)
+        gram = torch.kron(b.T @ b / len(b), torch.eye(3, dtype=torch.float64,
+                                                       device=codes.device))
+        eye = torch.eye(27, dtype=torch.float64, device=codes.device)
+        self.light_mean.copy_(codes.mean(0))
+        self.light_map.copy_(cov @ torch.linalg.solve(gram @ cov + ridge * eye, gram))

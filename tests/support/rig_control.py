@@ -122,10 +122,13 @@ def measure_control(world, net, dfr, w: torch.Tensor, v: torch.Tensor,
     """Per edit of ``EDITS``: {'target': {quantity: (after, before)}, 'preserved':
     {'rig' | 'identity' | 'content': relative change}, 'degradation': mean}. ``net`` maps
     (w, controls) -> w_hat (a RigNet or any network with its interface). ``exact_request``:
-    the edited controls are v's true ones, not F's reading of v."""
+    the edited controls are v's true ones, not F's reading of v, passed through the net's
+    ``request_controls`` (if it has one) as the ``stylerig`` backend passes a rig's."""
     layout = world.layout.control_layout()
     c_w = dfr(w).controls(layout)
     c_v = (world.truth(v) if exact_request else dfr(v)).controls(layout)
+    if exact_request and hasattr(net, "request_controls"):      # as the backend asks RigNet
+        c_v = net.request_controls(c_v)
     before = quantity_errors(world, w, v)
     results = {}
     for edit, modes in EDITS.items():

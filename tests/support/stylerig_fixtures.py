@@ -51,12 +51,15 @@ def write_corpus(root) -> tuple[Path, Path, Path]:
 
 def write_random_rignet(path, G, n_expression: int, seed: int = 0):
     """A RigNet for ``G`` (latent size 4, the control layout of a face model with
-    ``n_expression`` components) whose decoder has random weights, so that it moves the latent
-    (an untrained one leaves it as it is), saved to ``path``. Returns the network."""
+    ``n_expression`` components) whose decoder and light map have random weights, so that it
+    moves the latent (an untrained one leaves it as it is) and changes light requests, saved
+    to ``path``. Returns the network."""
     torch.manual_seed(seed)
     net = RigNet(G.num_ws, G.w_dim, latent_dim=4, layout=ControlLayout.for_model(n_expression))
     with torch.no_grad():
         net.decoder.weight.normal_(0, 0.5)
+        net.light_mean.normal_(0, 0.1)
+        net.light_map.add_(torch.randn(27, 27) * 0.1)
     save_rignet(net.eval(), path)
     return net
 

@@ -32,8 +32,9 @@ change and the generator is not run at all (the corpus holds I_w and I_v) except
 previews. Optimiser: AdaDelta, as in the paper (``lr_decay`` > 0: its learning rate falls to
 zero along a cosine over that last fraction of the run).
 
-Before the first step RigNet's control standardisation is set from F's controls over the
-corpus (``RigNet.set_control_statistics``).
+Before the first step RigNet's control standardisation and its light map (how a rig's light
+request becomes the code F would read, ``RigNet.request_controls``) are set from F's controls
+over the corpus (``RigNet.set_control_statistics``); neither changes during training.
 
 Under torchrun each process trains on its slice of every step's pairs with DDP
 (``server.training.distributed``): the same result as one process at the same batch size.
@@ -56,6 +57,8 @@ from server.checkpoints.stylerig import save_rignet
 
 from server.training import distributed
 from server.training.stylerig.corpus import to_pipeline_images
+from server.renderer import sh_basis
+from server.training.stylerig.evaluate import hemisphere_normals
 from server.training.stylerig.data import MODE_STREAM, PARTNER_STREAM, TrainingData, load_face, step_rng
 from server.training.stylerig.face_render import FaceRenderer
 from server.training.stylerig.losses import RenderLoss, RenderLossWeights, Targets
@@ -181,7 +184,9 @@ def set_control_statistics(rignet: RigNet, dfr, data: TrainingData, device) -> N
     indices = data.sample(STATISTICS_SAMPLES)
     controls = torch.cat([dfr(data.w(chunk, device)).controls(rignet.layout)
                           for chunk in np.array_split(indices, max(1, len(indices) // 256))])
-    rignet.set_control_statistics(controls)
+    # The light map is fitted to the shading of a frontal view's normals, what F's images
+    # show of a light (the same hemisphere ``evaluate`` scores light on).
+    rignet.set_control_statistics(controls, sh_basis(hemisphere_normals()).to(device))
 
 
 def train_rignet(corpus_dir, run_dir, settings: RigNetSettings, device="cpu",
@@ -215,11 +220,13 @@ def train_rignet(corpus_dir, run_dir, settings: RigNetSettings, device="cpu",
     optimizer = torch.optim.Adadelta(rignet.parameters(), lr=settings.lr, rho=settings.rho,
                                      eps=settings.eps)
     state = run.load_checkpoint(device)
-    if state is None:
+    upgraded = state is not None and "light_map" not in state["model"]   # saved without one
+    if state is None or upgraded:
         set_control_statistics(rignet, dfr, data, device)
+    if state is None:
         step = 0
     else:
-        rignet.load_state_dict(state["model"])
+        rignet.load_state_dict({**rignet.state_dict(), **state["model"]})
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
     objective = RigNetObjective(ctx.wrap(rignet), dfr, loss, settings)
@@ -231,6 +238,8 @@ def train_rignet(corpus_dir, run_dir, settings: RigNetSettings, device="cpu",
                 "generator_fingerprint": str(manifest.get("generator_fingerprint", "")),
                 "face_model": face.name, "face_vertices": str(face.n_vertices),
                 "modes": ",".join(settings.modes)}
+    if upgraded and ctx.is_main:         # a finished run's file gets its light map too
+        _checkpoint(run, step, rignet, optimizer, metadata)
 
     bar = Progress(settings.steps, "rignet", start=step, enabled=progress and ctx.is_main)
     try:
