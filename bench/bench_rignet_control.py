@@ -12,7 +12,9 @@ trains on it as a user would: corpus -> landmarks (dlib, or the world's exact la
 face model dlib cannot see) -> dfr -> rignet, plus the paper's ablations (sec. 8.4): without
 L_consist (``--w-consist 0``), without L_rec (``--w-rec 0``) and the 'steering' baseline (an
 MLP from control deltas to latent deltas, blind to the latent; trained here with the same
-objective, pairs and optimiser). Every stage resumes: run the same command again after a kill.
+objective, pairs and optimiser), then the refinement round ('refined'): an edit corpus of the
+full RigNet (``corpus --rignet``), F refined on both corpora (``dfr --also --init``) and RigNet
+trained again with that F. Every stage resumes: run the same command again after a kill.
 
 Then, on held-out latents (never in the corpus), because M is known:
 * DFR accuracy: F(w) against M(w);
@@ -62,6 +64,8 @@ from tests.support.truth_world import (TruthWorld, WorldConfig, load_world, save
 
 VARIANTS = {"full": [], "paper": ["--w-control", "0"], "no-consist": ["--w-consist", "0"],
             "no-rec": ["--w-rec", "0"], "steering": None}
+# 'refined': F refined on an edit corpus of the full RigNet, then RigNet trained again with it.
+CHOICES = [*VARIANTS, "refined"]
 TRUNCATION = 0.7          # the held-out faces that are edited: portraits as users sample them
 
 
@@ -181,14 +185,7 @@ def train_everything(args, timings: dict) -> TruthWorld:
                              "--truncation", str(args.corpus_truncation), "--style-mixing",
                              str(args.style_mixing), "--batch-size", "64",
                              "--shard-size", "1000"], timings)
-        if not (out / "corpus" / "landmarks.json").is_file():
-            if args.landmarks == "dlib":
-                upsample = "1" if args.image_size < 100 else "0"
-                run_stage("landmarks", ["landmarks", "--corpus", corpus, "--upsample",
-                                        upsample], timings)
-            else:
-                write_true_landmarks(corpus, world)
-                (out / "corpus" / "landmarks.json").write_text('{"source": "truth-world"}')
+        landmarks_stage(args, out / "corpus", world, timings, "landmarks")
         dfr = out / "dfr" / "dfr.safetensors"
         run_stage("dfr", ["dfr", "--corpus", corpus, "--run", str(out / "dfr"),
                           *face_options(args), "--steps", str(args.dfr_steps),
@@ -210,6 +207,8 @@ def train_everything(args, timings: dict) -> TruthWorld:
                                 *extra,
                                 "--log-every", "50", "--checkpoint-every", "250",
                                 "--preview-every", "1000"], timings)
+        if "refined" in args.variants:
+            refine(args, world, timings)
         rignet = str(out / "rignet_full" / "rignet.safetensors")
         common = ["evaluate", "--corpus", corpus, "--dfr", str(dfr), "--rignet", rignet,
                   *face_options(args)]
@@ -220,6 +219,45 @@ def train_everything(args, timings: dict) -> TruthWorld:
                                                   str(args.image_edits), "--out",
                                                   str(out / "eval_image")], timings)
     return world
+
+
+def landmarks_stage(args, corpus: Path, world, timings: dict, name: str) -> None:
+    if (corpus / "landmarks.json").is_file():
+        return
+    if args.landmarks == "dlib":
+        upsample = "1" if args.image_size < 100 else "0"
+        run_stage(name, ["landmarks", "--corpus", str(corpus), "--upsample", upsample], timings)
+    else:
+        write_true_landmarks(corpus, world)
+        (corpus / "landmarks.json").write_text('{"source": "truth-world"}')
+
+
+def refine(args, world, timings: dict) -> None:
+    """The refinement round (docs/stylerig_training.md): an edit corpus of the full RigNet
+    (a third of the corpus' size), F refined on both corpora for a quarter of its steps
+    (from a third of its learning rate down to zero), and RigNet trained again with it."""
+    out, dfr = args.out, args.out / "dfr" / "dfr.safetensors"
+    edits = out / "corpus_edits"
+    run_stage("edits", ["corpus", "--generator", str(out / "world.safetensors"), "--out",
+                        str(edits), "--count", str(args.count // 3), "--image-size",
+                        str(args.image_size), "--truncation", str(args.corpus_truncation),
+                        "--style-mixing", str(args.style_mixing), "--batch-size", "64",
+                        "--shard-size", "1000", "--rignet",
+                        str(out / "rignet_full" / "rignet.safetensors"), "--dfr", str(dfr)],
+              timings)
+    landmarks_stage(args, edits, world, timings, "edits-landmarks")
+    run_stage("dfr-refined", ["dfr", "--corpus", str(out / "corpus"), "--also", str(edits),
+                              "--init", str(dfr), "--run", str(out / "dfr_refined"),
+                              *face_options(args), "--steps", str(args.dfr_steps // 4),
+                              "--batch-size", str(args.dfr_batch), "--lr",
+                              str(args.dfr_lr / 3), "--lr-decay", "1", "--log-every", "50",
+                              "--checkpoint-every", "250", "--preview-every", "1000"], timings)
+    run_stage("refined", ["rignet", "--corpus", str(out / "corpus"), "--run",
+                          str(out / "rignet_refined"), "--dfr",
+                          str(out / "dfr_refined" / "dfr.safetensors"), *face_options(args),
+                          "--steps", str(args.rignet_steps), "--batch-size",
+                          str(args.rignet_batch), "--lr-decay", "0.5", "--log-every", "50",
+                          "--checkpoint-every", "250", "--preview-every", "1000"], timings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,7 +367,20 @@ def measure(args, world) -> dict:
     if "full" in nets:           # the rig's case: the target's true values, not F's reading
         results["control"]["full, exact"] = rig_control.measure_control(
             world, nets["full"], dfr, w, v, spread, exact_request=True)
-        results["sweeps"], sheet = sweeps(world, nets["full"], dfr, w[:1])
+    best, best_dfr = ("full", dfr) if "full" in nets else (None, None)
+    if "refined" in args.variants:   # requests as the refined F reads faces
+        refined_dfr, _ = load_dfr(args.out / "dfr_refined" / "dfr.safetensors")
+        refined_dfr.eval()
+        results["dfr_refined"] = rig_control.dfr_accuracy(world, refined_dfr, w)
+        results["dfr_refined_untruncated"] = rig_control.dfr_accuracy(world, refined_dfr, wide)
+        nets["refined"] = load_rignet(args.out / "rignet_refined" / "rignet.safetensors").eval()
+        for name, exact in (("refined", False), ("refined, exact", True)):
+            results["control"][name] = rig_control.measure_control(
+                world, nets["refined"], refined_dfr, w, v, spread, exact_request=exact)
+        best, best_dfr = "refined", refined_dfr
+    if best is not None:
+        results["sweeps"], sheet = sweeps(world, nets[best], best_dfr, w[:1])
+        results["sweeps_of"] = best
     # One pose edit per variant, for the eye: w, v, then each variant's edit of w towards v.
     layout = world.layout.control_layout()
     pair_w, pair_v = w[1:4], v[1:4]
@@ -361,14 +412,20 @@ def report(results: dict, timings: dict, args) -> str:
              f"{TRUNCATION})",
              "", "DFR accuracy, F(w) against M(w) on held-out latents:",
              f"  psi {TRUNCATION}: {accuracy(results['dfr'])}",
-             f"  untruncated (where edits land): {accuracy(results['dfr_untruncated'])}", "",
-             "Control (true parameters of the edit against the target; in brackets the no-edit "
-             "baseline; a perfect edit scores 0) and preservation (how far the untouched "
-             "quantities moved, relative to the spread between two faces: 0 = kept). The "
-             "request carries F's reading of the target face, except 'full, exact': its true "
-             "values, as a rig's user dials them and the backend passes them (through "
-             "RigNet's light map):",
-             rig_control.format_control_table(list(results["control"].items()))]
+             f"  untruncated (where edits land): {accuracy(results['dfr_untruncated'])}"]
+    if "dfr_refined" in results:
+        lines += ["  refined F (the 'refined' rows), psi "
+                  f"{TRUNCATION}: {accuracy(results['dfr_refined'])}",
+                  f"  refined F, untruncated: {accuracy(results['dfr_refined_untruncated'])}"]
+    lines += ["", "Control (true parameters of the edit against the target; in brackets the "
+              "no-edit baseline; a perfect edit scores 0) and preservation (how far the "
+              "untouched quantities moved, relative to the spread between two faces: 0 = "
+              "kept). The request carries the variant's F's reading of the target face, "
+              "except in the 'exact' rows: its true values, as a rig's user dials them and "
+              "the backend passes them (through RigNet's light map):",
+              rig_control.format_control_table(list(results["control"].items()))]
+    if results["sweeps"]:
+        lines.append(f"sweeps of the '{results.get('sweeps_of', 'full')}' RigNet:")
     for name, curve in results["sweeps"].items():
         lines.append(f"sweep {name}: requested {curve['requested']} -> achieved "
                      f"{[round(a, 2) for a in curve['achieved']]} (max degradation "
@@ -401,7 +458,8 @@ def main() -> None:
     parser.add_argument("--dfr-lr", type=float, default=1e-3)
     parser.add_argument("--rignet-steps", type=int, default=2000)
     parser.add_argument("--rignet-batch", type=int, default=4)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=CHOICES, choices=CHOICES,
+                        help="'refined' needs 'full'")
     parser.add_argument("--eval-pairs", type=int, default=256)
     parser.add_argument("--image-edits", type=int, default=30,
                         help="edits for evaluate --estimator image (0: skip)")

@@ -20,7 +20,7 @@ from portrait_rig.params import default_sh
 from server.checkpoints.stylegan import load_generator
 from server.checkpoints.stylerig import load_dfr, save_dfr
 from server.models.dfr import FaceParamLayout, FaceParams, FaceReconstructionNet
-from server.models.rignet import RigNet
+from server.models.rignet import RigNet, mix_controls
 from server.checkpoints.stylerig import load_rignet, read_rignet_metadata, save_rignet
 from server.renderer import BufferRenderer
 from portrait_rig.colour import linear_to_srgb
@@ -134,6 +134,65 @@ def test_style_mixed_samples_take_their_later_layers_from_a_second_latent(setup,
     # Without mixing a sample is the plain z of sample_z, as corpora sampled before mixing.
     z, _, cutoff = sample_latents(0, 3, G.z_dim, G.num_ws, 0.0)
     assert cutoff == G.num_ws and np.array_equal(z, sample_z(0, 3, G.z_dim))
+
+
+def test_an_edit_corpus_holds_rignets_edits_and_f_refines_on_it(setup, tmp_path):
+    """corpus --rignet/--dfr: sample i is RigNet's edit of sample i towards its partner (stream
+    1) in mode i mod 3, as F reads both, with the generator's image of the edit; dfr --also
+    reads it after the corpus, and --init starts from the given F."""
+    root = setup["root"]
+    rignet_file, dfr_file = root / "rignet" / "rignet.safetensors", root / "dfr" / "dfr.safetensors"
+    settings = CorpusSettings(str(setup["generator"]), count=6, shard_size=4, image_size=32,
+                              rignet=str(rignet_file), dfr=str(dfr_file))
+    build_corpus(tmp_path / "edits", settings, progress=False)
+    edits = Corpus(tmp_path / "edits")
+    G, rignet, (dfr, _) = load_generator(setup["generator"]), load_rignet(rignet_file), \
+        load_dfr(dfr_file)
+    layout = rignet.layout
+    with torch.no_grad():
+        w = G.mapping(torch.from_numpy(np.stack([sample_z(0, i, G.z_dim) for i in range(6)])),
+                      truncation_psi=0.7)
+        v = G.mapping(torch.from_numpy(np.stack([sample_latents(0, i, G.z_dim, G.num_ws, 0.0,
+                                                                stream=1)[0]
+                                                 for i in range(6)])), truncation_psi=0.7)
+        modes = ["pose", "expression", "lighting"] * 2
+        expected = rignet(w, mix_controls(dfr(w).controls(layout), dfr(v).controls(layout),
+                                          modes, layout))
+        images = to_pipeline_images(G.synthesis(expected), 32)
+    assert float((expected - w).abs().max()) > 1e-3                      # a real edit
+    torch.testing.assert_close(edits.w(range(6)), expected)
+    assert np.abs(edits.images(range(6)).astype(int) - images).max() <= 1
+    with pytest.raises(ValueError, match="needs both rignet and dfr"):
+        CorpusSettings(str(setup["generator"]), count=6, rignet=str(rignet_file))
+    changed = tmp_path / "rignet.safetensors"                  # another RigNet, same name
+    save_rignet(rignet.requires_grad_(False), changed, {"note": "retrained"})
+    with pytest.raises(ValueError, match="rignet_fingerprint"):
+        build_corpus(tmp_path / "edits", CorpusSettings(**{**settings.__dict__, "count": 8,
+                                                            "rignet": str(changed)}),
+                     progress=False)
+
+    detect_corpus_landmarks(tmp_path / "edits", source="synthetic",
+                            face_model=str(setup["face"]), embedding=str(setup["embedding"]),
+                            progress=False)
+    data = TrainingData(root / "corpus", also=[tmp_path / "edits"])
+    plain = TrainingData(root / "corpus")
+    assert len(data.landmarks) == 18 and set(data.usable) == set(range(18))
+    order = [13, 2, 17, 0, 12]
+    torch.testing.assert_close(data.w(order, "cpu"), torch.cat([
+        edits.w([1]), plain.w([2], "cpu"), edits.w([5]), plain.w([0], "cpu"), edits.w([0])]))
+    np.testing.assert_array_equal(data.images(order)[0], edits.images([1])[0])
+    np.testing.assert_array_equal(data.landmarks[12:], Corpus(tmp_path / "edits").landmarks()[0])
+
+    # Refining: --init starts from that F (lr 0 keeps it), batches draw from both corpora.
+    refine = DFRSettings(**{**setup["dfr"].__dict__, "steps": 2, "lr": 0.0,
+                            "also": (str(tmp_path / "edits"),), "init": str(dfr_file)})
+    train_dfr(root / "corpus", tmp_path / "refined", refine, progress=False)
+    refined, _ = load_dfr(tmp_path / "refined" / "dfr.safetensors")
+    for name, tensor in dfr.state_dict().items():
+        assert torch.equal(refined.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match="init: .* an F with"):
+        train_dfr(root / "corpus", tmp_path / "other",
+                  DFRSettings(**{**refine.__dict__, "hidden": 16}), progress=False)
 
 
 def test_settings_added_later_take_their_defaults_on_resume(setup, tmp_path):

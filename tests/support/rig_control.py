@@ -166,7 +166,8 @@ def light_azimuth_deg(sh: torch.Tensor) -> torch.Tensor:
 def format_control_table(rows: list[tuple[str, dict]], units: dict[str, str] | None = None
                          ) -> str:
     """Rows of (variant, ``measure_control`` result) as a plain-text table."""
-    head = (f"{'variant':<14}{'edit':<11}{'edited quantity: after (no edit)':<44}"
+    width = max([14] + [len(variant) + 2 for variant, _ in rows])
+    head = (f"{'variant':<{width}}{'edit':<11}{'edited quantity: after (no edit)':<44}"
             f"{'rig moved':>10}{'identity':>10}{'content':>10}{'degrad.':>9}")
     lines = [head, "-" * len(head)]
     for variant, result in rows:
@@ -175,7 +176,7 @@ def format_control_table(rows: list[tuple[str, dict]], units: dict[str, str] | N
             kept = entry["preserved"]
             cells = "".join(f"{kept[g]:>10.3f}" if g in kept else f"{'-':>10}"
                             for g in PRESERVED)
-            lines.append(f"{variant:<14}{edit:<11}{target:<44}{cells}"
+            lines.append(f"{variant:<{width}}{edit:<11}{target:<44}{cells}"
                          f"{entry['degradation']:>9.3f}")
     return "\n".join(lines)
 

@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("const", "random", "none"), help="the generator's noise inputs")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16,
                    help="generator batch")
+    p.add_argument("--rignet", default=None, help="an edit corpus: store this RigNet's edits "
+                   "of the samples (with --dfr, the F it was trained with); for refining F "
+                   "with dfr --also")
+    p.add_argument("--dfr", default=None, help="F of the edit requests (with --rignet)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
     p = stages.add_parser("landmarks", help="68 landmarks per corpus image (faceless images "
@@ -129,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "more (landmarks need no rasterisation; 0: the batch alone)")
     p.add_argument("--albedo-terms", dest="albedo_terms", type=int, default=4, choices=(1, 4),
                    help="albedo tint: 1 = global RGB gain, 4 = gain + linear ramps")
+    p.add_argument("--also", nargs="+", default=(), metavar="CORPUS",
+                   help="more corpora in the batches, after --corpus (edit corpora: see "
+                   "the corpus stage's --rignet)")
+    p.add_argument("--init", default=None, help="start from this F (a dfr.safetensors) "
+                   "instead of fresh weights: refine it, e.g. on an edit corpus")
     for name in ("w_shape", "w_expression", "w_albedo"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float,
                        default=getattr(DFRSettings, name), help="prior weight")

@@ -11,6 +11,14 @@ trained on: the layers from a crossover point on (uniform in 1..num_ws-1) take t
 second draw (same rng, after z_i). RigNet's edits are W+ latents whose layers differ; F only
 learns which layers carry pose, expression and light if its corpus holds such latents.
 
+An edit corpus (``rignet`` and ``dfr`` set) holds a trained RigNet's edits instead: sample i is
+RigNet's edit of the latent above towards a partner latent (drawn the same way from
+SeedSequence([seed, i, 1])) in edit mode i mod 3 (pose, expression, lighting), the request
+being the sample's controls with the mode's controls of the partner as F reads them, and the
+image is the generator's image of the edited latent. F trained further on such a corpus
+(``dfr --also``) learns to read the latents RigNet produces, which it otherwise misreads in
+RigNet's favour (docs/stylerig_training.md).
+
 Layout of the corpus folder:
 
     corpus.json          settings (generator, truncation, sizes, seed) and the sample count
@@ -29,6 +37,7 @@ the corpus holds only whole shards; running the stage again writes the missing o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -60,6 +69,8 @@ class CorpusSettings:
     seed: int = 0
     noise_mode: str = "const"
     style_mixing: float = 0.0
+    rignet: str | None = None           # an edit corpus: this RigNet's edits ...
+    dfr: str | None = None              # ... with requests as this F reads faces
 
     def __post_init__(self):
         for name in ("count", "shard_size", "image_size"):
@@ -71,14 +82,21 @@ class CorpusSettings:
                              f"got {self.style_mixing!r}")
         if self.noise_mode not in ("const", "random", "none"):
             raise ValueError(f"noise_mode: expected const, random or none, got {self.noise_mode!r}")
+        if (self.rignet is None) != (self.dfr is None):
+            raise ValueError("an edit corpus needs both rignet and dfr (the F RigNet was "
+                             "trained with)")
 
     def fixed(self) -> dict:
         """What every shard depends on (everything but the count)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "count"}
 
 
-def _sample_rng(seed: int, index: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index])))
+PARTNER_STREAM = 1                      # an edit corpus' partner latents
+
+
+def _sample_rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:
+    key = [seed, index, stream] if stream else [seed, index]
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(key)))
 
 
 def sample_z(seed: int, index: int, z_dim: int) -> np.ndarray:
@@ -86,13 +104,14 @@ def sample_z(seed: int, index: int, z_dim: int) -> np.ndarray:
     return _sample_rng(seed, index).standard_normal(z_dim).astype(np.float32)
 
 
-def sample_latents(seed: int, index: int, z_dim: int, num_ws: int, style_mixing: float
-                   ) -> tuple[np.ndarray, np.ndarray, int]:
+def sample_latents(seed: int, index: int, z_dim: int, num_ws: int, style_mixing: float,
+                   stream: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
     """(z, z2, cutoff) of sample ``index``: with probability ``style_mixing`` the layers from
     ``cutoff`` (uniform in 1..num_ws-1) on take their latent from a second draw z2, as in
     StyleGAN's mixing regularisation; otherwise cutoff = num_ws (z2 unused). z is
-    ``sample_z``'s, so a corpus without mixing holds the same latents."""
-    rng = _sample_rng(seed, index)
+    ``sample_z``'s, so a corpus without mixing holds the same latents. ``stream`` 1 draws
+    the partner latents of an edit corpus."""
+    rng = _sample_rng(seed, index, stream)
     z = rng.standard_normal(z_dim).astype(np.float32)
     z2 = rng.standard_normal(z_dim).astype(np.float32)
     mixed = num_ws > 1 and rng.random() < style_mixing
@@ -116,11 +135,55 @@ def to_pipeline_images(img: torch.Tensor, size: int) -> np.ndarray:
     return (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+class RigNetEdits:
+    """The edits of an edit corpus (module notes): (w, partner v, sample indices) ->
+    RigNet's edit of each w [B, num_ws, w_dim]."""
+
+    def __init__(self, settings: CorpusSettings, G, device):
+        from server.checkpoints.stylerig import load_dfr, load_rignet
+
+        self.rignet = load_rignet(settings.rignet, device)
+        self.dfr, _ = load_dfr(settings.dfr, device)
+        for name, net in (("rignet", self.rignet), ("dfr", self.dfr)):
+            if (net.num_ws, net.w_dim) != (G.num_ws, G.w_dim):
+                raise ValueError(f"{getattr(settings, name)} reads [{net.num_ws}, {net.w_dim}] "
+                                 f"latents, the generator makes [{G.num_ws}, {G.w_dim}]")
+
+    def __call__(self, w: torch.Tensor, v: torch.Tensor, indices) -> torch.Tensor:
+        from server.models.rignet import MODES, mix_controls
+
+        layout, modes = self.rignet.layout, list(MODES)
+        request = mix_controls(self.dfr(w).controls(layout), self.dfr(v).controls(layout),
+                               [modes[int(i) % len(modes)] for i in indices], layout)
+        return self.rignet(w, request)
+
+
+def file_fingerprint(path) -> str | None:
+    """First 16 hex digits of the SHA-256 of a file's bytes (None for no file)."""
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 @torch.no_grad()
-def synthesise(G, seed: int, indices, settings: CorpusSettings, device) -> tuple[np.ndarray,
-                                                                                  np.ndarray]:
+def synthesise(G, seed: int, indices, settings: CorpusSettings, device,
+               edits: RigNetEdits | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(w float32 [n, num_ws, w_dim], images uint8 [n, S, S, 3]) of the given samples."""
-    drawn = [sample_latents(seed, int(i), G.z_dim, G.num_ws, settings.style_mixing)
+    ws = sample_ws(G, seed, indices, settings, device)
+    if edits is not None:
+        ws = edits(ws, sample_ws(G, seed, indices, settings, device, PARTNER_STREAM), indices)
+    img = G.synthesis(ws, noise_mode=settings.noise_mode)
+    return ws.float().cpu().numpy(), to_pipeline_images(img, settings.image_size)
+
+
+def sample_ws(G, seed: int, indices, settings: CorpusSettings, device, stream: int = 0
+              ) -> torch.Tensor:
+    """W+ latents [n, num_ws, w_dim] of the given samples (module notes)."""
+    drawn = [sample_latents(seed, int(i), G.z_dim, G.num_ws, settings.style_mixing, stream)
              for i in indices]
     z, z2 = (torch.from_numpy(np.stack([d[k] for d in drawn])).to(device) for k in (0, 1))
     ws = G.mapping(z, None, truncation_psi=settings.truncation,
@@ -131,8 +194,7 @@ def synthesise(G, seed: int, indices, settings: CorpusSettings, device) -> tuple
                         truncation_cutoff=settings.truncation_cutoff)
         later = torch.arange(G.num_ws, device=device)[None, :] >= cutoff[:, None]
         ws = torch.where(later[..., None], ws2, ws)
-    img = G.synthesis(ws, noise_mode=settings.noise_mode)
-    return ws.float().cpu().numpy(), to_pipeline_images(img, settings.image_size)
+    return ws
 
 
 def shard_name(k: int) -> str:
@@ -171,12 +233,14 @@ def _check_manifest(root: Path, settings: CorpusSettings, G) -> None:
     manifest = {"format": FORMAT, **settings.fixed(), "count": settings.count,
                 "architecture": G.config.architecture, "num_ws": G.num_ws, "w_dim": G.w_dim,
                 "img_resolution": G.img_resolution,
-                "generator_fingerprint": generator_fingerprint(G)}
+                "generator_fingerprint": generator_fingerprint(G),
+                "rignet_fingerprint": file_fingerprint(settings.rignet),
+                "dfr_fingerprint": file_fingerprint(settings.dfr)}
     if path.is_file():
         previous = {**absent_values(settings), **json.loads(path.read_text())}
         for key, value in manifest.items():
-            # The generator is identified by its fingerprint: its file may have moved.
-            if key not in ("count", "generator") and previous.get(key) != value:
+            # Files are identified by their fingerprints: they may have moved.
+            if key not in ("count", "generator", "rignet", "dfr") and previous.get(key) != value:
                 raise ValueError(f"{root}: the corpus was sampled with {key}={previous.get(key)!r}"
                                  f", not {value!r}; use a new folder to change it")
     path.write_text(json.dumps(manifest, indent=2))
@@ -192,6 +256,7 @@ def build_corpus(root, settings: CorpusSettings, device="cpu", batch_size: int =
         raise ValueError(f"{settings.generator}: conditional generators (c_dim={G.c_dim}) are "
                          "not supported")
     _check_manifest(root, settings, G)
+    edits = RigNetEdits(settings, G, device) if settings.rignet else None
     ranges = shard_ranges(settings.count, settings.shard_size)
     todo = [(k, a, b) for k, (a, b) in enumerate(ranges)
             if not _shard_complete(root / shard_name(k), a, b - a)]
@@ -201,7 +266,7 @@ def build_corpus(root, settings: CorpusSettings, device="cpu", batch_size: int =
         ws, images = [], []
         for start in range(first, end, batch_size):
             w, img = synthesise(G, settings.seed, range(start, min(start + batch_size, end)),
-                                settings, device)
+                                settings, device, edits)
             ws.append(w)
             images.append(img)
             bar.update(len(w))

@@ -27,16 +27,50 @@ def step_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:
 
 
 class TrainingData:
-    """A corpus and its landmarks; ``usable`` [M] are the indices of images with a face."""
+    """A corpus and its landmarks; ``usable`` [M] are the indices of images with a face.
 
-    def __init__(self, root):
+    ``also``: more corpora of the same generator and image size (an edit corpus, see
+    ``corpus``), read as if appended to the first: their samples take the indices after it.
+    ``corpus`` stays the first one (its manifest names the generator)."""
+
+    def __init__(self, root, also=()):
         self.corpus = Corpus(root)
-        self.landmarks, found, self.landmark_source = self.corpus.landmarks()
-        self.usable = np.flatnonzero(found)
+        self.parts = [self.corpus] + [Corpus(extra) for extra in also]
+        for part in self.parts[1:]:
+            for key in ("generator_fingerprint", "num_ws", "w_dim", "image_size"):
+                if part.manifest.get(key) != self.corpus.manifest.get(key):
+                    raise ValueError(f"{part.root}: {key} {part.manifest.get(key)!r} differs "
+                                     f"from {self.corpus.root}'s {self.corpus.manifest.get(key)!r}"
+                                     "; extra corpora must come from the same generator")
+        read = [part.landmarks() for part in self.parts]
+        sources = sorted({source for _, _, source in read})
+        if len(sources) != 1:
+            raise ValueError(f"the corpora have landmarks from different sources {sources}")
+        self.landmarks = np.concatenate([points for points, _, _ in read])
+        self.landmark_source = sources[0]
+        self.usable = np.flatnonzero(np.concatenate([found for _, found, _ in read]))
+        self.starts = np.cumsum([0] + [part.n for part in self.parts])
         if len(self.usable) < 2:
-            raise ValueError(f"{root}: {len(self.usable)} of {self.corpus.n} images have "
+            raise ValueError(f"{root}: {len(self.usable)} of {self.starts[-1]} images have "
                              "landmarks; training needs at least 2")
         self.image_size = self.corpus.image_size
+
+    def _gather(self, indices, read):
+        """``read(part, local indices)`` of each corpus, stacked back in ``indices``' order."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(self.parts) == 1:
+            return read(self.corpus, indices)
+        which = np.searchsorted(self.starts, indices, side="right") - 1
+        pieces, order = [], []
+        for k in np.unique(which):
+            chosen = np.flatnonzero(which == k)
+            pieces.append(read(self.parts[k], indices[chosen] - self.starts[k]))
+            order.append(chosen)
+        inverse = np.argsort(np.concatenate(order))
+        if isinstance(pieces[0], torch.Tensor):
+            stacked = torch.cat(pieces)
+            return stacked[torch.as_tensor(inverse, device=stacked.device)]
+        return np.concatenate(pieces)[inverse]
 
     def batch(self, seed: int, step: int, size: int, stream: int = BATCH_STREAM) -> np.ndarray:
         """``size`` usable sample indices for ``step`` (without repeats when possible)."""
@@ -44,10 +78,13 @@ class TrainingData:
         return rng.choice(self.usable, size, replace=len(self.usable) < size)
 
     def w(self, indices, device) -> torch.Tensor:
-        return self.corpus.w(indices, device)
+        return self._gather(indices, lambda part, local: part.w(local, device))
+
+    def images(self, indices) -> np.ndarray:
+        return self._gather(indices, lambda part, local: part.images(local))
 
     def targets(self, indices, size: int, device) -> Targets:
-        return make_targets(self.corpus.images(indices), self.landmarks[indices], size, device)
+        return make_targets(self.images(indices), self.landmarks[indices], size, device)
 
     def sample(self, count: int, seed: int = 0) -> np.ndarray:
         """Up to ``count`` usable indices in a fixed random order (for statistics)."""

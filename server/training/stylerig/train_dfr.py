@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from server.models.dfr import FaceParamLayout, FaceReconstructionNet
-from server.checkpoints.stylerig import save_dfr
+from server.checkpoints.stylerig import load_dfr, save_dfr
 
 from server.training import distributed
 from server.training.stylerig.data import TrainingData, load_face
@@ -64,6 +64,8 @@ class DFRSettings:
     log_every: int = 10
     checkpoint_every: int = 1000
     preview_every: int = 1000
+    also: tuple[str, ...] = ()          # more corpora in the batches (edit corpora)
+    init: str | None = None             # start from this F (refining it) instead of anchors
     # Runs recorded before these settings existed: every term on the batch alone, one MLP,
     # renders sampled at pixel centres.
     ABSENT_MEANS: ClassVar[dict] = {"landmark_batch": 0, "heads": False, "supersample": 1}
@@ -127,7 +129,7 @@ def train_dfr(corpus_dir, run_dir, settings: DFRSettings, device="cpu",
     photometric = ctx.shard(settings.batch_size)
     extra = ctx.shard(settings.images_per_step - settings.batch_size)
     run = RunDir(run_dir, settings, writable=ctx.is_main)
-    data = TrainingData(corpus_dir)
+    data = TrainingData(corpus_dir, settings.also)
     if data.landmark_source == "synthetic":
         print("warning: training on synthetic landmarks (a test setting, not real landmarks)")
     face, embedding = load_face(settings.face_model, settings.embedding)
@@ -143,7 +145,15 @@ def train_dfr(corpus_dir, run_dir, settings: DFRSettings, device="cpu",
                                     settings.hidden, settings.heads).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
     state = run.load_checkpoint(device)
-    if state is None:
+    if state is None and settings.init:
+        start, _ = load_dfr(settings.init, device)
+        if start.config() != net.config():
+            raise ValueError(f"init: {settings.init} is an F with {start.config()}, this run "
+                             f"trains {net.config()}; give the same --hidden, --heads and "
+                             "--albedo-terms and face model")
+        net.load_state_dict(start.state_dict())
+        step = 0
+    elif state is None:
         set_anchors(net, data, renderer, size, device)
         step = 0
     else:
