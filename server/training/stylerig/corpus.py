@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from server.checkpoints.stylegan import generator_fingerprint, load_generator
+from server.checkpoints.stylerig import load_dfr, load_rignet
+from server.models.rignet import MODES, mix_controls
 
 from server.training.stylerig.preview import save_grid
 from server.training.stylerig.run import absent_values
@@ -140,21 +142,22 @@ class RigNetEdits:
     RigNet's edit of each w [B, num_ws, w_dim]."""
 
     def __init__(self, settings: CorpusSettings, G, device):
-        from server.checkpoints.stylerig import load_dfr, load_rignet
-
         self.rignet = load_rignet(settings.rignet, device)
         self.dfr, _ = load_dfr(settings.dfr, device)
         for name, net in (("rignet", self.rignet), ("dfr", self.dfr)):
             if (net.num_ws, net.w_dim) != (G.num_ws, G.w_dim):
                 raise ValueError(f"{getattr(settings, name)} reads [{net.num_ws}, {net.w_dim}] "
                                  f"latents, the generator makes [{G.num_ws}, {G.w_dim}]")
+        self.layout = self.dfr.layout.control_layout()
+        if self.layout.dim != self.rignet.control_dim:
+            raise ValueError(f"{settings.rignet} takes {self.rignet.control_dim} controls, "
+                             f"{settings.dfr} gives {self.layout.dim}: not the F it was "
+                             "trained with")
 
     def __call__(self, w: torch.Tensor, v: torch.Tensor, indices) -> torch.Tensor:
-        from server.models.rignet import MODES, mix_controls
-
-        layout, modes = self.rignet.layout, list(MODES)
-        request = mix_controls(self.dfr(w).controls(layout), self.dfr(v).controls(layout),
-                               [modes[int(i) % len(modes)] for i in indices], layout)
+        modes = list(MODES)
+        request = mix_controls(self.dfr(w).controls(self.layout), self.dfr(v).controls(self.layout),
+                               [modes[int(i) % len(modes)] for i in indices], self.layout)
         return self.rignet(w, request)
 
 
