@@ -545,14 +545,15 @@ def test_rignet_training_lowers_its_losses(setup):
 
 
 def test_rignet_resumes_after_a_kill_exactly(setup, tmp_path, monkeypatch):
-    corpus = setup["root"] / "corpus"
+    corpus, run, reference_run = setup["root"] / "corpus", tmp_path / "rignet", \
+        setup["root"] / "rignet"
     with monkeypatch.context() as patch:
         crash_at(patch, CRASH_STEP)
         with pytest.raises(RuntimeError, match="simulated kill"):
-            train_rignet(corpus, tmp_path / "rignet", setup["rignet"], progress=False)
+            train_rignet(corpus, run, setup["rignet"], progress=False)
     # A run saved before RigNet held a light map: resuming computes it, and a finished
     # run's file is written again with it.
-    checkpoint, exported = tmp_path / "rignet" / "checkpoint.pt", tmp_path / "rignet" / "rignet.safetensors"
+    checkpoint, exported = run / "checkpoint.pt", run / "rignet.safetensors"
 
     def forget_light_map():
         state = torch.load(checkpoint, weights_only=True)
@@ -562,17 +563,17 @@ def test_rignet_resumes_after_a_kill_exactly(setup, tmp_path, monkeypatch):
         del tensors["light_mean"], tensors["light_map"]
         save_file(tensors, str(exported), metadata=read_rignet_metadata(exported))
 
-    reference = load_rignet(setup["root"] / "rignet" / "rignet.safetensors").light_map
+    reference = load_rignet(reference_run / "rignet.safetensors").light_map
     assert not torch.equal(reference, torch.eye(27))
     forget_light_map()
-    train_rignet(corpus, tmp_path / "rignet", setup["rignet"], progress=False)
-    assert_same_run(tmp_path / "rignet", setup["root"] / "rignet")
+    train_rignet(corpus, run, setup["rignet"], progress=False)
+    assert_same_run(run, reference_run)
     assert torch.equal(load_rignet(exported).light_map, reference)
     forget_light_map()
-    train_rignet(corpus, tmp_path / "rignet", setup["rignet"], progress=False)
+    train_rignet(corpus, run, setup["rignet"], progress=False)
     assert torch.equal(load_rignet(exported).light_map, reference)
     # The preview shows the generator's edits: 2 images + (edit, render) per mode per row.
-    preview = Image.open(tmp_path / "rignet" / "previews" / "step_0000024.png")
+    preview = Image.open(run / "previews" / "step_0000024.png")
     assert preview.size[0] == (2 + 2 * 3) * 128
 
 
