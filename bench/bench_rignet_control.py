@@ -1,6 +1,6 @@
 """Does StyleRig training give rig control? Measured in a world whose truth is known.
 
-    python bench/bench_rignet_control.py [--out DIR] [--face-model demo] [--count 12000]
+    python bench/bench_rignet_control.py [--out DIR] [--face-model demo] [--count 96000]
         [--image-size 64] [--dfr-steps 4000] [--rignet-steps 2000] [--variants ...]
         [--threads 1] [--quick]
 
@@ -445,7 +445,7 @@ def main() -> None:
     parser.add_argument("--landmarks", default="truth", choices=("dlib", "truth"),
                         help="'truth': the world's exact landmarks (a perfect detector); "
                              "'dlib': the landmarks stage (about 1.3 px of error at 64 px)")
-    parser.add_argument("--count", type=int, default=12000)
+    parser.add_argument("--count", type=int, default=96000)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--num-ws", type=int, default=10)
     parser.add_argument("--w-dim", type=int, default=64)
