@@ -142,6 +142,26 @@ def test_save_load_round_trip(tmp_path):
         load_rignet(tmp_path / "other.safetensors")
 
 
+
+def test_a_save_killed_midway_leaves_the_previous_file(tmp_path, monkeypatch):
+    # Training rewrites rignet.safetensors at every checkpoint; the backend may read it.
+    import safetensors.torch
+    layout = ControlLayout(3)
+    before = randomised(RigNet(num_ws=4, w_dim=8, latent_dim=2, layout=layout), seed=1)
+    path = tmp_path / "rignet.safetensors"
+    save_rignet(before, path)
+
+    def dies_midway(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x08\x00\x00")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_midway)
+    with pytest.raises(OSError, match="No space"):
+        save_rignet(randomised(RigNet(num_ws=4, w_dim=8, latent_dim=2, layout=layout), seed=2),
+                    path)
+    w, p = torch.randn(3, 4, 8), torch.randn(3, layout.dim)
+    assert torch.equal(load_rignet(path)(w, p), before(w, p).detach())
+
 def test_control_statistics_standardise_p():
     net = randomised(RigNet(num_ws=2, w_dim=4, latent_dim=2, control_dim=3))
     controls = torch.tensor([[0.0, 10.0, -1.0], [2.0, 30.0, 1.0], [4.0, 20.0, 0.0]])

@@ -8,6 +8,7 @@ entries the trainer adds (the generator and face model it was trained for, the s
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from os import PathLike
 
@@ -27,7 +28,11 @@ def _save(net: torch.nn.Module, path, format_tag: str, config: dict,
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update(format=format_tag, config=json.dumps(config), **extra)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(tensors, str(path), metadata=meta)
+    # Written beside and renamed over: a run killed mid-write never leaves a half file where
+    # the backend or a resumed stage would read it.
+    partial = f"{os.fspath(path)}.partial"
+    save_file(tensors, partial, metadata=meta)
+    os.replace(partial, path)
 
 
 def _metadata(path, format_tag: str, what: str) -> dict[str, str]:
