@@ -14,7 +14,9 @@ L_consist (``--w-consist 0``), without L_rec (``--w-rec 0``) and the 'steering' 
 MLP from control deltas to latent deltas, blind to the latent; trained here with the same
 objective, pairs and optimiser), then the refinement round ('refined'): an edit corpus of the
 full RigNet (``corpus --rignet``), F refined on both corpora (``dfr --also --init``) and RigNet
-trained again with that F. Every stage resumes: run the same command again after a kill.
+trained again with that F. A bound ('truth-judged'): the same network and L_rec trained with
+the world's truth M as its judge instead of F (no rendering), what a perfect F would allow.
+Every stage resumes: run the same command again after a kill.
 
 Then, on held-out latents (never in the corpus), because M is known:
 * DFR accuracy: F(w) against M(w);
@@ -46,8 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from portrait_rig import sh as sh_code  # noqa: E402
-from server.checkpoints.stylerig import load_dfr, load_rignet  # noqa: E402
-from server.models.rignet import mix_controls  # noqa: E402
+from server.checkpoints.stylerig import load_dfr, load_rignet, save_rignet  # noqa: E402
+from server.models.rignet import MODES, RigNet, mix_controls  # noqa: E402
 from server.training.stylerig.cli import main as cli  # noqa: E402
 from server.training.stylerig.corpus import to_pipeline_images  # noqa: E402
 from server.training.stylerig.data import TrainingData  # noqa: E402
@@ -65,7 +67,8 @@ from tests.support.truth_world import (TruthWorld, WorldConfig, load_world, save
 VARIANTS = {"full": [], "paper": ["--w-control", "0"], "no-consist": ["--w-consist", "0"],
             "no-rec": ["--w-rec", "0"], "steering": None}
 # 'refined': F refined on an edit corpus of the full RigNet, then RigNet trained again with it.
-CHOICES = [*VARIANTS, "refined"]
+# 'truth-judged': the same network and L_rec judged by the world's truth instead of F (a bound).
+CHOICES = [*VARIANTS, "refined", "truth-judged"]
 TRUNCATION = 0.7          # the held-out faces that are edited: portraits as users sample them
 
 
@@ -139,6 +142,58 @@ def train_steering(args, run: Path, world: TruthWorld, dfr_path: Path) -> Steeri
     return net.eval()
 
 
+def truth_judged_runs(args) -> dict[str, tuple[Path, float]]:
+    """Row label -> (run folder, L_rec weight) for each ``--truth-w-rec``."""
+    return {("truth-judged" if w == 1 else f"truth-judged, L_rec {w:g}"):
+            (args.out / ("rignet_truth-judged" if w == 1 else f"rignet_truth-judged-rec{w:g}"), w)
+            for w in args.truth_w_rec}
+
+
+def train_truth_judged(args, run: Path, world: TruthWorld, w_rec: float,
+                       label: str = "truth-judged") -> None:
+    """The paper's RigNet trained with the world's truth M as its judge instead of F: the
+    control term on M's parameters of the edit (edited controls against the request, the
+    others against w's, each a mean of squares standardised like RigNet's input) plus
+    ``w_rec`` x L_rec, no rendering, optimised hard (Adam, 32 pairs x 20 000 steps,
+    about 3 min; 80 times the pairs of the F-judged RigNets at the defaults). What a perfect F
+    would let the recipe's network and L_rec reach: the bound the F-judged rows are read
+    against. Writes ``rignet.safetensors`` when done."""
+    path = run / "rignet.safetensors"
+    if path.is_file():
+        return
+    data = TrainingData(args.out / "corpus")
+    layout = world.layout.control_layout()
+    steps, pairs = (2000, 8) if args.quick else (20000, 32)
+    modes = list(MODES)
+    torch.manual_seed(0)
+    net = RigNet(world.num_ws, world.w_dim, RigNetSettings().latent_dim, layout=layout)
+    with torch.no_grad():
+        net.set_control_statistics(world.truth(data.w(data.sample(4096), "cpu")).controls(layout))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    bar = Progress(steps, label)
+    for step in range(steps):
+        set_lr(optimizer, scheduled_lr(1e-3, step, steps, 0.5))
+        w = data.w(data.batch(0, step, 2 * pairs), "cpu")
+        w, v = w[:pairs], w[pairs:]
+        with torch.no_grad():
+            c_w, c_v = world.truth(w).controls(layout), world.truth(v).controls(layout)
+        chosen = [modes[k] for k in rng.integers(0, len(modes), pairs)]
+        request = mix_controls(c_w, c_v, chosen, layout)
+        edited = torch.stack([layout.mode_mask(m) for m in chosen])
+        d = ((world.truth(net(w, request)).controls(layout) - request)
+             / net.control_scale).pow(2)
+        control = (d * edited).sum() / edited.sum() + (d * ~edited).sum() / (~edited).sum()
+        loss = control + w_rec * (net(w, c_w) - w).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.update(1, loss=float(loss.detach()))
+    bar.close()
+    run.mkdir(parents=True, exist_ok=True)
+    save_rignet(net.eval(), path, {"judge": "truth world", "w_rec": str(w_rec)})
+
+
 # --------------------------------------------------------------------------------------------
 # The pipeline, through the CLI
 
@@ -209,6 +264,11 @@ def train_everything(args, timings: dict) -> TruthWorld:
                                 "--preview-every", "1000"], timings)
         if "refined" in args.variants:
             refine(args, world, timings)
+        if "truth-judged" in args.variants:
+            for label, (run, w_rec) in truth_judged_runs(args).items():
+                t, cpu = time.time(), time.process_time()
+                train_truth_judged(args, run, world, w_rec, label)
+                add_time(timings, label, t, cpu)
         rignet = str(out / "rignet_full" / "rignet.safetensors")
         common = ["evaluate", "--corpus", corpus, "--dfr", str(dfr), "--rignet", rignet,
                   *face_options(args)]
@@ -378,6 +438,11 @@ def measure(args, world) -> dict:
             results["control"][name] = rig_control.measure_control(
                 world, nets["refined"], refined_dfr, w, v, spread, exact_request=exact)
         best, best_dfr = "refined", refined_dfr
+    if "truth-judged" in args.variants:  # requests as its judge, the truth, reads faces
+        for label, (run, _) in truth_judged_runs(args).items():
+            bound = load_rignet(run / "rignet.safetensors").eval()
+            results["control"][label] = rig_control.measure_control(world, bound, world.truth,
+                                                                    w, v, spread)
     if best is not None:
         results["sweeps"], sheet = sweeps(world, nets[best], best_dfr, w[:1])
         results["sweeps_of"] = best
@@ -460,6 +525,9 @@ def main() -> None:
     parser.add_argument("--rignet-batch", type=int, default=4)
     parser.add_argument("--variants", nargs="+", default=CHOICES, choices=CHOICES,
                         help="'refined' needs 'full'")
+    parser.add_argument("--truth-w-rec", type=float, nargs="+", default=[1.0],
+                        help="L_rec's weights for 'truth-judged', one row each (the "
+                             "recipe's: 1)")
     parser.add_argument("--eval-pairs", type=int, default=256)
     parser.add_argument("--image-edits", type=int, default=30,
                         help="edits for evaluate --estimator image (0: skip)")
