@@ -142,7 +142,6 @@ def test_save_load_round_trip(tmp_path):
         load_rignet(tmp_path / "other.safetensors")
 
 
-
 def test_a_save_killed_midway_leaves_the_previous_file(tmp_path, monkeypatch):
     # Training rewrites rignet.safetensors at every checkpoint; the backend may read it.
     import safetensors.torch
@@ -161,6 +160,8 @@ def test_a_save_killed_midway_leaves_the_previous_file(tmp_path, monkeypatch):
                     path)
     w, p = torch.randn(3, 4, 8), torch.randn(3, layout.dim)
     assert torch.equal(load_rignet(path)(w, p), before(w, p).detach())
+    assert [f.name for f in tmp_path.iterdir()] == ["rignet.safetensors"]
+
 
 def test_control_statistics_standardise_p():
     net = randomised(RigNet(num_ws=2, w_dim=4, latent_dim=2, control_dim=3))

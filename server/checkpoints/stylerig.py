@@ -31,8 +31,13 @@ def _save(net: torch.nn.Module, path, format_tag: str, config: dict,
     # Written beside and renamed over: a run killed mid-write never leaves a half file where
     # the backend or a resumed stage would read it.
     partial = f"{os.fspath(path)}.partial"
-    save_file(tensors, partial, metadata=meta)
-    os.replace(partial, path)
+    try:
+        save_file(tensors, partial, metadata=meta)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        raise
 
 
 def _metadata(path, format_tag: str, what: str) -> dict[str, str]:
