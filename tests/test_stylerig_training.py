@@ -660,3 +660,30 @@ def test_failed_edits_are_explained_and_stay_valid_json(monkeypatch, capsys, tmp
     monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: failed)
     code = main(["--quiet", "evaluate", "--corpus", str(tmp_path), "--dfr", "x", "--rignet", "y"])
     assert code == 1 and "every edit failed" in capsys.readouterr().err
+
+
+def test_rignet_objective_without_renders_reads_no_image(setup):
+    """``w_render`` 0: L_rec and L_control alone, the same values as in the rendered
+    objective, with no targets at all (a training step reads no image)."""
+    data = TrainingData(setup["root"] / "corpus")
+    dfr, _ = load_dfr(setup["root"] / "dfr" / "dfr.safetensors")
+    face, embedding = load_face(str(setup["face"]), str(setup["embedding"]))
+    loss = RenderLoss(FaceRenderer(face, embedding, dfr.layout), 32, RenderLossWeights(50.0))
+    rignet = RigNet(8, 16, 4, layout=dfr.layout.control_layout())
+    with torch.no_grad():
+        rignet.decoder.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(5))
+        rignet.set_control_statistics(dfr(data.w(data.usable, "cpu")).controls(rignet.layout))
+    wi, vi, modes = data.usable[[0, 1]], data.usable[[2, 3]], ["pose", "lighting"]
+    w, v = data.w(wi, "cpu"), data.w(vi, "cpu")
+    weights = dict(dfr="unused", w_rec=2.0, w_edit=3.0, w_consist=5.0, w_control=0.5)
+    with torch.no_grad():
+        rendered = RigNetObjective(rignet, dfr, loss, RigNetSettings(**weights))(
+            w, v, data.targets(wi, 32, "cpu"), data.targets(vi, 32, "cpu"), modes)
+        alone = RigNetObjective(rignet, dfr, loss, RigNetSettings(**weights, w_render=0.0))(
+            w, v, None, None, modes)
+    assert "edit" not in alone and "consist" not in alone
+    for name in ("rec", "control_edit", "control_consist"):
+        torch.testing.assert_close(alone[name], rendered[name])
+    control = 0.5 * (3 * alone["control_edit"] + 5 * alone["control_consist"])
+    torch.testing.assert_close(alone["loss"], 2 * alone["rec"] + control)
+    assert rendered["loss"] > alone["loss"] > 0

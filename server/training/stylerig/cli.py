@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("w_consist", "weight of L_consist"),
                        ("w_control", "weight of L_control, the request in F's parameter "
                                      "space (not in the paper; see docs/stylerig_training.md)"),
+                       ("w_render", "weight of L_edit and L_consist as renders (0: only "
+                                    "L_rec and L_control, nothing rendered: far cheaper steps)"),
                        ("rho", "AdaDelta's rho"),
                        ("eps", "AdaDelta's epsilon")):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float,

@@ -16,7 +16,8 @@ lighting). With p_w = F(w), p_v = F(v) and their control vectors c_w, c_v (F fro
   RigNet(v, c_v with the mode's controls of c_w), compared with I_w and I_v), by the same
   network.
 
-L = w_rec L_rec + w_edit L_edit + w_consist L_consist (each averaged over both directions).
+L = w_rec L_rec + w_render (w_edit L_edit + w_consist L_consist) (each averaged over both
+directions).
 
 ``w_control`` > 0 adds the same two demands in F's parameter space, on the controls
 standardised as RigNet standardises them (d = (controls of F(w_hat) - request) / scale):
@@ -25,7 +26,9 @@ each averaged per edit, then over the edits.
 The paper has only the rendering terms; they carry little gradient for what few pixels show
 (a small image's expression, a light's direction), and there this term is what makes RigNet
 follow the request (measured in docs/stylerig_training.md). ``--w-control 0`` trains the
-paper's objective exactly.
+paper's objective exactly. ``--w-render 0`` keeps L_rec and this term alone: no face is
+rendered and no image read, so a step costs a small fraction of one with L_render and RigNet
+can see many times the pairs in the same time (the 'control-only' rows of the docs' table).
 
 Gradients reach RigNet through F and the renderer; F's and the generator's weights never
 change and the generator is not run at all (the corpus holds I_w and I_v) except for
@@ -88,6 +91,7 @@ class RigNetSettings:
     w_edit: float = 1.0
     w_consist: float = 1.0
     w_control: float = 1.0               # the edit and consistency in F's parameter space
+    w_render: float = 1.0                # L_edit and L_consist as renders (0: not rendered)
     w_landmarks: float = 100.0           # lambda_land inside L_render
     seed: int = 0
     log_every: int = 10
@@ -135,8 +139,13 @@ class RigNetObjective:
         self.rignet, self.dfr, self.loss, self.settings = rignet, dfr, loss, settings
         self.layout = getattr(rignet, "module", rignet).layout
 
-    def __call__(self, w: torch.Tensor, v: torch.Tensor, target_w: Targets, target_v: Targets,
-                 modes: list[str]) -> dict[str, torch.Tensor]:
+    @property
+    def renders(self) -> bool:
+        """Whether the rendering terms count (else the targets are not read: pass None)."""
+        return self.settings.w_render > 0
+
+    def __call__(self, w: torch.Tensor, v: torch.Tensor, target_w: Targets | None,
+                 target_v: Targets | None, modes: list[str]) -> dict[str, torch.Tensor]:
         s, b = self.settings, w.shape[0]
         with torch.no_grad():
             p_w, p_v = self.dfr(w), self.dfr(v)
@@ -150,15 +159,24 @@ class RigNetObjective:
 
         p_hat = self.dfr(out[2 * b:])                    # [w_hat; v_hat], grads through F
         both_modes = modes + modes
-        sources = FaceParams.cat([p_v, p_w])             # whose image each edit must match
-        originals = FaceParams.cat([p_w, p_v])
-        p_edit = sources.take(p_hat, both_modes)
-        p_consist = p_hat.take(originals, both_modes)
-        targets = Targets.cat([target_v, target_w, target_w, target_v])
-        terms = self.loss.terms(FaceParams.cat([p_edit, p_consist]), targets)
-        render = terms["render"]
-        edit, consist = render[: 2 * b], render[2 * b:]
-        total = s.w_rec * rec + s.w_edit * edit.mean() + s.w_consist * consist.mean()
+        result = {"rec": rec}
+        total = s.w_rec * rec
+        if self.renders:
+            sources = FaceParams.cat([p_v, p_w])         # whose image each edit must match
+            originals = FaceParams.cat([p_w, p_v])
+            p_edit = sources.take(p_hat, both_modes)
+            p_consist = p_hat.take(originals, both_modes)
+            targets = Targets.cat([target_v, target_w, target_w, target_v])
+            terms = self.loss.terms(FaceParams.cat([p_edit, p_consist]), targets)
+            edit, consist = terms["render"][: 2 * b], terms["render"][2 * b:]
+            total = total + s.w_render * (s.w_edit * edit.mean() + s.w_consist * consist.mean())
+            result.update(edit=edit.mean(), consist=consist.mean(),
+                          edit_photo=terms["photo"][: 2 * b].mean(),
+                          edit_landmarks=terms["landmarks"][: 2 * b].mean())
+            for mode in s.modes:
+                chosen = torch.tensor([m == mode for m in both_modes], device=edit.device)
+                if bool(chosen.any()):
+                    result[f"edit_{mode}"] = edit[chosen].mean()
         # The same demands in F's standardised parameters (see the module notes).
         scale = getattr(self.rignet, "module", self.rignet).control_scale
         d2 = ((p_hat.controls(self.layout) - controls[2 * b:]) / scale) ** 2
@@ -168,14 +186,7 @@ class RigNetObjective:
         control_edit = ((d2 * edited).sum(1) / edited.sum(1)).mean()
         control_consist = ((d2 * (1 - edited)).sum(1) / (1 - edited).sum(1)).mean()
         total = total + s.w_control * (s.w_edit * control_edit + s.w_consist * control_consist)
-        result = {"loss": total, "rec": rec, "edit": edit.mean(), "consist": consist.mean(),
-                  "control_edit": control_edit, "control_consist": control_consist,
-                  "edit_photo": terms["photo"][: 2 * b].mean(),
-                  "edit_landmarks": terms["landmarks"][: 2 * b].mean()}
-        for mode in s.modes:
-            chosen = torch.tensor([m == mode for m in both_modes], device=edit.device)
-            if bool(chosen.any()):
-                result[f"edit_{mode}"] = edit[chosen].mean()
+        result.update(loss=total, control_edit=control_edit, control_consist=control_consist)
         return result
 
 
@@ -246,9 +257,11 @@ def train_rignet(corpus_dir, run_dir, settings: RigNetSettings, device="cpu",
         while step < settings.steps:
             pairs = Pairs(data, settings, step, part)
             set_lr(optimizer, scheduled_lr(settings.lr, step, settings.steps, settings.lr_decay))
+            targets = ((data.targets(pairs.w_index, size, device),
+                        data.targets(pairs.v_index, size, device)) if objective.renders
+                       else (None, None))
             terms = objective(data.w(pairs.w_index, device), data.w(pairs.v_index, device),
-                              data.targets(pairs.w_index, size, device),
-                              data.targets(pairs.v_index, size, device), pairs.modes)
+                              *targets, pairs.modes)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             optimizer.step()
