@@ -14,8 +14,10 @@ L_consist (``--w-consist 0``), without L_rec (``--w-rec 0``) and the 'steering' 
 MLP from control deltas to latent deltas, blind to the latent; trained here with the same
 objective, pairs and optimiser), then the refinement round ('refined'): an edit corpus of the
 full RigNet (``corpus --rignet``), F refined on both corpora (``dfr --also --init``) and RigNet
-trained again with that F. A bound ('truth-judged'): the same network and L_rec trained with
-the world's truth M as its judge instead of F (no rendering), what a perfect F would allow.
+trained again with that F; 'control-only': with the refined F, L_rec and L_control alone
+(``--w-render 0``: nothing rendered) on 80 times the pairs, in less time than 'refined'. A
+bound ('truth-judged'): the same network and L_rec trained with the world's truth M as its
+judge instead of F (no rendering), what a perfect F would allow.
 Every stage resumes: run the same command again after a kill.
 
 Then, on held-out latents (never in the corpus), because M is known:
@@ -25,6 +27,9 @@ Then, on held-out latents (never in the corpus), because M is known:
 * interactive control (sec. 8.2): yaw, one expression coefficient and the light's azimuth
   swept on one identity, achieved against requested, and a contact sheet (generated images
   above the rig's target renders) in ``DIR/contact_sheet.png``;
+* light as images show it: the light fitted to each held-out image with every other true
+  parameter given but the albedo (``rig_control.light_seen_in_images``), the floor of any
+  judge that reads images, next to F's error on the same faces;
 * the ``evaluate`` stage's own report (F as estimator, and dlib + the photo fit on the
   generated images), to compare with the truth.
 
@@ -67,8 +72,10 @@ from tests.support.truth_world import (TruthWorld, WorldConfig, load_world, save
 VARIANTS = {"full": [], "paper": ["--w-control", "0"], "no-consist": ["--w-consist", "0"],
             "no-rec": ["--w-rec", "0"], "steering": None}
 # 'refined': F refined on an edit corpus of the full RigNet, then RigNet trained again with it.
+# 'control-only': the refined F, nothing rendered (--w-render 0), 80 x the pairs.
 # 'truth-judged': the same network and L_rec judged by the world's truth instead of F (a bound).
-CHOICES = [*VARIANTS, "refined", "truth-judged"]
+CHOICES = [*VARIANTS, "refined", "control-only", "truth-judged"]
+CONTROL_ONLY = {"batch": 8, "steps": 10}          # x the F-judged rows' batch and steps
 TRUNCATION = 0.7          # the held-out faces that are edited: portraits as users sample them
 
 
@@ -262,7 +269,7 @@ def train_everything(args, timings: dict) -> TruthWorld:
                                 *extra,
                                 "--log-every", "50", "--checkpoint-every", "250",
                                 "--preview-every", "1000"], timings)
-        if "refined" in args.variants:
+        if {"refined", "control-only"} & set(args.variants):
             refine(args, world, timings)
         if "truth-judged" in args.variants:
             for label, (run, w_rec) in truth_judged_runs(args).items():
@@ -295,7 +302,8 @@ def landmarks_stage(args, corpus: Path, world, timings: dict, name: str) -> None
 def refine(args, world, timings: dict) -> None:
     """The refinement round (docs/stylerig_training.md): an edit corpus of the full RigNet
     (a third of the corpus' size), F refined on both corpora for a quarter of its steps
-    (from a third of its learning rate down to zero), and RigNet trained again with it."""
+    (from a third of its learning rate down to zero), and RigNet trained again with it: as
+    the recipe ('refined') and without rendering ('control-only')."""
     out, dfr = args.out, args.out / "dfr" / "dfr.safetensors"
     edits = out / "corpus_edits"
     run_stage("edits", ["corpus", "--generator", str(out / "world.safetensors"), "--out",
@@ -306,18 +314,29 @@ def refine(args, world, timings: dict) -> None:
                         str(out / "rignet_full" / "rignet.safetensors"), "--dfr", str(dfr)],
               timings)
     landmarks_stage(args, edits, world, timings, "edits-landmarks")
+    refined_dfr = str(out / "dfr_refined" / "dfr.safetensors")
     run_stage("dfr-refined", ["dfr", "--corpus", str(out / "corpus"), "--also", str(edits),
                               "--init", str(dfr), "--run", str(out / "dfr_refined"),
                               *face_options(args), "--steps", str(args.dfr_steps // 4),
                               "--batch-size", str(args.dfr_batch), "--lr",
                               str(args.dfr_lr / 3), "--lr-decay", "1", "--log-every", "50",
                               "--checkpoint-every", "250", "--preview-every", "1000"], timings)
-    run_stage("refined", ["rignet", "--corpus", str(out / "corpus"), "--run",
-                          str(out / "rignet_refined"), "--dfr",
-                          str(out / "dfr_refined" / "dfr.safetensors"), *face_options(args),
-                          "--steps", str(args.rignet_steps), "--batch-size",
-                          str(args.rignet_batch), "--lr-decay", "0.5", "--log-every", "50",
-                          "--checkpoint-every", "250", "--preview-every", "1000"], timings)
+    if "refined" in args.variants:
+        run_stage("refined", ["rignet", "--corpus", str(out / "corpus"), "--run",
+                              str(out / "rignet_refined"), "--dfr", refined_dfr,
+                              *face_options(args), "--steps", str(args.rignet_steps),
+                              "--batch-size", str(args.rignet_batch), "--lr-decay", "0.5",
+                              "--log-every", "50", "--checkpoint-every", "250",
+                              "--preview-every", "1000"], timings)
+    if "control-only" in args.variants:
+        steps = args.rignet_steps * CONTROL_ONLY["steps"]
+        run_stage("control-only", ["rignet", "--corpus", str(out / "corpus"), "--run",
+                                   str(out / "rignet_control-only"), "--dfr", refined_dfr,
+                                   *face_options(args), "--w-render", "0", "--steps", str(steps),
+                                   "--batch-size", str(args.rignet_batch * CONTROL_ONLY["batch"]),
+                                   "--lr-decay", "0.5", "--log-every", "200",
+                                   "--checkpoint-every", str(steps // 10),
+                                   "--preview-every", str(steps)], timings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,21 +447,32 @@ def measure(args, world) -> dict:
         results["control"]["full, exact"] = rig_control.measure_control(
             world, nets["full"], dfr, w, v, spread, exact_request=True)
     best, best_dfr = ("full", dfr) if "full" in nets else (None, None)
-    if "refined" in args.variants:   # requests as the refined F reads faces
+    refined = [name for name in ("refined", "control-only") if name in args.variants]
+    if refined:                      # requests as the refined F reads faces
         refined_dfr, _ = load_dfr(args.out / "dfr_refined" / "dfr.safetensors")
         refined_dfr.eval()
         results["dfr_refined"] = rig_control.dfr_accuracy(world, refined_dfr, w)
         results["dfr_refined_untruncated"] = rig_control.dfr_accuracy(world, refined_dfr, wide)
-        nets["refined"] = load_rignet(args.out / "rignet_refined" / "rignet.safetensors").eval()
-        for name, exact in (("refined", False), ("refined, exact", True)):
-            results["control"][name] = rig_control.measure_control(
-                world, nets["refined"], refined_dfr, w, v, spread, exact_request=exact)
-        best, best_dfr = "refined", refined_dfr
+    for name in refined:
+        nets[name] = load_rignet(args.out / f"rignet_{name}" / "rignet.safetensors").eval()
+        for label, exact in ((name, False), (f"{name}, exact", True)):
+            results["control"][label] = rig_control.measure_control(
+                world, nets[name], refined_dfr, w, v, spread, exact_request=exact)
+        best, best_dfr = name, refined_dfr
     if "truth-judged" in args.variants:  # requests as its judge, the truth, reads faces
         for label, (run, _) in truth_judged_runs(args).items():
             bound = load_rignet(run / "rignet.safetensors").eval()
             results["control"][label] = rig_control.measure_control(world, bound, world.truth,
                                                                     w, v, spread)
+    # The light as images show it, against F's reading of the same faces.
+    faces, steps = (8, 100) if args.quick else (64, 400)
+    prior = json.loads((args.out / "dfr" / "settings.json").read_text())["w_albedo"]
+    seen = w[:faces]
+    results["light_from_images"] = {
+        "faces": faces, "fit": rig_control.light_seen_in_images(world, seen, prior, steps,
+                                                              args.image_size),
+        "F": rig_control.light_error(world, dfr(seen).sh, seen),
+        "baseline": spread["shading_rmse"]}
     if best is not None:
         results["sweeps"], sheet = sweeps(world, nets[best], best_dfr, w[:1])
         results["sweeps_of"] = best
@@ -489,6 +519,12 @@ def report(results: dict, timings: dict, args) -> str:
               "except in the 'exact' rows: its true values, as a rig's user dials them and "
               "the backend passes them (through RigNet's light map):",
               rig_control.format_control_table(list(results["control"].items()))]
+    if "light_from_images" in results:
+        seen = results["light_from_images"]
+        lines.append(f"light as images show it ({seen['faces']} held-out faces): fitted to each "
+                     f"image with the true geometry, albedo unknown: shading_rmse "
+                     f"{seen['fit']:.3g}; F's reading {seen['F']:.3g} (no-edit baseline "
+                     f"{seen['baseline']:.3g})")
     if results["sweeps"]:
         lines.append(f"sweeps of the '{results.get('sweeps_of', 'full')}' RigNet:")
     for name, curve in results["sweeps"].items():
@@ -524,7 +560,7 @@ def main() -> None:
     parser.add_argument("--rignet-steps", type=int, default=2000)
     parser.add_argument("--rignet-batch", type=int, default=4)
     parser.add_argument("--variants", nargs="+", default=CHOICES, choices=CHOICES,
-                        help="'refined' needs 'full'")
+                        help="'refined' and 'control-only' need 'full'")
     parser.add_argument("--truth-w-rec", type=float, nargs="+", default=[1.0],
                         help="L_rec's weights for 'truth-judged', one row each (the "
                              "recipe's: 1)")

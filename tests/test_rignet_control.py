@@ -88,3 +88,12 @@ def test_without_the_edit_loss_there_is_no_control(trained):
     """The measure can fail: trained without L_edit, RigNet keeps faces as they are."""
     after, before = pose_edit(trained, trained["no_edit_loss"])["target"]["pose_deg"]
     assert after > 0.8 * before
+
+
+def test_images_show_the_light_up_to_the_albedo(trained):
+    """The bench's floor for light: fitted to each image (geometry given, albedo unknown),
+    the light comes far closer to the truth than the faces' mean light it starts from."""
+    world, w = trained["world"], trained["w"][:6]
+    start = world.truth(w).sh.mean(0, keepdim=True).expand(len(w), -1, -1)
+    fitted = rig_control.light_seen_in_images(world, w, w_albedo=1e-2, steps=150, size=32)
+    assert fitted < 0.5 * rig_control.light_error(world, start, w)

@@ -185,3 +185,44 @@ def ratio(result: dict, edit: str, quantity: str) -> float:
     """after / before of one edited quantity (0 = perfect control, 1 = no edit at all)."""
     after, before = result[edit]["target"][quantity]
     return after / before if before > 0 else math.inf
+
+
+def light_seen_in_images(world, w: torch.Tensor, w_albedo: float, steps: int = 400,
+                         size: int = 64) -> float:
+    """Mean shading_rmse against M's light of the light fitted to each of ``w``'s images
+    with everything else of M(w) given except the albedo tint: how well any judge that reads
+    images (F, a photo fit) can know the light. Albedo x light is the image's (and the
+    world's colour cast multiplies both), so a tint the albedo field could make is the
+    light's to the eye; the fit resolves it as F's training does, with the albedo prior
+    ``w_albedo``. Photometric loss on the corpus' ``size`` px images (supersampled render),
+    Adam, from the faces' mean light and albedo 0."""
+    from dataclasses import replace
+
+    from server.training.stylerig.corpus import to_pipeline_images
+    from server.training.stylerig.losses import (RenderLoss, RenderLossWeights, make_targets,
+                                                 photometric_loss)
+
+    with torch.no_grad():
+        truth = world.truth(w)
+        images = to_pipeline_images(world.synthesis(w, noise_mode="const"), size)
+    targets = make_targets(images, world.landmarks(w, size), size, "cpu")
+    loss = RenderLoss(world.renderer, size, RenderLossWeights(), supersample=2)
+    sh = truth.sh.mean(0, keepdim=True).repeat(len(w), 1, 1).requires_grad_(True)
+    albedo = torch.zeros_like(truth.albedo, requires_grad=True)
+    optimizer = torch.optim.Adam([sh, albedo], lr=0.02)
+    with torch.enable_grad():             # callers may measure under no_grad
+        for _ in range(steps):
+            rendered, coverage, _ = loss.render(replace(truth, sh=sh, albedo=albedo))
+            fit = photometric_loss(rendered, (coverage > 1 - 1e-6).float(), targets).mean() \
+                + w_albedo * albedo.pow(2).sum(1).mean()
+            optimizer.zero_grad()
+            fit.backward()
+            optimizer.step()
+    return light_error(world, sh.detach(), w)
+
+
+@torch.no_grad()
+def light_error(world, sh: torch.Tensor, w: torch.Tensor) -> float:
+    """Mean shading_rmse of SH codes ``sh`` [B, 9, 3] against the true light of ``w``."""
+    basis = sh_basis(face_normals(world))
+    return _mean((basis @ (sh - world.truth(w).sh)).pow(2).mean(dim=(1, 2)).sqrt())
