@@ -63,7 +63,8 @@ from server.training.stylerig.losses import RenderLoss, RenderLossWeights  # noq
 from server.training.stylerig.preview import save_grid  # noqa: E402
 from server.training.stylerig.run import scheduled_lr, set_lr  # noqa: E402
 from server.training.progress import Progress  # noqa: E402
-from server.training.stylerig.train_rignet import Pairs, RigNetObjective, RigNetSettings  # noqa: E402
+from server.training.stylerig.train_rignet import (Pairs, RigNetObjective,  # noqa: E402
+                                                   RigNetSettings, control_terms)
 from tests.support.stylerig_fixtures import write_test_face  # noqa: E402
 from tests.support import rig_control  # noqa: E402
 from tests.support.truth_world import (TruthWorld, WorldConfig, load_world, save_world,  # noqa: E402
@@ -159,8 +160,7 @@ def truth_judged_runs(args) -> dict[str, tuple[Path, float]]:
 def train_truth_judged(args, run: Path, world: TruthWorld, w_rec: float,
                        label: str = "truth-judged") -> None:
     """The paper's RigNet trained with the world's truth M as its judge instead of F: the
-    control term on M's parameters of the edit (edited controls against the request, the
-    others against w's, each a mean of squares standardised like RigNet's input) plus
+    recipe's L_control (``control_terms``) on M's parameters of the edit plus
     ``w_rec`` x L_rec, no rendering, optimised hard (Adam, 32 pairs x 20 000 steps,
     about 3 min; 80 times the pairs of the F-judged RigNets at the defaults). What a perfect F
     would let the recipe's network and L_rec reach: the bound the F-judged rows are read
@@ -187,10 +187,8 @@ def train_truth_judged(args, run: Path, world: TruthWorld, w_rec: float,
             c_w, c_v = world.truth(w).controls(layout), world.truth(v).controls(layout)
         chosen = [modes[k] for k in rng.integers(0, len(modes), pairs)]
         request = mix_controls(c_w, c_v, chosen, layout)
-        edited = torch.stack([layout.mode_mask(m) for m in chosen])
-        d = ((world.truth(net(w, request)).controls(layout) - request)
-             / net.control_scale).pow(2)
-        control = (d * edited).sum() / edited.sum() + (d * ~edited).sum() / (~edited).sum()
+        control = sum(control_terms(((world.truth(net(w, request)).controls(layout) - request)
+                                     / net.control_scale) ** 2, chosen, layout))
         loss = control + w_rec * (net(w, c_w) - w).pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

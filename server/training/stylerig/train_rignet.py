@@ -131,6 +131,17 @@ class Pairs:
         self.modes = self.modes[part]
 
 
+def control_terms(d2: torch.Tensor, modes: list[str], layout) -> tuple[torch.Tensor,
+                                                                         torch.Tensor]:
+    """L_control's two halves from d2 [B, controls], the squared standardised errors of each
+    edit's controls against its request: (mean over the edited controls, mean over the
+    others), each per edit, then over the edits - the same under DDP, whose processes hold
+    different modes (and so different numbers of edited controls)."""
+    edited = torch.stack([layout.mode_mask(m, d2.device) for m in modes]).to(d2.dtype)
+    return (((d2 * edited).sum(1) / edited.sum(1)).mean(),
+            ((d2 * (1 - edited)).sum(1) / (1 - edited).sum(1)).mean())
+
+
 class RigNetObjective:
     """The losses of one batch (see the module notes). ``rignet`` may be RigNet in
     DistributedDataParallel."""
@@ -179,12 +190,9 @@ class RigNetObjective:
                     result[f"edit_{mode}"] = edit[chosen].mean()
         # The same demands in F's standardised parameters (see the module notes).
         scale = getattr(self.rignet, "module", self.rignet).control_scale
-        d2 = ((p_hat.controls(self.layout) - controls[2 * b:]) / scale) ** 2
-        edited = torch.stack([self.layout.mode_mask(m, d2.device) for m in both_modes]).float()
-        # Means per edit, then over the batch: the same under DDP, whose processes hold
-        # different modes (and so different numbers of edited controls).
-        control_edit = ((d2 * edited).sum(1) / edited.sum(1)).mean()
-        control_consist = ((d2 * (1 - edited)).sum(1) / (1 - edited).sum(1)).mean()
+        control_edit, control_consist = control_terms(
+            ((p_hat.controls(self.layout) - controls[2 * b:]) / scale) ** 2, both_modes,
+            self.layout)
         total = total + s.w_control * (s.w_edit * control_edit + s.w_consist * control_consist)
         result.update(loss=total, control_edit=control_edit, control_consist=control_consist)
         return result
