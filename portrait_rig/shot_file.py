@@ -19,12 +19,10 @@ is part of each frame's ``params``. Standard library only: Blender imports it.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 
+from .files import write_atomic
 from .params import ParamError, RigParams
 from .protocol import MAX_FRAME_SIDE, PASSES, SHOT_RADIUS
 
@@ -165,27 +163,3 @@ def _integer(data: dict, name: str, lo: int, hi: int, default=None, where: str =
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ShotFileError(path, f"expected an integer in {lo}..{hi}, got {value!r}")
     return value
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """A temporary path beside ``path`` for the block to write; renamed to ``path`` when the
-    block succeeds and removed when it fails, so ``path`` is either absent or complete."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def write_atomic(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through ``atomic_path``."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)

@@ -37,7 +37,8 @@ import numpy as np
 
 from portrait_rig.client import Client, Frame, ServerError
 from portrait_rig.colour import linear_to_srgb
-from portrait_rig.shot_file import ShotFile, ShotFileError, atomic_path
+from portrait_rig.files import atomic_path
+from portrait_rig.shot_file import ShotFile, ShotFileError
 
 from . import contact_sheet
 from .local_server import LocalServer

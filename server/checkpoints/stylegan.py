@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from portrait_rig.files import atomic_path
 from server.models.ops import setup_filter
 from server.models.stylegan2 import StyleGAN2Config, StyleGAN2Generator
 from server.models.stylegan3 import StyleGAN3Config, StyleGAN3Generator
@@ -316,7 +317,8 @@ def save_generator(G: Generator, path: str | PathLike) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
     metadata = {"format": SAFETENSORS_FORMAT, "architecture": G.config.architecture,
                 "config": json.dumps(G.config.to_dict())}
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:        # replaced whole: a PTI model may be in use
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def read_safetensors(path: str | PathLike) -> tuple[Config, StateDict]:

@@ -8,12 +8,12 @@ entries the trainer adds (the generator and face model it was trained for, the s
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from os import PathLike
 
 import torch
 
+from portrait_rig.files import atomic_path
 from server.models.dfr import FaceParamLayout, FaceReconstructionNet
 from server.models.rignet import ControlLayout, RigNet
 
@@ -28,16 +28,9 @@ def _save(net: torch.nn.Module, path, format_tag: str, config: dict,
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update(format=format_tag, config=json.dumps(config), **extra)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
-    # Written beside and renamed over: a run killed mid-write never leaves a half file where
-    # the backend or a resumed stage would read it.
-    partial = f"{os.fspath(path)}.partial"
-    try:
-        save_file(tensors, partial, metadata=meta)
-        os.replace(partial, path)
-    except BaseException:
-        if os.path.exists(partial):
-            os.unlink(partial)
-        raise
+    # Replaced whole: training rewrites the file while the backend or a resumed stage reads it.
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
 
 
 def _metadata(path, format_tag: str, what: str) -> dict[str, str]:

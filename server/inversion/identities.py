@@ -17,32 +17,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from portrait_rig.files import write_atomic
 from server import paths
 
 LATENT, RECORD, PREVIEW = "latent.npz", "identity.json", "preview.png"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)                    # mkstemp makes it private
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_identity(name: str, ws: np.ndarray, record: dict, preview: np.ndarray | None = None,

@@ -35,13 +35,13 @@ import copy
 import hashlib
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from portrait_rig.files import write_atomic
 from server import paths
 from server.backends.check import check_file
 
@@ -91,8 +91,7 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from server.checkpoints.encoders import load_encoder
-    from server.checkpoints.stylegan import load_generator
-    from server.inversion.identities import write_atomic
+    from server.checkpoints.stylegan import load_generator, save_generator
     from server.inversion.invert import PhotoInverter
     from server.models.lpips import load_lpips
 
@@ -208,7 +207,7 @@ def run(args) -> dict:
     record = {"name": args.name, "out": str(out), "before": before, "after": after,
               "tuning_steps": step, "settings": settings}
     write_atomic(out / RECORD, json.dumps(record, indent=1).encode())
-    _write_generator(tuned, out / "generator.safetensors")
+    save_generator(tuned, out / "generator.safetensors")
     (out / STATE).unlink(missing_ok=True)
     return record
 
@@ -230,17 +229,7 @@ def _locality(G, tuned, pivot, lpips, seed: int, step: int, values: dict) -> tor
     return loss
 
 
-def _write_generator(G, path: Path) -> None:
-    from server.checkpoints.stylegan import save_generator
-
-    tmp = path.with_name(f".{path.name}.partial")
-    save_generator(G, tmp)
-    os.replace(tmp, path)
-
-
 def _save_state(path: Path, state: dict) -> None:
-    from server.inversion.identities import write_atomic
-
     buffer = io.BytesIO()
     torch.save(state, buffer)
     write_atomic(path, buffer.getvalue())

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from portrait_rig.files import atomic_path
 from portrait_rig.params import RigParams
 from server.diffusion import NoiseSchedule, ddim_sample, distilled_sample
 from server.diffusion.distilled import distilled_metadata, student_grid
@@ -315,9 +315,8 @@ def save_student(student: DiffusionRig, grid: list[int], path: str | Path, teach
                if v.is_floating_point()}
     tensors.update({k: v.cpu().contiguous() for k, v in student.state_dict().items()
                     if not v.is_floating_point()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=distilled_metadata(grid, teacher_grid, stages, teacher))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=distilled_metadata(grid, teacher_grid, stages, teacher))
     return path
 
 

@@ -49,6 +49,7 @@ from typing import Protocol
 
 import torch
 
+from portrait_rig.files import atomic_path
 from server.diffusion import NoiseSchedule
 from server.models.diffusionrig import DiffusionRig
 from server.training.progress import Progress
@@ -340,8 +341,7 @@ class Trainer:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:     # a file object: the archive
+        torch.save(obj, f)                                     # is named alike on every run
 
 

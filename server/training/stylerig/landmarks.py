@@ -23,7 +23,6 @@ Per shard, ``landmarks.npz`` holds ``landmarks`` float32 [n, 68, 2] (dlib conven
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from portrait_rig.face_data import FaceData
+from portrait_rig.files import atomic_path
 from portrait_rig.face_source import load_face_data
 from portrait_rig.params import Camera
 from server.renderer.face_model import FaceModel
@@ -90,10 +90,9 @@ def synthetic_landmarks(indices: np.ndarray, seed: int, size: int, data: FaceDat
 
 
 def _write(path: Path, points, found, score, source: str) -> None:
-    tmp = path.with_name(path.name + ".partial.npz")
-    np.savez(tmp, landmarks=points.astype(np.float32), found=found.astype(bool),
-             score=score.astype(np.float32), source=np.array(source))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:    # a file: savez adds no suffix
+        np.savez(f, landmarks=points.astype(np.float32), found=found.astype(bool),
+                 score=score.astype(np.float32), source=np.array(source))
 
 
 def _existing_source(path: Path) -> str | None:

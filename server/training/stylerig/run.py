@@ -22,12 +22,12 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from portrait_rig.files import atomic_path, write_atomic
 from server.training.runs import lock_run_folder
 
 # Settings that may differ between a run and its resumption.
@@ -68,7 +68,7 @@ class RunDir:
                                      f"{previous.get(key)!r}, now {key}={self.settings.get(key)!r}"
                                      "; use a new run folder or the original setting")
         if self.writable:
-            _atomic_write_text(path, json.dumps(self.settings, indent=2))
+            write_atomic(path, json.dumps(self.settings, indent=2).encode())
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -89,9 +89,10 @@ class RunDir:
                         optimizer: torch.optim.Optimizer) -> None:
         state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "settings": self.settings}
-        tmp = self.checkpoint_path.with_suffix(".pt.partial")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        # To an open file: torch names the archive inside after a path, not a file object, and
+        # the temporary path is random, so only this keeps the bytes reproducible.
+        with atomic_path(self.checkpoint_path) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)
         self._write_csv()
 
     # ------------------------------------------------------------------ logs
@@ -110,26 +111,18 @@ class RunDir:
         if not self.writable:
             return
         kept = [r for r in self.records() if r["step"] <= step]
-        _atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_atomic(self.log_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def _write_csv(self) -> None:
         records = self.records()
         columns = list(dict.fromkeys(k for r in records for k in r))
-        tmp = self.path / "log.csv.partial"
-        with open(tmp, "w", newline="") as fh:
+        with atomic_path(self.path / "log.csv") as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
             writer.writerows(records)
-        os.replace(tmp, self.path / "log.csv")
 
     def preview_path(self, step: int) -> Path:
         return self.path / "previews" / f"step_{step:07d}.png"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_lr_decay(decay: float) -> None:
