@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from portrait_rig.files import atomic_path  # noqa: E402
+from server.checkpoints.torch_file import write_torch_file  # noqa: E402
 
 from tests.support.face_world import (FaceWorld, Look, euler_matrix, light_direction,  # noqa: E402
                                 yaw_pitch_roll)
@@ -78,8 +78,7 @@ def write_initial_model(path: Path, size: int) -> None:
         return
     torch.manual_seed(0)
     model = official_initialisation(DiffusionRig(tiny_config(size)))
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(model.state_dict(), f)
+    write_torch_file(model.state_dict(), path)
 
 
 def train(args, data: Path, run: Path, init: Path) -> dict:

@@ -53,8 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from portrait_rig import sh as sh_code  # noqa: E402
-from portrait_rig.files import atomic_path  # noqa: E402
 from server.checkpoints.stylerig import load_dfr, load_rignet, save_rignet  # noqa: E402
+from server.checkpoints.torch_file import write_torch_file  # noqa: E402
 from server.models.rignet import MODES, RigNet, mix_controls  # noqa: E402
 from server.training.stylerig.cli import main as cli  # noqa: E402
 from server.training.stylerig.corpus import to_pipeline_images  # noqa: E402
@@ -144,9 +144,8 @@ def train_steering(args, run: Path, world: TruthWorld, dfr_path: Path) -> Steeri
         step += 1
         bar.update(1, loss=float(terms["loss"].detach()))
         if step % 250 == 0 or step == settings.steps:
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                torch.save({"step": step, "model": net.state_dict(),
-                            "optimizer": optimizer.state_dict()}, f)
+            write_torch_file({"step": step, "model": net.state_dict(),
+                              "optimizer": optimizer.state_dict()}, path)
     bar.close()
     return net.eval()
 

@@ -1,4 +1,5 @@
-"""Reading ``torch.save`` files safely, with errors that name the file and what it is.
+"""Reading ``torch.save`` files safely, with errors that name the file and what it is, and
+writing them whole.
 
 Every ``.pt``/``.tar`` a user brings is read with ``torch.load(weights_only=True)``: tensors
 and plain containers only, nothing executed. torch's own refusal message advises re-running
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from portrait_rig.files import atomic_path
 from server.checkpoints.identify import describe, identify
 
 
@@ -30,6 +32,14 @@ def what_it_is(path: Path, expected: str) -> str:
     except OSError:
         return ""
     return "" if kind in ("unknown", expected) else f"; it is {describe(kind)}"
+
+
+def write_torch_file(obj, path: str | PathLike) -> None:
+    """``torch.save(obj)`` to ``path``, replaced whole (``portrait_rig.files.atomic_path``).
+    Saved through an open file: torch names the archive inside after a path it is given, and
+    the temporary path is random, so only a file object keeps the bytes reproducible."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def read_torch_file(path: str | PathLike, what: str, expected: str = "unknown",

@@ -230,9 +230,9 @@ def _locality(G, tuned, pivot, lpips, seed: int, step: int, values: dict) -> tor
 
 
 def _save_state(path: Path, state: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_atomic(path, buffer.getvalue())
+    from server.checkpoints.torch_file import write_torch_file
+
+    write_torch_file(state, path)
 
 
 def _load_state(path: Path, settings: dict, restart: bool) -> dict | None:

@@ -200,7 +200,7 @@ def light_seen_in_images(world, w: torch.Tensor, w_albedo: float, steps: int = 4
 
     from server.training.stylerig.corpus import to_pipeline_images
     from server.training.stylerig.losses import (RenderLoss, RenderLossWeights, make_targets,
-                                                 photometric_loss)
+                                                 prior_terms)
 
     with torch.no_grad():
         truth = world.truth(w)
@@ -212,9 +212,9 @@ def light_seen_in_images(world, w: torch.Tensor, w_albedo: float, steps: int = 4
     optimizer = torch.optim.Adam([sh, albedo], lr=0.02)
     with torch.enable_grad():             # callers may measure under no_grad
         for _ in range(steps):
-            rendered, coverage, _ = loss.render(replace(truth, sh=sh, albedo=albedo))
-            fit = photometric_loss(rendered, (coverage > 1 - 1e-6).float(), targets).mean() \
-                + w_albedo * albedo.pow(2).sum(1).mean()
+            p = replace(truth, sh=sh, albedo=albedo)
+            fit = (loss.terms(p, targets)["photo"]
+                   + prior_terms(p, 0.0, 0.0, w_albedo)["prior_albedo"]).mean()
             optimizer.zero_grad()
             fit.backward()
             optimizer.step()

@@ -49,7 +49,7 @@ from typing import Protocol
 
 import torch
 
-from portrait_rig.files import atomic_path
+from server.checkpoints.torch_file import write_torch_file
 from server.diffusion import NoiseSchedule
 from server.models.diffusionrig import DiffusionRig
 from server.training.progress import Progress
@@ -262,7 +262,7 @@ class Trainer:
                 (self.out_dir / MODEL_FILE).unlink(missing_ok=True)
             self._train()
             if main and not (self.out_dir / COMPLETE_FILE).is_file():
-                _atomic_save(self.model.state_dict(), self.out_dir / MODEL_FILE)
+                write_torch_file(self.model.state_dict(), self.out_dir / MODEL_FILE)
                 (self.out_dir / COMPLETE_FILE).write_text(json.dumps(
                     {"steps": self.step, "config": asdict(self.config)}, indent=2))
         return self.out_dir / MODEL_FILE
@@ -303,7 +303,7 @@ class Trainer:
         state = {"step": self.step, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": rng, "config": asdict(self.config)}
-        _atomic_save(state, self.out_dir / STATE_FILE)
+        write_torch_file(state, self.out_dir / STATE_FILE)
 
     def load_state(self) -> None:
         state = torch.load(self.out_dir / STATE_FILE, map_location="cpu", weights_only=True)
@@ -338,10 +338,5 @@ class Trainer:
         if self.autocast_dtype is None:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:     # a file object: the archive
-        torch.save(obj, f)                                     # is named alike on every run
 
 

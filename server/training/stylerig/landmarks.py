@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from portrait_rig.face_data import FaceData
-from portrait_rig.files import atomic_path
 from portrait_rig.face_source import load_face_data
+from portrait_rig.files import atomic_path
 from portrait_rig.params import Camera
 from server.renderer.face_model import FaceModel
 from server.photo.landmarks import N_LANDMARKS, FaceDetector

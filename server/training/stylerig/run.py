@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from portrait_rig.files import atomic_path, write_atomic
+from server.checkpoints.torch_file import write_torch_file
 from server.training.runs import lock_run_folder
 
 # Settings that may differ between a run and its resumption.
@@ -89,10 +90,7 @@ class RunDir:
                         optimizer: torch.optim.Optimizer) -> None:
         state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "settings": self.settings}
-        # To an open file: torch names the archive inside after a path, not a file object, and
-        # the temporary path is random, so only this keeps the bytes reproducible.
-        with atomic_path(self.checkpoint_path) as tmp, open(tmp, "wb") as f:
-            torch.save(state, f)
+        write_torch_file(state, self.checkpoint_path)
         self._write_csv()
 
     # ------------------------------------------------------------------ logs
